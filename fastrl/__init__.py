@@ -1,0 +1,12 @@
+"""fastrl: high-throughput small-scale deep RL in plain PyTorch.
+
+    import fastrl
+    summary = fastrl.train(fastrl.make_config(env_id="CartPole-v1"))
+    result = fastrl.evaluate(summary["checkpoint"], episodes=100)
+"""
+from fastrl.config import PRESETS, ConfigError, TrainConfig, make_config
+from fastrl.evaluate import EvalResult, load_policy as load, evaluate_checkpoint as evaluate
+from fastrl.train import train
+
+__all__ = ["train", "evaluate", "load", "make_config", "TrainConfig", "ConfigError", "EvalResult", "PRESETS"]
+__version__ = "0.1.0"

@@ -1,0 +1,48 @@
+"""The one place that calls torch.compile.
+
+Only pure, fixed-shape functions are compiled (no .item(), no branches on tensor
+values); the eager path runs the very same function, so `--no-compile` changes
+speed, never maths.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+import torch
+
+
+def compile_fn(fn: Callable, enabled: bool = True) -> Callable:
+    """`torch.compile(fn)` when enabled; falls back to eager (with one warning) if
+    compilation fails on this machine, e.g. no C++ compiler for the CPU backend."""
+    if not enabled:
+        return fn
+    compiled = torch.compile(fn, dynamic=False)
+    current = [compiled]
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if current[0] is fn:
+            return fn(*args, **kwargs)
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as exc:  # compile failures surface on the first call
+            name = getattr(fn, "__name__", "fn")
+            print(f"fastrl: torch.compile of {name} failed ({type(exc).__name__}); running it eagerly",
+                  file=sys.stderr)
+            current[0] = fn
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def adam(params, lr: float, device: torch.device) -> tuple[torch.optim.Optimizer, torch.Tensor]:
+    """Adam whose learning rate is a device tensor, changed in place by schedules, so a
+    compiled update never sees a new Python constant (no recompiles, no host sync).
+    Returns (optimizer, lr_tensor)."""
+    lr_t = torch.tensor(lr, dtype=torch.float32, device=device)
+    # A tensor lr with the foreach implementation needs capturable=True, which eager
+    # PyTorch allows on accelerators only; on CPU the per-tensor implementation takes it.
+    on_accelerator = device.type != "cpu"
+    return torch.optim.Adam(params, lr=lr_t, foreach=on_accelerator, capturable=on_accelerator), lr_t

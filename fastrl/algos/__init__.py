@@ -1,0 +1,1 @@
+"""Algorithm pieces (losses, acting, target updates); the loops live in fastrl.train."""

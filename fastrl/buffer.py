@@ -1,0 +1,137 @@
+"""Device-resident, preallocated, time-major replay storage.
+
+Row layout of `ReplayRing` (T rows x N envs). The collector writes, per vector step,
+    obs[t]       the state the action was taken in
+    actions[t], rewards[t], terminated[t], dones[t] (= terminated | truncated)
+    valid[t]     False for NEXT_STEP reset steps: obs[t] is then the *final*
+                 observation of the previous episode, the action was ignored and
+                 the reward is 0. Such rows get weight 0, so they are never learned from.
+and obs[t+1] (the next state) at once, so the newest row is complete. With NEXT_STEP
+autoreset the row after a done holds the final observation, which is exactly the
+bootstrap state a truncated window needs.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from fastrl.returns import nstep_targets
+
+
+class RingStorage(NamedTuple):
+    obs: torch.Tensor          # [T, N, *obs_shape] float32
+    actions: torch.Tensor      # [T, N] int64
+    rewards: torch.Tensor      # [T, N] float32
+    terminated: torch.Tensor   # [T, N] bool
+    dones: torch.Tensor        # [T, N] bool
+    valid: torch.Tensor        # [T, N] bool
+
+
+class Transitions(NamedTuple):
+    """A sampled batch of n-step transitions (all [B, ...] on the training device)."""
+
+    obs: torch.Tensor        # s_t
+    actions: torch.Tensor    # a_t
+    returns: torch.Tensor    # sum_{k<m} gamma^k r_{t+k}
+    next_obs: torch.Tensor   # s_{t+m}, the bootstrap state
+    discount: torch.Tensor   # gamma^m, 0 if the episode terminated inside the window
+    weight: torch.Tensor     # 1.0, or 0.0 for reset pseudo-transitions
+
+
+def transitions_at(storage: RingStorage, start: torch.Tensor, env: torch.Tensor, age: torch.Tensor,
+                   n_step: int, gamma: float) -> Transitions:
+    """The n-step transitions that start at rows `start` of envs `env` ([B] each).
+
+    `age` [B] is how far each start row is behind the write head (1 = newest row):
+    only rows start .. start+age-1 are complete, so windows stop there.
+    """
+    T = storage.rewards.shape[0]
+    rows = torch.remainder(start.unsqueeze(1) + torch.arange(n_step, device=start.device), T)  # [B, n]
+    cols = env.unsqueeze(1)
+    ns = nstep_targets(storage.rewards[rows, cols], storage.dones[rows, cols],
+                       storage.terminated[rows, cols], age, gamma)
+    boot_row = torch.remainder(start + ns.steps, T)
+    return Transitions(
+        obs=storage.obs[start, env],
+        actions=storage.actions[start, env],
+        returns=ns.returns,
+        next_obs=storage.obs[boot_row, env],
+        discount=ns.discount,
+        weight=storage.valid[start, env].to(torch.float32),
+    )
+
+
+def sample_transitions(storage: RingStorage, head: torch.Tensor, size: torch.Tensor,
+                       batch_size: int, n_step: int, gamma: float) -> Transitions:
+    """Uniformly samples `batch_size` start rows among the `size` newest complete rows
+    (ages 1..size behind `head`) and all envs, and builds their n-step targets.
+    Pure and fixed-shape: `head` and `size` are 0-d device tensors, so it compiles once.
+    """
+    T, N = storage.rewards.shape
+    device = storage.rewards.device
+    age = 1 + (torch.rand(batch_size, device=device) * size).long().clamp_(max=size - 1)
+    env = torch.randint(0, N, (batch_size,), device=device)
+    start = torch.remainder(head - age, T)
+    return transitions_at(storage, start, env, age, n_step, gamma)
+
+
+class ReplayRing:
+    """Fixed-capacity ring of vector-env steps, allocated once on `device`."""
+
+    def __init__(self, capacity: int, num_envs: int, obs_shape: tuple, device: torch.device,
+                 n_step: int = 1, gamma: float = 0.99, sample_fn=sample_transitions):
+        # One row must stay free: the newest next-observation occupies row `head`.
+        self.rows = max(2, math.ceil(capacity / num_envs) + 1)
+        self.num_envs, self.n_step, self.gamma = num_envs, n_step, gamma
+        T, N = self.rows, num_envs
+        self.storage = RingStorage(
+            obs=torch.zeros((T, N, *obs_shape), dtype=torch.float32, device=device),
+            actions=torch.zeros((T, N), dtype=torch.int64, device=device),
+            rewards=torch.zeros((T, N), dtype=torch.float32, device=device),
+            terminated=torch.zeros((T, N), dtype=torch.bool, device=device),
+            dones=torch.zeros((T, N), dtype=torch.bool, device=device),
+            valid=torch.zeros((T, N), dtype=torch.bool, device=device),
+        )
+        self._prev_done = torch.zeros(N, dtype=torch.bool, device=device)
+        self.head = 0            # host-side counter: the row the next step fills
+        self.steps_written = 0   # vector steps written since the start
+        self._head_t = torch.zeros((), dtype=torch.int64, device=device)
+        self._size_t = torch.zeros((), dtype=torch.int64, device=device)
+        self._sample_fn = sample_fn
+
+    @property
+    def size(self) -> int:
+        """Complete rows available as sample starts (per env)."""
+        return min(self.steps_written, self.rows - 1)
+
+    def __len__(self) -> int:
+        """Complete transitions stored (all envs)."""
+        return self.size * self.num_envs
+
+    def start(self, obs: torch.Tensor) -> None:
+        """Writes the first observation of every env ([N, *obs_shape])."""
+        self.storage.obs[self.head].copy_(obs)
+        self._prev_done.zero_()
+
+    def add(self, actions: torch.Tensor, rewards: torch.Tensor, terminated: torch.Tensor,
+            truncated: torch.Tensor, next_obs: torch.Tensor) -> None:
+        """Completes row `head` with one vector step ([N] each; next_obs [N, *obs])."""
+        s, t = self.storage, self.head
+        s.actions[t].copy_(actions)
+        s.rewards[t].copy_(rewards)
+        s.terminated[t].copy_(terminated)
+        torch.logical_or(terminated, truncated, out=s.dones[t])
+        torch.logical_not(self._prev_done, out=s.valid[t])
+        self._prev_done.copy_(s.dones[t])
+        self.head = (t + 1) % self.rows
+        self.steps_written += 1
+        s.obs[self.head].copy_(next_obs)
+        self._head_t.fill_(self.head)
+        self._size_t.fill_(self.size)
+
+    def sample(self, batch_size: int) -> Transitions:
+        if self.size < 1:
+            raise RuntimeError("ReplayRing.sample() before any step was added")
+        return self._sample_fn(self.storage, self._head_t, self._size_t, batch_size, self.n_step, self.gamma)

@@ -1,0 +1,55 @@
+"""Atomic checkpoint save and safe load (no pickled code is executed)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "fastrl-checkpoint-v1"
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Calls write(tmp_path), then renames over `path`: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save(path: str | os.PathLike, config: dict, model: torch.nn.Module, meta: dict | None = None) -> None:
+    """Weights plus the config that rebuilds the network (plain types only)."""
+    payload = {
+        "format": FORMAT,
+        "config": json.loads(json.dumps(config)),  # plain JSON types: loadable with weights_only
+        "meta": json.loads(json.dumps(meta or {})),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def save_json(path: str | os.PathLike, data: dict) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def load(path: str | os.PathLike) -> dict:
+    """Loads with weights_only=True; raises ValueError with a one-line reason."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"checkpoint {str(path)!r} is not a loadable fastrl checkpoint "
+                         f"({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {str(path)!r} is not a fastrl checkpoint (format {FORMAT} expected)")
+    return payload

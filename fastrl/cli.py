@@ -1,0 +1,128 @@
+"""Command line: a thin layer over fastrl.train() and fastrl.evaluate().
+
+    fastrl train [--env ID] [--algo ddqn] [options]     (every TrainConfig field is an option)
+    fastrl eval CHECKPOINT [--episodes 100] [--seed S]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from fastrl.config import PRESETS, ConfigError, TrainConfig, make_config
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (exit 2), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _option_name(f: dataclasses.Field) -> str:
+    return "--" + f.metadata.get("cli", f.name).replace("_", "-")
+
+
+def parse_env_kwargs(items: list[str]) -> dict:
+    """['enable_wind=true', 'wind_power=15'] -> {'enable_wind': True, 'wind_power': 15}."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"invalid env_kwargs item {item!r}: must be KEY=VALUE")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw  # a plain string
+    return out
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        doc, default = f.metadata["doc"], getattr(defaults, f.name)
+        name = _option_name(f)
+        if f.type == "bool":
+            parser.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{doc} (default: {default})")
+        elif f.type == "tuple":
+            parser.add_argument(name, dest=f.name, type=int, nargs="+", default=None, metavar="W",
+                                help=f"{doc} (default: {' '.join(map(str, default))})")
+        elif f.type == "dict":
+            parser.add_argument(name, dest=f.name, nargs="*", default=None, metavar="KEY=VALUE",
+                                help=f"{doc} (default: none)")
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            shown = "auto" if f.name == "run_dir" else default
+            parser.add_argument(name, dest=f.name, type=kind, default=None,
+                                help=f"{doc} (default: {shown})")
+
+
+def _presets_epilog() -> str:
+    lines = ["presets (applied before your options; your options win):"]
+    for (algo, env_id), values in PRESETS.items():
+        shown = ", ".join(f"{k}={v}" for k, v in values.items())
+        lines.append(f"  {algo} on {env_id}: {shown}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastrl", description="High-throughput small-scale deep RL in plain PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train_p = sub.add_parser("train", help="train an agent (default: Double DQN on LunarLander-v3)",
+                             epilog=_presets_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_train_options(train_p)
+    eval_p = sub.add_parser("eval", help="greedy evaluation of a checkpoint")
+    eval_p.add_argument("checkpoint", help="path to a checkpoint.pt written by fastrl train")
+    eval_p.add_argument("--episodes", type=int, default=100, help="episodes to run (default: 100)")
+    eval_p.add_argument("--seed", type=int, default=0,
+                        help="evaluation seed; env seeds stay disjoint from training (default: 0)")
+    eval_p.add_argument("--envs", type=int, default=20, help="vectorized eval envs (default: 20)")
+    eval_p.add_argument("--device", default="cpu", help="device for the network: cpu | cuda (default: cpu)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name) is not None}
+    if "env_kwargs" in overrides:
+        overrides["env_kwargs"] = parse_env_kwargs(overrides["env_kwargs"])
+    return make_config(**overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from fastrl.train import train
+
+    summary = train(config_from_args(args))
+    return 130 if summary["interrupted"] else 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from fastrl.evaluate import evaluate_checkpoint
+
+    if args.episodes < 1:
+        raise ConfigError(f"invalid --episodes={args.episodes}: must be a positive integer")
+    if args.envs < 1:
+        raise ConfigError(f"invalid --envs={args.envs}: must be a positive integer")
+    if args.device not in ("cpu", "cuda"):
+        raise ConfigError(f"invalid --device={args.device!r}: must be cpu or cuda")
+    try:
+        result = evaluate_checkpoint(args.checkpoint, args.episodes, args.seed, args.device, args.envs)
+    except ValueError as exc:  # unreadable checkpoint
+        raise ConfigError(str(exc)) from None
+    print(f"{result.mean:.2f} ± {result.std:.2f} over {result.episodes} episodes")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": _train, "eval": _eval}[args.command](args)
+    except ConfigError as exc:
+        print(f"fastrl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Steps a gymnasium vector env with actions chosen on the training device.
+
+Per vector step: one device->host copy of the actions, and one host->device copy
+of a staging row that packs [obs | reward | terminated | truncated] for all envs
+(pinned memory on CUDA). Episode statistics are kept on the host, where the
+rewards arrive anyway, so they cost no device sync.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+
+class Step(NamedTuple):
+    """One vector step on the device. Views into the collector's staging row:
+    valid until the next step_wait(); copy what must outlive it."""
+
+    obs: torch.Tensor         # [N, *obs_shape] float32, next state (final obs at episode ends)
+    rewards: torch.Tensor     # [N] float32
+    terminated: torch.Tensor  # [N] bool
+    truncated: torch.Tensor   # [N] bool
+
+
+class Collector:
+    def __init__(self, envs: gym.vector.VectorEnv, device: torch.device):
+        self.envs = envs
+        self.num_envs = envs.num_envs
+        self.obs_shape = tuple(envs.single_observation_space.shape)
+        self.obs_size = math.prod(self.obs_shape)
+        width = self.obs_size + 3
+        self._host = torch.zeros((self.num_envs, width), dtype=torch.float32,
+                                 pin_memory=device.type == "cuda")
+        self._host_np = self._host.numpy()
+        self._device_row = torch.zeros((self.num_envs, width), dtype=torch.float32, device=device)
+        self.obs = self._device_row[:, :self.obs_size].view(self.num_envs, *self.obs_shape)
+        self._actions_np: np.ndarray | None = None
+        self._can_async = hasattr(envs, "step_async")
+        self._pending = False  # an async step was sent and not yet collected
+        # Host-side episode statistics. `_prev_done` marks NEXT_STEP reset steps,
+        # which belong to no episode.
+        self._ep_return = np.zeros(self.num_envs, dtype=np.float64)
+        self._ep_length = np.zeros(self.num_envs, dtype=np.int64)
+        self._prev_done = np.zeros(self.num_envs, dtype=bool)
+        self.finished_returns: list[float] = []
+        self.finished_lengths: list[int] = []
+        self.episodes = 0
+
+    def reset(self, seed: int | None = None) -> torch.Tensor:
+        """Resets every env (env i gets seed + i) and returns the first obs [N, *obs] on the device."""
+        obs, _ = self.envs.reset(seed=seed)
+        self._host_np[:, :self.obs_size] = np.asarray(obs).reshape(self.num_envs, -1)
+        self._host_np[:, self.obs_size:] = 0.0
+        self._device_row.copy_(self._host, non_blocking=True)
+        self._ep_return[:] = 0.0
+        self._ep_length[:] = 0
+        self._prev_done[:] = False
+        return self.obs
+
+    def step_async(self, actions: torch.Tensor) -> None:
+        """Sends actions [N] to the envs; with the async backend they step while we learn."""
+        self._actions_np = actions.cpu().numpy()
+        if self._can_async:
+            self.envs.step_async(self._actions_np)
+            self._pending = True
+
+    def step_wait(self) -> Step:
+        if self._can_async:
+            obs, reward, terminated, truncated, _ = self.envs.step_wait()
+            self._pending = False
+        else:
+            obs, reward, terminated, truncated, _ = self.envs.step(self._actions_np)
+        d = self.obs_size
+        host = self._host_np
+        host[:, :d] = np.asarray(obs).reshape(self.num_envs, -1)
+        host[:, d] = reward
+        host[:, d + 1] = terminated
+        host[:, d + 2] = truncated
+        self._device_row.copy_(self._host, non_blocking=True)
+        self._track_episodes(reward, terminated | truncated)
+        row = self._device_row
+        return Step(self.obs, row[:, d], row[:, d + 1] > 0.5, row[:, d + 2] > 0.5)
+
+    def _track_episodes(self, reward: np.ndarray, done: np.ndarray) -> None:
+        active = ~self._prev_done
+        self._ep_return += reward * active
+        self._ep_length += active
+        if done.any():
+            idx = np.flatnonzero(done)
+            self.finished_returns.extend(self._ep_return[idx].tolist())
+            self.finished_lengths.extend(self._ep_length[idx].tolist())
+            self.episodes += len(idx)
+            self._ep_return[idx] = 0.0
+            self._ep_length[idx] = 0
+        self._prev_done = done
+
+    def pop_episodes(self) -> tuple[list[float], list[int]]:
+        """Returns and forgets the (return, length) of episodes finished since the last call."""
+        out = (self.finished_returns, self.finished_lengths)
+        self.finished_returns, self.finished_lengths = [], []
+        return out
+
+    def close(self) -> None:
+        if self._pending:  # e.g. interrupted mid-step: collect it so the workers close cleanly
+            self.envs.step_wait()
+            self._pending = False
+        self.envs.close()

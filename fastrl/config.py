@@ -1,0 +1,161 @@
+"""Typed training configuration, per-env presets and validation.
+
+`TrainConfig` holds every knob with a one-line doc (the CLI's --help is generated
+from it). `make_config()` layers: dataclass defaults < preset for (algo, env) <
+the caller's values, then validates. Validation errors are `ConfigError`s whose
+one-line message quotes the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+ALGOS = ("ddqn", "reinforce")
+BACKENDS = ("async", "sync")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message is one line meant for the user."""
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    """A dataclass field carrying its one-line doc (shown by --help)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc, **kw})
+    return field(default=default, metadata={"doc": doc, **kw})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- run ---------------------------------------------------------------------------
+    env_id: str = _f("LunarLander-v3", "gymnasium env id (Box observations, Discrete actions)", cli="env")
+    env_kwargs: dict = _f({}, "keyword arguments for gymnasium.make, e.g. enable_wind=true wind_power=15")
+    algo: str = _f("ddqn", "algorithm: ddqn | reinforce")
+    seed: int = _f(0, "seed for torch, the env workers and sampling (eval uses disjoint env seeds)")
+    device: str = _f("auto", "training device for the ring and the learner: auto | cpu | cuda")
+    threads: int = _f(1, "torch intra-op CPU threads (small nets run fastest on 1; env workers use the rest)")
+    compile: bool = _f(True, "torch.compile the learner update (falls back to eager where it cannot)")
+    total_steps: int = _f(1_000_000, "env-step budget (all envs together)")
+    run_dir: str = _f("", "run directory (default runs/<env>__<algo>__<seed>__<time>)")
+
+    # --- collector ---------------------------------------------------------------------
+    num_envs: int = _f(8, "parallel environments")
+    backend: str = _f("async", "vector env backend: async (one process per env) | sync (in-process)")
+
+    # --- network and optimiser -----------------------------------------------------------
+    hidden: tuple = _f((256, 256), "hidden layer widths of the MLP")
+    lr: float = _f(5e-4, "Adam learning rate")
+    lr_end: float = _f(math.nan, "learning rate reached linearly at total_steps (nan = constant lr)")
+    gamma: float = _f(0.99, "discount factor, in (0, 1]")
+    max_grad_norm: float = _f(10.0, "gradient-norm clip (0 disables)")
+
+    # --- Double DQN ----------------------------------------------------------------------
+    buffer_size: int = _f(100_000, "[ddqn] replay capacity in transitions")
+    batch_size: int = _f(128, "[ddqn] minibatch size")
+    n_step: int = _f(3, "[ddqn] n-step return length (1 = one-step TD)")
+    learning_starts: int = _f(10_000, "[ddqn] env steps collected before the first update")
+    replay_ratio: float = _f(0.25, "[ddqn] gradient updates per env step")
+    target_update_interval: int = _f(1, "[ddqn] updates between target-network updates")
+    tau: float = _f(0.005, "[ddqn] target update rate (1.0 = hard copy, <1 = Polyak)")
+    eps_start: float = _f(1.0, "[ddqn] initial exploration epsilon")
+    eps_end: float = _f(0.05, "[ddqn] final exploration epsilon")
+    eps_decay_steps: int = _f(100_000, "[ddqn] env steps of the linear epsilon decay")
+    dueling: bool = _f(False, "[ddqn] dueling Q-network head")
+
+    # --- evaluation and logging ----------------------------------------------------------
+    eval_interval: int = _f(25_000, "env steps between greedy evaluations (0 = only at the end)")
+    eval_episodes: int = _f(100, "episodes per evaluation")
+    eval_envs: int = _f(20, "vectorized envs used by evaluation")
+    stop_on_solve: bool = _f(True, "stop once the greedy eval mean reaches the solve threshold")
+    solve_threshold: float = _f(math.nan, "eval mean that counts as solved (nan = the env's reward_threshold)")
+    log_interval: float = _f(2.0, "seconds between TensorBoard flushes / progress updates")
+    progress: bool = _f(True, "show the live progress line")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "hidden" in values:
+            values["hidden"] = tuple(values["hidden"])
+        return cls(**values)
+
+
+# Tuned per (algo, env). Only what differs from the dataclass defaults.
+PRESETS: dict[tuple[str, str], dict[str, Any]] = {
+    ("ddqn", "LunarLander-v3"): dict(
+        num_envs=8, hidden=(256, 256), lr=5e-4, batch_size=128, buffer_size=100_000, n_step=3,
+        learning_starts=10_000, replay_ratio=0.25, tau=0.005, target_update_interval=1,
+        eps_decay_steps=100_000, eps_end=0.05, total_steps=1_000_000, eval_interval=25_000,
+    ),
+    ("ddqn", "CartPole-v1"): dict(
+        num_envs=4, hidden=(128, 128), lr=1e-3, batch_size=64, buffer_size=20_000, n_step=3,
+        learning_starts=1_000, replay_ratio=0.5, tau=0.01, target_update_interval=1,
+        eps_decay_steps=10_000, eps_end=0.02, total_steps=100_000, eval_interval=5_000, eval_episodes=20,
+    ),
+}
+
+
+def field_docs() -> dict[str, str]:
+    return {f.name: f.metadata["doc"] for f in dataclasses.fields(TrainConfig)}
+
+
+def make_config(**overrides: Any) -> TrainConfig:
+    """Dataclass defaults, then the (algo, env) preset, then `overrides`; validated."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"unknown option {unknown[0]!r}; allowed: {', '.join(sorted(names))}")
+    base = TrainConfig()
+    algo = overrides.get("algo", base.algo)
+    env_id = overrides.get("env_id", base.env_id)
+    values = {**PRESETS.get((algo, env_id), {}), **overrides}
+    if "hidden" in values:
+        values["hidden"] = tuple(values["hidden"])
+    config = dataclasses.replace(base, **values)
+    validate(config)
+    return config
+
+
+def validate(c: TrainConfig) -> None:
+    """Checks every value that does not need the env; raises ConfigError (one line)."""
+
+    def need(ok: bool, name: str, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f"invalid {name}={getattr(c, name)!r}: must be {allowed}")
+
+    need(c.algo in ALGOS, "algo", " or ".join(ALGOS))
+    need(c.backend in BACKENDS, "backend", " or ".join(BACKENDS))
+    need(c.device in DEVICES, "device", " or ".join(DEVICES))
+    need(isinstance(c.env_id, str) and c.env_id != "", "env_id", "a registered gymnasium env id")
+    need(c.num_envs >= 1, "num_envs", "a positive integer")
+    need(c.threads >= 1, "threads", "a positive integer")
+    need(c.total_steps >= 1, "total_steps", "a positive integer")
+    need(0 <= c.seed < 2**31, "seed", "an integer in [0, 2**31)")
+    need(len(c.hidden) >= 1 and all(int(h) >= 1 for h in c.hidden), "hidden", "one or more positive widths")
+    need(c.lr > 0 and math.isfinite(c.lr), "lr", "a positive number")
+    need(0 < c.gamma <= 1, "gamma", "in (0, 1]")
+    need(c.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 disables clipping)")
+    need(c.buffer_size >= 1, "buffer_size", "a positive integer")
+    need(c.batch_size >= 1, "batch_size", "a positive integer")
+    if c.algo == "ddqn":
+        need(c.batch_size <= c.buffer_size, "batch_size", f"<= buffer_size ({c.buffer_size})")
+        need(c.buffer_size >= 2 * c.num_envs, "buffer_size", f">= 2 * num_envs ({2 * c.num_envs})")
+    need(c.n_step >= 1, "n_step", "an integer >= 1")
+    need(c.learning_starts >= 0, "learning_starts", ">= 0")
+    need(c.replay_ratio > 0, "replay_ratio", "a positive number of updates per env step")
+    need(c.target_update_interval >= 1, "target_update_interval", "an integer >= 1")
+    need(0 < c.tau <= 1, "tau", "in (0, 1]")
+    need(0 <= c.eps_end <= 1, "eps_end", "in [0, 1]")
+    need(0 <= c.eps_start <= 1, "eps_start", "in [0, 1]")
+    need(c.eps_decay_steps >= 1, "eps_decay_steps", "a positive integer")
+    need(c.eval_interval >= 0, "eval_interval", ">= 0")
+    need(c.eval_episodes >= 1, "eval_episodes", "a positive integer")
+    need(c.eval_envs >= 1, "eval_envs", "a positive integer")
+    need(c.log_interval > 0, "log_interval", "a positive number of seconds")
+    need(isinstance(c.env_kwargs, dict), "env_kwargs", "a dict of keyword arguments")

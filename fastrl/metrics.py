@@ -1,0 +1,110 @@
+"""Device-side metric accumulators, the TensorBoard writer and the progress line."""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+
+class DeviceMeans:
+    """Running sums of a fixed set of scalars, kept on the device.
+
+    `add` is in place (no host sync); `read` copies once to the host and resets.
+    """
+
+    def __init__(self, names: tuple[str, ...], device: torch.device):
+        self.names = names
+        self.sums = torch.zeros(len(names) + 1, dtype=torch.float32, device=device)  # last: count
+        self._one = torch.ones(1, dtype=torch.float32, device=device)
+
+    def add(self, values: tuple[torch.Tensor, ...]) -> None:
+        self.sums.add_(torch.cat([torch.stack([v.detach().float() for v in values]), self._one]))
+
+    def read(self) -> dict[str, float]:
+        host = self.sums.cpu().tolist()
+        self.sums.zero_()
+        count = host[-1]
+        if count == 0:
+            return {}
+        return {name: s / count for name, s in zip(self.names, host[:-1])}
+
+
+class Writer:
+    """TensorBoard scalars plus the run's config as text."""
+
+    def __init__(self, run_dir: str):
+        self.tb = SummaryWriter(log_dir=run_dir)
+
+    def config(self, config: dict) -> None:
+        rows = "\n".join(f"|{k}|{v}|" for k, v in config.items())
+        self.tb.add_text("config", f"|param|value|\n|-|-|\n{rows}")
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for name, value in values.items():
+            self.tb.add_scalar(name, value, step)
+
+    def flush(self) -> None:
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    """One status line: redrawn in place on a terminal, printed every `every_s` otherwise."""
+
+    def __init__(self, total_steps: int, enabled: bool = True, stream=None, every_s: float = 15.0):
+        self.total = total_steps
+        self.stream = stream or sys.stdout
+        self.enabled = enabled
+        self.tty = self.stream.isatty()
+        self.every_s = every_s
+        self._last_print = -float("inf")
+        self._width = 0
+
+    def update(self, steps: int, elapsed: float, sps: float, ups: float,
+               recent_return: float | None, last_eval: float | None) -> None:
+        if not self.enabled:
+            return
+        frac = min(steps / self.total, 1.0)
+        left = (self.total - steps) / sps if sps > 0 else float("nan")
+        ret = f"{recent_return:8.1f}" if recent_return is not None else "       -"
+        ev = f"{last_eval:7.1f}" if last_eval is not None else "      -"
+        bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
+        line = (f"[{bar}] {steps:>10,}/{self.total:,} steps | {sps:7,.0f} sps | {ups:6,.0f} upd/s"
+                f" | return {ret} | eval {ev} | {_fmt_duration(elapsed)}"
+                f" (~{_fmt_duration(left) if left == left else '?'} left)")
+        if self.tty:
+            pad = max(self._width - len(line), 0)
+            self.stream.write("\r" + line + " " * pad)
+            self._width = len(line)
+            self.stream.flush()
+        elif time.monotonic() - self._last_print >= self.every_s:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            self._last_print = time.monotonic()
+
+    def message(self, text: str) -> None:
+        """A line that stays (e.g. an evaluation result), above the progress line."""
+        if not self.enabled:
+            return
+        if self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self._width = 0
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._width = 0

@@ -1,0 +1,53 @@
+"""Networks: an MLP torso with a Q head (optionally dueling) or a policy head."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def mlp(in_dim: int, hidden: tuple, activation=nn.ReLU) -> nn.Sequential:
+    layers, width = [], in_dim
+    for h in hidden:
+        layers += [nn.Linear(width, int(h)), activation()]
+        width = int(h)
+    return nn.Sequential(*layers)
+
+
+class QNetwork(nn.Module):
+    """obs [B, *obs_shape] -> Q-values [B, n_actions]."""
+
+    def __init__(self, obs_shape: tuple, n_actions: int, hidden: tuple = (256, 256), dueling: bool = False):
+        super().__init__()
+        self.torso = mlp(math.prod(obs_shape), hidden)
+        width = int(hidden[-1])
+        self.dueling = dueling
+        self.advantage = nn.Linear(width, n_actions)
+        self.value = nn.Linear(width, 1) if dueling else None
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        h = self.torso(obs.flatten(1))
+        adv = self.advantage(h)
+        if self.value is None:
+            return adv
+        return self.value(h) + adv - adv.mean(dim=1, keepdim=True)
+
+
+class PolicyNetwork(nn.Module):
+    """obs [B, *obs_shape] -> action logits [B, n_actions] (and a state value if asked)."""
+
+    def __init__(self, obs_shape: tuple, n_actions: int, hidden: tuple = (128, 128), value_head: bool = False):
+        super().__init__()
+        self.torso = mlp(math.prod(obs_shape), hidden, activation=nn.Tanh)
+        width = int(hidden[-1])
+        self.logits = nn.Linear(width, n_actions)
+        self.value = nn.Linear(width, 1) if value_head else None
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.torso(obs.flatten(1)))
+
+    def logits_and_value(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.torso(obs.flatten(1))
+        value = self.value(h).squeeze(1) if self.value is not None else torch.zeros_like(h[:, 0])
+        return self.logits(h), value

@@ -1,0 +1,197 @@
+"""Bookkeeping shared by every training loop: run directory, TensorBoard, progress
+line, periodic evaluation with stop-on-solve, checkpoints and summary.json."""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fastrl import checkpoint
+from fastrl.collector import Collector
+from fastrl.config import TrainConfig
+from fastrl.envs import EnvSpec
+from fastrl.evaluate import EvalResult, Evaluator
+from fastrl.metrics import Progress, Writer
+from fastrl.timing import Phases, process_uptime
+
+
+def default_run_dir(config: TrainConfig) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return str(Path("runs") / f"{config.env_id}__{config.algo}__{config.seed}__{stamp}")
+
+
+class Run:
+    def __init__(self, config: TrainConfig, spec: EnvSpec, device: torch.device):
+        self.config, self.spec, self.device = config, spec, device
+        self.dir = Path(config.run_dir or default_run_dir(config))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.save_json(self.dir / "config.json", config.to_dict())
+        self.writer = Writer(str(self.dir))
+        self.writer.config(config.to_dict())
+        self.progress = Progress(config.total_steps, config.progress)
+        self.phases = Phases()
+        self.threshold = (config.solve_threshold if not math.isnan(config.solve_threshold)
+                          else spec.reward_threshold)
+        self.env_steps = 0
+        self.updates = 0
+        self.solved = False
+        self.solve_wall_s: float | None = None
+        self.solve_env_steps: int | None = None
+        self.last_eval: EvalResult | None = None
+        self._last_eval_full_at: int | None = None
+        self.recent_returns: deque = deque(maxlen=100)
+        self.model: torch.nn.Module | None = None
+        self.greedy: Callable | None = None
+        self._evaluator: Evaluator | None = None
+        self._next_eval = config.eval_interval if config.eval_interval > 0 else math.inf
+        self._t0 = time.perf_counter()
+        self._last_log: tuple | None = None  # (time, env_steps, updates) at the last log
+
+    def watch(self, model: torch.nn.Module, greedy: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """The network to checkpoint and the greedy policy to evaluate."""
+        self.model, self.greedy = model, greedy
+
+    @property
+    def wall_s(self) -> float:
+        return time.perf_counter() - self._t0
+
+    # --- logging -------------------------------------------------------------------------
+    def log_due(self) -> bool:
+        now = time.perf_counter()
+        if self._last_log is None:  # the first window opens at the first step, after start-up
+            self._last_log = (now, self.env_steps, self.updates)
+        return now - self._last_log[0] >= self.config.log_interval
+
+    def log(self, collector: Collector, scalars: dict[str, float]) -> None:
+        """Writes throughput, episode statistics, `scalars` and phase times; redraws progress."""
+        with self.phases("log"):
+            now = time.perf_counter()
+            t_prev, steps_prev, updates_prev = self._last_log
+            dt = max(now - t_prev, 1e-9)
+            sps = (self.env_steps - steps_prev) / dt
+            ups = (self.updates - updates_prev) / dt
+            self._last_log = (now, self.env_steps, self.updates)
+            returns, lengths = collector.pop_episodes()
+            self.recent_returns.extend(returns)
+            out = {"charts/sps": sps, "charts/updates_per_s": ups, **scalars}
+            if returns:
+                out["charts/episodic_return"] = sum(returns) / len(returns)
+                out["charts/episodic_length"] = sum(lengths) / len(lengths)
+                out["charts/episodes"] = collector.episodes
+            for name, seconds in self.phases.seconds.items():
+                out[f"time/{name}_s"] = seconds
+            self.writer.scalars(out, self.env_steps)
+            recent = sum(self.recent_returns) / len(self.recent_returns) if self.recent_returns else None
+            self.progress.update(self.env_steps, self.wall_s, sps, ups, recent,
+                                 self.last_eval.mean if self.last_eval else None)
+
+    # --- evaluation ----------------------------------------------------------------------
+    def _evaluate(self, screen: bool) -> EvalResult:
+        if self._evaluator is None:
+            c = self.config
+            self._evaluator = Evaluator(c.env_id, c.env_kwargs, c.eval_envs, c.seed, self.device)
+        screen_below = self.threshold if screen and not math.isnan(self.threshold) else math.nan
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            result = self._evaluator.run(self.greedy, self.config.eval_episodes, screen_below)
+        finally:
+            self.model.train(was_training)
+        self.last_eval = result
+        if result.episodes == self.config.eval_episodes:
+            self._last_eval_full_at = self.env_steps
+        self.writer.scalars({"eval/return_mean": result.mean, "eval/return_std": result.std,
+                             "eval/episodes": result.episodes}, self.env_steps)
+        self.writer.flush()
+        return result
+
+    def eval_due(self) -> bool:
+        return self.env_steps >= self._next_eval
+
+    def evaluate(self) -> bool:
+        """Periodic greedy evaluation and checkpoint; True when training should stop (solved).
+
+        With stop-on-solve, a first round of one episode per eval env screens out
+        clearly unsolved policies; only a full `eval_episodes` mean can count as solved.
+        """
+        c = self.config
+        self._next_eval = self.env_steps + c.eval_interval
+        with self.phases("eval"):
+            result = self._evaluate(screen=c.stop_on_solve)
+            self.save_checkpoint()
+        full = result.episodes == c.eval_episodes
+        note = "" if full else f" (screened after {result.episodes})"
+        self.progress.message(f"eval @ {self.env_steps:,} steps: {result.mean:.1f} ± {result.std:.1f} "
+                              f"over {result.episodes} episodes{note}")
+        if full and not self.solved and not math.isnan(self.threshold) and result.mean >= self.threshold:
+            self.solved = True
+            self.solve_wall_s = process_uptime()
+            self.solve_env_steps = self.env_steps
+            self.progress.message(f"solved: {result.mean:.1f} >= {self.threshold:g} after "
+                                  f"{self.env_steps:,} env steps, {self.solve_wall_s:.1f} s")
+        return self.solved and c.stop_on_solve
+
+    # --- the end -------------------------------------------------------------------------
+    def save_checkpoint(self) -> str:
+        path = self.dir / "checkpoint.pt"
+        checkpoint.save(path, self.config.to_dict(), self.model,
+                        meta={"env_steps": self.env_steps, "updates": self.updates,
+                              "obs_shape": list(self.spec.obs_shape), "n_actions": self.spec.n_actions})
+        return str(path)
+
+    def finish(self, interrupted: bool = False, error: str | None = None) -> dict:
+        """Final evaluation (unless interrupted), checkpoint, summary.json; returns the summary."""
+        self.progress.close()
+        if self.model is not None and not interrupted and error is None \
+                and self._last_eval_full_at != self.env_steps:
+            with self.phases("eval"):
+                self._evaluate(screen=False)
+        ckpt = self.save_checkpoint() if self.model is not None else None
+        wall = self.wall_s
+        summary = {
+            "env_id": self.config.env_id,
+            "algo": self.config.algo,
+            "seed": self.config.seed,
+            "solved": self.solved,
+            "solve_threshold": None if math.isnan(self.threshold) else self.threshold,
+            "solve_wall_s": self.solve_wall_s,
+            "solve_env_steps": self.solve_env_steps,
+            "final_eval_mean": self.last_eval.mean if self.last_eval else None,
+            "final_eval_std": self.last_eval.std if self.last_eval else None,
+            "final_eval_episodes": self.last_eval.episodes if self.last_eval else 0,
+            "env_steps": self.env_steps,
+            "updates": self.updates,
+            "wall_s": wall,
+            "env_steps_per_s": self.env_steps / wall if wall > 0 else 0.0,
+            "phase_s": dict(self.phases.seconds),
+            "interrupted": interrupted,
+            "error": error,
+            "checkpoint": ckpt,
+            "run_dir": str(self.dir),
+        }
+        checkpoint.save_json(self.dir / "summary.json", summary)
+        self.writer.close()
+        if self._evaluator is not None:
+            self._evaluator.close()
+        if self.config.progress:
+            self._print_summary(summary)
+        return summary
+
+    def _print_summary(self, s: dict) -> None:
+        status = "interrupted" if s["interrupted"] else ("failed" if s["error"] else "done")
+        lines = [f"{status}: {s['env_steps']:,} env steps, {s['updates']:,} updates in {s['wall_s']:.1f} s "
+                 f"({s['env_steps_per_s']:,.0f} env steps/s)"]
+        if s["final_eval_mean"] is not None:
+            lines.append(f"final eval: {s['final_eval_mean']:.1f} ± {s['final_eval_std']:.1f} "
+                         f"over {s['final_eval_episodes']} episodes")
+        if s["solved"]:
+            lines.append(f"solved after {s['solve_env_steps']:,} env steps, {s['solve_wall_s']:.1f} s "
+                         f"since process start")
+        elif s["solve_threshold"] is not None:
+            lines.append(f"not solved (threshold {s['solve_threshold']:g})")
+        lines.append(f"run dir: {s['run_dir']}  (tensorboard --logdir {Path(s['run_dir']).parent})")
+        print("\n".join(lines), flush=True)

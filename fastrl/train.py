@@ -1,0 +1,106 @@
+"""The training loops: one per algorithm, readable top to bottom.
+
+Shared parts (collector, ring, learner pieces, Run bookkeeping) are imported.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import traceback
+
+import torch
+
+from fastrl import accel
+from fastrl.algos import ddqn
+from fastrl.algos.ddqn import linear_schedule
+from fastrl.buffer import ReplayRing, sample_transitions
+from fastrl.collector import Collector
+from fastrl.config import ConfigError, TrainConfig, validate
+from fastrl.envs import EnvSpec, inspect_env, make_vector_env
+from fastrl.metrics import DeviceMeans
+from fastrl.nets import QNetwork
+from fastrl.run import Run
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("invalid device='cuda': no CUDA device is available here; use auto or cpu")
+    return torch.device(name)
+
+
+def train(config: TrainConfig) -> dict:
+    """Trains per `config`; returns the run summary (also written to <run_dir>/summary.json).
+
+    Everything is validated before any work starts; invalid settings raise ConfigError.
+    """
+    validate(config)
+    spec = inspect_env(config.env_id, config.env_kwargs)
+    device = resolve_device(config.device)
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    loop = {"ddqn": train_ddqn}[config.algo]
+    # Worker processes are forked before any CUDA state exists.
+    envs = make_vector_env(config.env_id, config.num_envs, config.backend, config.env_kwargs)
+    collector = Collector(envs, device)
+    run = Run(config, spec, device)
+    try:
+        loop(config, spec, collector, run)
+    except KeyboardInterrupt:
+        return run.finish(interrupted=True)
+    except Exception:
+        run.finish(error=traceback.format_exc(limit=3))
+        raise
+    finally:
+        collector.close()
+    return run.finish()
+
+
+def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Run) -> None:
+    c, device, phases = config, run.device, run.phases
+    ring = ReplayRing(c.buffer_size, c.num_envs, spec.obs_shape, device, c.n_step, c.gamma,
+                      sample_fn=accel.compile_fn(sample_transitions, c.compile))
+    q = QNetwork(spec.obs_shape, spec.n_actions, c.hidden, c.dueling).to(device)
+    q_target = copy.deepcopy(q).requires_grad_(False)
+    optimizer, lr = accel.adam(q.parameters(), c.lr, device)
+    update = accel.compile_fn(ddqn.make_update(q, q_target, optimizer, c.max_grad_norm), c.compile)
+    act = ddqn.make_act(q)
+    run.watch(q, ddqn.make_greedy(q))
+    learner_stats = DeviceMeans(("losses/td_loss", "losses/q_mean", "losses/grad_norm"), device)
+    eps = torch.tensor(c.eps_start, device=device)
+
+    obs = collector.reset(seed=c.seed)
+    ring.start(obs)
+    update_credit = 0.0
+    while run.env_steps < c.total_steps:
+        with phases("act"):
+            actions = act(obs, eps)
+            collector.step_async(actions)
+
+        # Learn while the env workers step (async backend).
+        if run.env_steps >= c.learning_starts:
+            update_credit += c.num_envs * c.replay_ratio
+            with phases("learn"):
+                while update_credit >= 1.0:
+                    learner_stats.add(update(ring.sample(c.batch_size)))
+                    run.updates += 1
+                    update_credit -= 1.0
+                    if run.updates % c.target_update_interval == 0:
+                        ddqn.update_target(q_target, q, c.tau)
+
+        with phases("env"):
+            step = collector.step_wait()
+        with phases("ring_write"):
+            ring.add(actions, step.rewards, step.terminated, step.truncated, step.obs)
+        obs = step.obs
+        run.env_steps += c.num_envs
+        eps_now = linear_schedule(run.env_steps, c.eps_start, c.eps_end, c.eps_decay_steps)
+        eps.fill_(eps_now)
+        lr_now = c.lr if math.isnan(c.lr_end) else linear_schedule(run.env_steps, c.lr, c.lr_end, c.total_steps)
+        lr.fill_(lr_now)
+
+        if run.log_due():
+            run.log(collector, {**learner_stats.read(), "charts/epsilon": eps_now, "charts/lr": lr_now})
+        if run.eval_due() and run.evaluate():
+            break

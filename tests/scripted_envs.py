@@ -1,0 +1,56 @@
+"""Tiny deterministic envs whose observations say exactly where they are.
+
+CounterEnv: obs = [episode number, step t within the episode, action at the last step].
+Reward for a step that leads to t is t + 0.5 * action, so a stored reward names its step.
+Episodes terminate after `length` steps (length=None: a length drawn from the seeded RNG
+in [1, 6]); registered with a TimeLimit so long episodes are truncated instead.
+"""
+import gymnasium as gym
+import numpy as np
+
+
+class CounterEnv(gym.Env):
+    def __init__(self, length=3, n_actions=2):
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+        self.action_space = gym.spaces.Discrete(n_actions)
+        self.fixed_length = length
+        self.episode = -1
+        self.t = 0
+        self.length = length
+
+    def _obs(self, action=0.0):
+        return np.array([self.episode, self.t, action], dtype=np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.episode += 1
+        self.t = 0
+        self.length = self.fixed_length or int(self.np_random.integers(1, 7))
+        return self._obs(), {}
+
+    def step(self, action):
+        self.t += 1
+        reward = self.t + 0.5 * int(action)
+        return self._obs(int(action)), float(reward), self.t >= self.length, False, {}
+
+
+class SlowEnv(CounterEnv):
+    """CounterEnv that sleeps in step (for profiling tests)."""
+
+    def __init__(self, delay=0.002, **kw):
+        super().__init__(**kw)
+        self.delay = delay
+
+    def step(self, action):
+        import time
+        time.sleep(self.delay)
+        return super().step(action)
+
+
+# Terminates after 3 steps (never truncated).
+gym.register("fastrl-test/Terminating-v0", entry_point=CounterEnv, kwargs={"length": 3}, max_episode_steps=100)
+# Would last 50 steps but the time limit truncates it after 4.
+gym.register("fastrl-test/Truncating-v0", entry_point=CounterEnv, kwargs={"length": 50}, max_episode_steps=4)
+# Random lengths 1..6, truncated at 5: both kinds of episode end.
+gym.register("fastrl-test/Mixed-v0", entry_point=CounterEnv, kwargs={"length": None}, max_episode_steps=5)
+gym.register("fastrl-test/Slow-v0", entry_point=SlowEnv, kwargs={"length": 20}, max_episode_steps=50)

@@ -1,0 +1,159 @@
+"""CLI smoke runs, the TensorBoard event file, checkpoints and bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fastrl import checkpoint
+from fastrl.cli import main
+
+TINY = ["--env", "CartPole-v1", "--total-steps", "1200", "--learning-starts", "400", "--num-envs", "4",
+        "--eval-episodes", "4", "--eval-envs", "2", "--eval-interval", "600", "--no-compile",
+        "--log-interval", "0.05", "--buffer-size", "2000", "--batch-size", "32"]
+
+
+def call_main(argv):
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's own errors exit
+        return exc.code
+
+
+def run_cli(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "fastrl", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "cartpole"
+    proc = run_cli("train", *TINY, "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stderr
+    return run_dir, proc
+
+
+def test_train_writes_summary_checkpoint_and_progress(tiny_run):
+    run_dir, proc = tiny_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("solved", "solve_wall_s", "solve_env_steps", "final_eval_mean", "final_eval_std",
+                "env_steps", "updates", "wall_s", "checkpoint"):
+        assert key in summary
+    assert summary["env_steps"] >= 1200 and summary["updates"] > 0
+    assert summary["final_eval_episodes"] == 4
+    assert os.path.isfile(summary["checkpoint"])
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["env_id"] == "CartPole-v1" and config["batch_size"] == 32
+    assert "steps" in proc.stdout and "final eval" in proc.stdout and "run dir" in proc.stdout
+
+
+def test_tensorboard_event_file_holds_the_scalars(tiny_run):
+    run_dir, _ = tiny_run
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("charts/sps", "charts/updates_per_s", "charts/episodic_return", "charts/episodic_length",
+                "losses/td_loss", "losses/q_mean", "charts/epsilon", "eval/return_mean"):
+        assert tag in tags, tag
+    eps = [e.value for e in acc.Scalars("charts/epsilon")]
+    assert eps == sorted(eps, reverse=True) and eps[0] <= 1.0
+    assert all(e.value > 0 for e in acc.Scalars("charts/sps"))
+    assert "config/text_summary" in acc.Tags()["tensors"]
+
+
+def test_eval_command_prints_mean_and_std(tiny_run):
+    run_dir, _ = tiny_run
+    proc = run_cli("eval", str(run_dir / "checkpoint.pt"), "--episodes", "5", "--seed", "7")
+    assert proc.returncode == 0, proc.stderr
+    mean, _, rest = proc.stdout.strip().partition(" ± ")
+    assert float(mean) > 0 and rest.endswith("over 5 episodes")
+
+
+def test_help_documents_every_option_with_default():
+    proc = run_cli("train", "--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    for option in ("--env ", "--algo", "--num-envs", "--backend", "--device", "--n-step", "--replay-ratio",
+                   "--tau", "--dueling", "--no-compile", "--run-dir", "--env-kwargs", "--eval-episodes"):
+        assert option in text, option
+    assert text.count("(default:") >= 30
+
+
+BAD = [
+    (["--env", "NoSuchEnv-v9"], "NoSuchEnv-v9"),
+    (["--batch-size", "512", "--buffer-size", "256"], "batch_size=512"),
+    (["--gamma", "0"], "gamma=0"),
+    (["--gamma", "1.5"], "gamma=1.5"),
+    (["--n-step", "0"], "n_step=0"),
+    (["--lr", "0"], "lr=0"),
+    (["--lr=-1e-3"], "lr=-0.001"),
+    (["--num-envs", "0"], "num_envs=0"),
+    (["--device", "tpu"], "device='tpu'"),
+    (["--algo", "ppo"], "algo='ppo'"),
+    (["--backend", "threads"], "backend='threads'"),
+    (["--env", "LunarLander-v3", "--env-kwargs", "continuous=true"], "Discrete"),
+    (["--env", "Pendulum-v1"], "Pendulum-v1"),
+    (["--env-kwargs", "no_such_kwarg=1"], "no_such_kwarg"),
+    (["--env-kwargs", "novalue"], "novalue"),
+    (["--num-envs", "many"], "many"),
+]
+
+
+@pytest.mark.parametrize("args,named", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_exit_2(args, named, capsys, tmp_path):
+    code = call_main(["train", *args, "--run-dir", str(tmp_path / "never")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert named in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()  # stopped before any work
+
+
+def test_bad_input_exit_code_and_no_traceback_from_the_console_script(tmp_path):
+    proc = run_cli("train", "--gamma", "2", "--run-dir", str(tmp_path / "x"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "fastrl train: error: invalid gamma=2.0: must be in (0, 1]"
+    proc = run_cli("eval", str(tmp_path / "missing.pt"))
+    assert proc.returncode == 2 and "missing.pt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert call_main(["train", "--device", "cuda", "--run-dir", str(tmp_path / "x")]) == 2
+    assert "device='cuda'" in capsys.readouterr().err
+
+
+def test_checkpoint_load_refuses_pickled_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    marker = tmp_path / "pwned"
+    torch.save({"format": checkpoint.FORMAT, "payload": Exploit(str(marker))}, path)
+    with pytest.raises(ValueError, match="not a loadable fastrl checkpoint"):
+        checkpoint.load(path)
+    assert not marker.exists()
+
+
+class Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "summary.json"
+    checkpoint.save_json(path, {"v": 1})
+
+    def broken(tmp):
+        with open(tmp, "w") as f:
+            f.write('{"v": 2, "trunc')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        checkpoint.atomic_write(path, broken)
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert os.listdir(tmp_path) == ["summary.json"]

@@ -1,0 +1,93 @@
+"""Batched n-step targets against a plain loop over the logical time series."""
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastrl.buffer import ReplayRing, transitions_at
+from fastrl.returns import nstep_targets
+
+
+def fill_ring(rows, num_envs, steps, n_step, gamma, rng, p_done):
+    """Writes `steps` random vector steps; returns the ring and the full history."""
+    ring = ReplayRing(capacity=(rows - 1) * num_envs, num_envs=num_envs, obs_shape=(2,),
+                      device=torch.device("cpu"), n_step=n_step, gamma=gamma)
+    assert ring.rows == rows
+    obs = [rng.normal(size=(num_envs, 2)).astype(np.float32)]
+    rew, term, done = [], [], []
+    ring.start(torch.from_numpy(obs[0]))
+    for _ in range(steps):
+        r = rng.normal(size=num_envs).astype(np.float32)
+        d = rng.random(num_envs) < p_done
+        te = d & (rng.random(num_envs) < 0.5)
+        tr = d & ~te
+        o = rng.normal(size=(num_envs, 2)).astype(np.float32)
+        ring.add(torch.from_numpy(rng.integers(0, 3, num_envs)), torch.from_numpy(r),
+                 torch.from_numpy(te), torch.from_numpy(tr), torch.from_numpy(o))
+        obs.append(o), rew.append(r), term.append(te), done.append(d)
+    return ring, np.array(obs), np.array(rew), np.array(term), np.array(done)
+
+
+def naive_target(obs, rew, term, done, tau, env, steps_written, n, gamma):
+    """Plain loop from absolute time `tau` (history, not ring layout)."""
+    G, m, terminal = 0.0, 0, False
+    for k in range(n):
+        if tau + k >= steps_written:  # the write head
+            break
+        G += gamma ** k * rew[tau + k, env]
+        m = k + 1
+        if done[tau + k, env]:
+            terminal = bool(term[tau + k, env])
+            break
+    discount = 0.0 if terminal else gamma ** m
+    valid = tau == 0 or not done[tau - 1, env]
+    return G, discount, obs[tau + m, env], valid
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(2, 12), num_envs=st.integers(1, 3), extra=st.integers(0, 30),
+       n_step=st.integers(1, 6), p_done=st.sampled_from([0.0, 0.2, 0.5, 1.0]),
+       gamma=st.sampled_from([0.5, 0.9, 1.0]), seed=st.integers(0, 10_000))
+def test_ring_nstep_matches_naive_loop(rows, num_envs, extra, n_step, p_done, gamma, seed):
+    rng = np.random.default_rng(seed)
+    steps = rng.integers(1, rows) + extra  # sometimes not full, often wrapped several times
+    ring, obs, rew, term, done = fill_ring(rows, num_envs, steps, n_step, gamma, rng, p_done)
+    assert ring.size == min(steps, rows - 1)
+    ages = torch.arange(1, ring.size + 1).repeat_interleave(num_envs)
+    envs = torch.arange(num_envs).repeat(ring.size)
+    start = torch.remainder(ring.head - ages, ring.rows)
+    got = transitions_at(ring.storage, start, envs, ages, n_step, gamma)
+    for j in range(len(ages)):
+        tau = steps - int(ages[j])
+        G, disc, next_obs, valid = naive_target(obs, rew, term, done, tau, int(envs[j]), steps, n_step, gamma)
+        assert abs(got.returns[j].item() - G) < 1e-4, (j, tau)
+        assert abs(got.discount[j].item() - disc) < 1e-6
+        np.testing.assert_array_equal(got.next_obs[j].numpy(), next_obs)
+        np.testing.assert_array_equal(got.obs[j].numpy(), obs[tau, int(envs[j])])
+        assert got.weight[j].item() == float(valid)
+
+
+def test_episode_end_at_every_window_position():
+    """One window of length n with its single done at each position k, both kinds."""
+    n, gamma = 5, 0.9
+    r = torch.arange(1.0, n + 1).expand(2 * n, n).clone()
+    dones = torch.zeros(2 * n, n, dtype=torch.bool)
+    term = torch.zeros(2 * n, n, dtype=torch.bool)
+    for k in range(n):
+        dones[k, k] = dones[n + k, k] = True
+        term[k, k] = True  # first n rows terminate at k, the rest truncate at k
+    out = nstep_targets(r, dones, term, torch.full((2 * n,), n), gamma)
+    for i in range(2 * n):
+        k = i % n
+        assert out.steps[i].item() == k + 1
+        assert abs(out.returns[i].item() - sum(gamma ** j * (j + 1) for j in range(k + 1))) < 1e-5
+        expected_discount = 0.0 if i < n else gamma ** (k + 1)
+        assert abs(out.discount[i].item() - expected_discount) < 1e-6
+
+
+def test_horizon_stops_window_at_write_head():
+    r = torch.ones(1, 4)
+    no = torch.zeros(1, 4, dtype=torch.bool)
+    out = nstep_targets(r, no, no, torch.tensor([2]), 0.5)
+    assert out.steps.item() == 2 and abs(out.returns.item() - 1.5) < 1e-6
+    assert abs(out.discount.item() - 0.25) < 1e-6
