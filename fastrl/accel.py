@@ -7,10 +7,18 @@ speed, never maths.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from typing import Callable
 
 import torch
+
+
+class _DropProfilerNotice(logging.Filter):
+    # Dynamo warns once per compiled optimizer that it skips the optimizer's
+    # profiler annotation; harmless, and noise on every run.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Profiler record function" not in record.getMessage()
 
 
 def compile_fn(fn: Callable, enabled: bool = True) -> Callable:
@@ -18,6 +26,10 @@ def compile_fn(fn: Callable, enabled: bool = True) -> Callable:
     compilation fails on this machine, e.g. no C++ compiler for the CPU backend."""
     if not enabled:
         return fn
+    for name in ("torch._dynamo.variables.ctx_manager",):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropProfilerNotice) for f in logger.filters):
+            logger.addFilter(_DropProfilerNotice())
     compiled = torch.compile(fn, dynamic=False)
     current = [compiled]
 

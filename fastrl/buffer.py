@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from fastrl.returns import nstep_targets
+from fastrl.returns import discounted_returns, nstep_targets
 
 
 class RingStorage(NamedTuple):
@@ -135,3 +135,44 @@ class ReplayRing:
         if self.size < 1:
             raise RuntimeError("ReplayRing.sample() before any step was added")
         return self._sample_fn(self.storage, self._head_t, self._size_t, batch_size, self.n_step, self.gamma)
+
+
+class Episodes(NamedTuple):
+    """Every row of a RolloutBuffer in time order, flattened to [M = rows * N, ...]."""
+
+    obs: torch.Tensor       # [M, *obs_shape]
+    actions: torch.Tensor   # [M]
+    returns: torch.Tensor   # [M] full Monte-Carlo returns where `mask` is set
+    mask: torch.Tensor      # [M] bool: a real step of an ended episode, not learned from before
+    rows: torch.Tensor      # [R] the ring rows in time order (for mark_learned)
+    complete: torch.Tensor  # [R, N] bool: the step's episode has ended
+
+
+class RolloutBuffer(ReplayRing):
+    """The same device ring, used on-policy: each step is learned from exactly once,
+    at the first update after its episode ended. Steps of an episode that is still
+    running wait in the ring (carried over into the next rollout), so returns are
+    never cut at a rollout boundary. `rows` must exceed the longest episode plus the
+    steps written between two updates, or unfinished episodes would be overwritten.
+    """
+
+    def __init__(self, rows: int, num_envs: int, obs_shape: tuple, device: torch.device):
+        super().__init__((rows - 1) * num_envs, num_envs, obs_shape, device)
+        self.learned = torch.ones((self.rows, num_envs), dtype=torch.bool, device=device)
+
+    def add(self, actions, rewards, terminated, truncated, next_obs) -> None:
+        row = self.head
+        super().add(actions, rewards, terminated, truncated, next_obs)
+        self.learned[row].fill_(False)
+
+    def episodes(self, gamma: float) -> Episodes:
+        """Returns and learning mask for every stored row (fixed shapes: all rows but the head)."""
+        rows = torch.remainder(self.head + 1 + torch.arange(self.rows - 1, device=self.learned.device), self.rows)
+        s = self.storage
+        returns, complete = discounted_returns(s.rewards[rows], s.dones[rows], gamma)
+        mask = complete & s.valid[rows] & ~self.learned[rows]
+        return Episodes(s.obs[rows].flatten(0, 1), s.actions[rows].flatten(), returns.flatten(),
+                        mask.flatten(), rows, complete)
+
+    def mark_learned(self, batch: Episodes) -> None:
+        self.learned[batch.rows] |= batch.complete

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ALGOS = ("ddqn", "reinforce")
+BASELINES = ("none", "mean", "value")
 BACKENDS = ("async", "sync")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -65,6 +66,14 @@ class TrainConfig:
     eps_decay_steps: int = _f(100_000, "[ddqn] env steps of the linear epsilon decay")
     dueling: bool = _f(False, "[ddqn] dueling Q-network head")
 
+    # --- REINFORCE -----------------------------------------------------------------------
+    rollout_steps: int = _f(128, "[reinforce] vector steps between updates (running episodes carry over)")
+    grad_steps: int = _f(1, "[reinforce] gradient steps on each batch of finished episodes")
+    normalize_returns: bool = _f(True, "[reinforce] standardize the returns of each batch")
+    baseline: str = _f("value", "[reinforce] baseline: none | mean (running mean) | value (learned head)")
+    entropy_coef: float = _f(0.01, "[reinforce] entropy bonus coefficient")
+    value_coef: float = _f(0.5, "[reinforce] value-head loss coefficient (baseline=value)")
+
     # --- evaluation and logging ----------------------------------------------------------
     eval_interval: int = _f(25_000, "env steps between greedy evaluations (0 = only at the end)")
     eval_episodes: int = _f(100, "episodes per evaluation")
@@ -92,6 +101,14 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         num_envs=8, hidden=(256, 256), lr=5e-4, batch_size=128, buffer_size=100_000, n_step=3,
         learning_starts=10_000, replay_ratio=0.25, tau=0.005, target_update_interval=1,
         eps_decay_steps=100_000, eps_end=0.05, total_steps=1_000_000, eval_interval=25_000,
+    ),
+    ("reinforce", "CartPole-v1"): dict(
+        num_envs=8, backend="sync", hidden=(64, 64), lr=1e-2, rollout_steps=64, baseline="value",
+        normalize_returns=True, entropy_coef=0.0, total_steps=300_000, eval_interval=10_000,
+    ),
+    ("reinforce", "LunarLander-v3"): dict(
+        num_envs=16, hidden=(128, 128), lr=2e-3, rollout_steps=128, baseline="value",
+        normalize_returns=True, entropy_coef=0.01, total_steps=3_000_000, eval_interval=100_000,
     ),
     ("ddqn", "CartPole-v1"): dict(
         num_envs=4, hidden=(128, 128), lr=1e-3, batch_size=64, buffer_size=20_000, n_step=3,
@@ -154,6 +171,11 @@ def validate(c: TrainConfig) -> None:
     need(0 <= c.eps_end <= 1, "eps_end", "in [0, 1]")
     need(0 <= c.eps_start <= 1, "eps_start", "in [0, 1]")
     need(c.eps_decay_steps >= 1, "eps_decay_steps", "a positive integer")
+    need(c.rollout_steps >= 1, "rollout_steps", "a positive integer")
+    need(c.grad_steps >= 1, "grad_steps", "a positive integer")
+    need(c.baseline in BASELINES, "baseline", " or ".join(BASELINES))
+    need(c.entropy_coef >= 0, "entropy_coef", ">= 0")
+    need(c.value_coef >= 0, "value_coef", ">= 0")
     need(c.eval_interval >= 0, "eval_interval", ">= 0")
     need(c.eval_episodes >= 1, "eval_episodes", "a positive integer")
     need(c.eval_envs >= 1, "eval_envs", "a positive integer")

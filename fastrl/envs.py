@@ -28,6 +28,7 @@ class EnvSpec:
     obs_shape: tuple
     n_actions: int
     reward_threshold: float  # nan when the env registers none
+    max_episode_steps: int | None  # the time limit, if any
 
 
 def _make_one(env_id: str, env_kwargs: dict) -> gym.Env:
@@ -55,6 +56,7 @@ def inspect_env(env_id: str, env_kwargs: dict) -> EnvSpec:
         raise ConfigError(f"env {env_id!r} needs a missing dependency: {str(exc).splitlines()[0]}") from None
     try:
         obs_space, act_space = env.observation_space, env.action_space
+        max_episode_steps = env.spec.max_episode_steps if env.spec is not None else None
     finally:
         env.close()
     if not isinstance(act_space, gym.spaces.Discrete):
@@ -64,7 +66,7 @@ def inspect_env(env_id: str, env_kwargs: dict) -> EnvSpec:
         raise ConfigError(
             f"env {env_id!r} has observation space {obs_space}; fastrl needs a numeric Box observation")
     threshold = spec.reward_threshold if spec.reward_threshold is not None else math.nan
-    return EnvSpec(tuple(obs_space.shape), int(act_space.n), float(threshold))
+    return EnvSpec(tuple(obs_space.shape), int(act_space.n), float(threshold), max_episode_steps)
 
 
 def make_vector_env(env_id: str, num_envs: int, backend: str = "async",

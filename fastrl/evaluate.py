@@ -84,7 +84,7 @@ def load_policy(path: str, device: torch.device | str = "cpu"):
     if config.algo == "ddqn":
         model = QNetwork(obs_shape, n_actions, config.hidden, config.dueling)
     else:
-        model = PolicyNetwork(obs_shape, n_actions, config.hidden, value_head=getattr(config, "baseline", "") == "value")
+        model = PolicyNetwork(obs_shape, n_actions, config.hidden, value_head=config.baseline == "value")
     model.load_state_dict(payload["model"])
     model.to(device).eval()
 

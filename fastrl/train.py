@@ -11,14 +11,14 @@ import traceback
 import torch
 
 from fastrl import accel
-from fastrl.algos import ddqn
+from fastrl.algos import ddqn, reinforce
 from fastrl.algos.ddqn import linear_schedule
-from fastrl.buffer import ReplayRing, sample_transitions
+from fastrl.buffer import ReplayRing, RolloutBuffer, sample_transitions
 from fastrl.collector import Collector
 from fastrl.config import ConfigError, TrainConfig, validate
 from fastrl.envs import EnvSpec, inspect_env, make_vector_env
 from fastrl.metrics import DeviceMeans
-from fastrl.nets import QNetwork
+from fastrl.nets import PolicyNetwork, QNetwork
 from fastrl.run import Run
 
 
@@ -40,7 +40,10 @@ def train(config: TrainConfig) -> dict:
     device = resolve_device(config.device)
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    loop = {"ddqn": train_ddqn}[config.algo]
+    if config.algo == "reinforce" and spec.max_episode_steps is None:
+        raise ConfigError(f"env {config.env_id!r} has no time limit, and REINFORCE needs episodes that end: "
+                          f"pass --env-kwargs max_episode_steps=N")
+    loop = {"ddqn": train_ddqn, "reinforce": train_reinforce}[config.algo]
     # Worker processes are forked before any CUDA state exists.
     envs = make_vector_env(config.env_id, config.num_envs, config.backend, config.env_kwargs)
     collector = Collector(envs, device)
@@ -55,6 +58,10 @@ def train(config: TrainConfig) -> dict:
     finally:
         collector.close()
     return run.finish()
+
+
+def learning_rate(c: TrainConfig, env_steps: int) -> float:
+    return c.lr if math.isnan(c.lr_end) else linear_schedule(env_steps, c.lr, c.lr_end, c.total_steps)
 
 
 def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Run) -> None:
@@ -97,10 +104,58 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
         run.env_steps += c.num_envs
         eps_now = linear_schedule(run.env_steps, c.eps_start, c.eps_end, c.eps_decay_steps)
         eps.fill_(eps_now)
-        lr_now = c.lr if math.isnan(c.lr_end) else linear_schedule(run.env_steps, c.lr, c.lr_end, c.total_steps)
+        lr_now = learning_rate(c, run.env_steps)
         lr.fill_(lr_now)
 
         if run.log_due():
             run.log(collector, {**learner_stats.read(), "charts/epsilon": eps_now, "charts/lr": lr_now})
+        if run.eval_due() and run.evaluate():
+            break
+
+
+def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Run) -> None:
+    c, device, phases = config, run.device, run.phases
+    # Room for the longest episode plus one rollout: unfinished episodes wait in the ring.
+    buffer = RolloutBuffer(c.rollout_steps + spec.max_episode_steps + 2, c.num_envs, spec.obs_shape, device)
+    policy = PolicyNetwork(spec.obs_shape, spec.n_actions, c.hidden, value_head=c.baseline == "value").to(device)
+    optimizer, lr = accel.adam(policy.parameters(), c.lr, device)
+    running_mean = torch.zeros((), device=device)
+    update = accel.compile_fn(reinforce.make_update(policy, optimizer, c.baseline, c.normalize_returns,
+                                                    c.entropy_coef, c.value_coef, c.max_grad_norm,
+                                                    running_mean), c.compile)
+    act = reinforce.make_act(policy)
+    run.watch(policy, reinforce.make_greedy(policy))
+    learner_stats = DeviceMeans(("losses/loss", "losses/policy_loss", "losses/value_loss",
+                                 "losses/entropy", "losses/grad_norm"), device)
+
+    obs = collector.reset(seed=c.seed)
+    buffer.start(obs)
+    episodes_learned = 0
+    while run.env_steps < c.total_steps:
+        for _ in range(c.rollout_steps):
+            with phases("act"):
+                actions = act(obs)
+                collector.step_async(actions)
+            with phases("env"):
+                step = collector.step_wait()
+            with phases("ring_write"):
+                buffer.add(actions, step.rewards, step.terminated, step.truncated, step.obs)
+            obs = step.obs
+            run.env_steps += c.num_envs
+
+        # Learn once from every episode that ended since the last update (host-side count).
+        if collector.episodes > episodes_learned:
+            with phases("learn"):
+                batch = buffer.episodes(c.gamma)
+                for _ in range(c.grad_steps):
+                    learner_stats.add(update(batch))
+                    run.updates += 1
+                buffer.mark_learned(batch)
+            episodes_learned = collector.episodes
+        lr_now = learning_rate(c, run.env_steps)
+        lr.fill_(lr_now)
+
+        if run.log_due():
+            run.log(collector, {**learner_stats.read(), "charts/lr": lr_now})
         if run.eval_due() and run.evaluate():
             break
