@@ -40,6 +40,7 @@ class TrainConfig:
     threads: int = _f(1, "torch intra-op CPU threads (small nets run fastest on 1; env workers use the rest)")
     compile: bool = _f(True, "torch.compile the learner update (falls back to eager where it cannot)")
     total_steps: int = _f(1_000_000, "env-step budget (all envs together)")
+    time_limit_s: float = _f(0.0, "wall-clock budget in seconds for the training loop (0 = none)")
     run_dir: str = _f("", "run directory (default runs/<env>__<algo>__<seed>__<time>)")
 
     # --- collector ---------------------------------------------------------------------
@@ -96,18 +97,20 @@ class TrainConfig:
 
 
 # Tuned per (algo, env). Only what differs from the dataclass defaults.
+# REINFORCE presets step envs in-process: an on-policy rollout has no learning to
+# overlap with the env step, so worker processes would only add pipe round-trips.
 PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("ddqn", "LunarLander-v3"): dict(
-        num_envs=8, hidden=(256, 256), lr=5e-4, batch_size=128, buffer_size=100_000, n_step=3,
-        learning_starts=10_000, replay_ratio=0.25, tau=0.005, target_update_interval=1,
-        eps_decay_steps=100_000, eps_end=0.05, total_steps=1_000_000, eval_interval=25_000,
+        num_envs=8, hidden=(128, 128), lr=6.3e-4, lr_end=5e-5, batch_size=256, buffer_size=100_000,
+        n_step=3, learning_starts=5_000, replay_ratio=0.125, tau=0.005, target_update_interval=1,
+        eps_decay_steps=30_000, eps_end=0.1, total_steps=500_000, eval_interval=20_000,
     ),
     ("reinforce", "CartPole-v1"): dict(
         num_envs=8, backend="sync", hidden=(64, 64), lr=1e-2, rollout_steps=64, baseline="value",
         normalize_returns=True, entropy_coef=0.0, total_steps=300_000, eval_interval=10_000,
     ),
     ("reinforce", "LunarLander-v3"): dict(
-        num_envs=16, hidden=(128, 128), lr=2e-3, rollout_steps=128, baseline="value",
+        num_envs=16, backend="sync", hidden=(128, 128), lr=2e-3, rollout_steps=128, baseline="value",
         normalize_returns=True, entropy_coef=0.01, total_steps=3_000_000, eval_interval=100_000,
     ),
     ("ddqn", "CartPole-v1"): dict(
@@ -153,6 +156,7 @@ def validate(c: TrainConfig) -> None:
     need(c.num_envs >= 1, "num_envs", "a positive integer")
     need(c.threads >= 1, "threads", "a positive integer")
     need(c.total_steps >= 1, "total_steps", "a positive integer")
+    need(c.time_limit_s >= 0, "time_limit_s", ">= 0 seconds (0 = no limit)")
     need(0 <= c.seed < 2**31, "seed", "an integer in [0, 2**31)")
     need(len(c.hidden) >= 1 and all(int(h) >= 1 for h in c.hidden), "hidden", "one or more positive widths")
     need(c.lr > 0 and math.isfinite(c.lr), "lr", "a positive number")

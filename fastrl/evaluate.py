@@ -75,7 +75,7 @@ def load_policy(path: str, device: torch.device | str = "cpu"):
     """Rebuilds a trained network from a checkpoint. Returns (config, model, greedy_fn)."""
     from fastrl import checkpoint
     from fastrl.config import TrainConfig
-    from fastrl.nets import PolicyNetwork, QNetwork
+    from fastrl.nets import PolicyNetwork, QNetwork, greedy_policy
 
     payload = checkpoint.load(path)
     config = TrainConfig.from_dict(payload["config"])
@@ -87,12 +87,7 @@ def load_policy(path: str, device: torch.device | str = "cpu"):
         model = PolicyNetwork(obs_shape, n_actions, config.hidden, value_head=config.baseline == "value")
     model.load_state_dict(payload["model"])
     model.to(device).eval()
-
-    @torch.no_grad()
-    def greedy(obs: torch.Tensor) -> torch.Tensor:
-        return model(obs).argmax(dim=1)
-
-    return config, model, greedy
+    return config, model, greedy_policy(model)
 
 
 def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, device: str = "cpu",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -51,3 +52,13 @@ class PolicyNetwork(nn.Module):
         h = self.torso(obs.flatten(1))
         value = self.value(h).squeeze(1) if self.value is not None else torch.zeros_like(h[:, 0])
         return self.logits(h), value
+
+
+def greedy_policy(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """obs [E, *obs] -> argmax actions [E]; the same for Q-values and policy logits."""
+
+    @torch.no_grad()
+    def greedy(obs: torch.Tensor) -> torch.Tensor:
+        return model(obs).argmax(dim=1)
+
+    return greedy

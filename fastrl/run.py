@@ -16,6 +16,7 @@ from fastrl.config import TrainConfig
 from fastrl.envs import EnvSpec
 from fastrl.evaluate import EvalResult, Evaluator
 from fastrl.metrics import Progress, Writer
+from fastrl.nets import greedy_policy
 from fastrl.timing import Phases, process_uptime
 
 
@@ -42,6 +43,7 @@ class Run:
         self.solve_wall_s: float | None = None
         self.solve_env_steps: int | None = None
         self.last_eval: EvalResult | None = None
+        self.best_eval_mean: float | None = None  # over full-size evaluations
         self._last_eval_full_at: int | None = None
         self.recent_returns: deque = deque(maxlen=100)
         self.model: torch.nn.Module | None = None
@@ -51,13 +53,18 @@ class Run:
         self._t0 = time.perf_counter()
         self._last_log: tuple | None = None  # (time, env_steps, updates) at the last log
 
-    def watch(self, model: torch.nn.Module, greedy: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """The network to checkpoint and the greedy policy to evaluate."""
-        self.model, self.greedy = model, greedy
+    def watch(self, model: torch.nn.Module) -> None:
+        """The network to checkpoint and to evaluate greedily (argmax of its outputs)."""
+        self.model, self.greedy = model, greedy_policy(model)
 
     @property
     def wall_s(self) -> float:
         return time.perf_counter() - self._t0
+
+    def budget_left(self) -> bool:
+        """False once the env-step budget or the wall-clock budget is spent."""
+        c = self.config
+        return self.env_steps < c.total_steps and not (0 < c.time_limit_s <= self.wall_s)
 
     # --- logging -------------------------------------------------------------------------
     def log_due(self) -> bool:
@@ -104,6 +111,7 @@ class Run:
         self.last_eval = result
         if result.episodes == self.config.eval_episodes:
             self._last_eval_full_at = self.env_steps
+            self.best_eval_mean = max(result.mean, self.best_eval_mean or -math.inf)
         self.writer.scalars({"eval/return_mean": result.mean, "eval/return_std": result.std,
                              "eval/episodes": result.episodes}, self.env_steps)
         self.writer.flush()
@@ -163,6 +171,7 @@ class Run:
             "final_eval_mean": self.last_eval.mean if self.last_eval else None,
             "final_eval_std": self.last_eval.std if self.last_eval else None,
             "final_eval_episodes": self.last_eval.episodes if self.last_eval else 0,
+            "best_eval_mean": self.best_eval_mean,
             "env_steps": self.env_steps,
             "updates": self.updates,
             "wall_s": wall,

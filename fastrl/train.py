@@ -5,14 +5,12 @@ Shared parts (collector, ring, learner pieces, Run bookkeeping) are imported.
 from __future__ import annotations
 
 import copy
-import math
 import traceback
 
 import torch
 
 from fastrl import accel
 from fastrl.algos import ddqn, reinforce
-from fastrl.algos.ddqn import linear_schedule
 from fastrl.buffer import ReplayRing, RolloutBuffer, sample_transitions
 from fastrl.collector import Collector
 from fastrl.config import ConfigError, TrainConfig, validate
@@ -20,6 +18,7 @@ from fastrl.envs import EnvSpec, inspect_env, make_vector_env
 from fastrl.metrics import DeviceMeans
 from fastrl.nets import PolicyNetwork, QNetwork
 from fastrl.run import Run
+from fastrl.schedules import learning_rate, linear_schedule
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,12 +36,12 @@ def train(config: TrainConfig) -> dict:
     """
     validate(config)
     spec = inspect_env(config.env_id, config.env_kwargs)
-    device = resolve_device(config.device)
-    torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
     if config.algo == "reinforce" and spec.max_episode_steps is None:
         raise ConfigError(f"env {config.env_id!r} has no time limit, and REINFORCE needs episodes that end: "
                           f"pass --env-kwargs max_episode_steps=N")
+    device = resolve_device(config.device)
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
     loop = {"ddqn": train_ddqn, "reinforce": train_reinforce}[config.algo]
     # Worker processes are forked before any CUDA state exists.
     envs = make_vector_env(config.env_id, config.num_envs, config.backend, config.env_kwargs)
@@ -60,8 +59,15 @@ def train(config: TrainConfig) -> dict:
     return run.finish()
 
 
-def learning_rate(c: TrainConfig, env_steps: int) -> float:
-    return c.lr if math.isnan(c.lr_end) else linear_schedule(env_steps, c.lr, c.lr_end, c.total_steps)
+def store_step(collector: Collector, ring: ReplayRing, actions: torch.Tensor, run: Run) -> torch.Tensor:
+    """Collects the step the envs are taking, writes it into the ring, counts it;
+    returns the next observations [N, *obs] (the collector's staging view)."""
+    with run.phases("env"):
+        step = collector.step_wait()
+    with run.phases("ring_write"):
+        ring.add(actions, step.rewards, step.terminated, step.truncated, step.obs)
+    run.env_steps += collector.num_envs
+    return step.obs
 
 
 def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Run) -> None:
@@ -73,14 +79,14 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
     optimizer, lr = accel.adam(q.parameters(), c.lr, device)
     update = accel.compile_fn(ddqn.make_update(q, q_target, optimizer, c.max_grad_norm), c.compile)
     act = ddqn.make_act(q)
-    run.watch(q, ddqn.make_greedy(q))
+    run.watch(q)
     learner_stats = DeviceMeans(("losses/td_loss", "losses/q_mean", "losses/grad_norm"), device)
     eps = torch.tensor(c.eps_start, device=device)
 
     obs = collector.reset(seed=c.seed)
     ring.start(obs)
     update_credit = 0.0
-    while run.env_steps < c.total_steps:
+    while run.budget_left():
         with phases("act"):
             actions = act(obs, eps)
             collector.step_async(actions)
@@ -96,12 +102,7 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
                     if run.updates % c.target_update_interval == 0:
                         ddqn.update_target(q_target, q, c.tau)
 
-        with phases("env"):
-            step = collector.step_wait()
-        with phases("ring_write"):
-            ring.add(actions, step.rewards, step.terminated, step.truncated, step.obs)
-        obs = step.obs
-        run.env_steps += c.num_envs
+        obs = store_step(collector, ring, actions, run)
         eps_now = linear_schedule(run.env_steps, c.eps_start, c.eps_end, c.eps_decay_steps)
         eps.fill_(eps_now)
         lr_now = learning_rate(c, run.env_steps)
@@ -124,24 +125,19 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
                                                     c.entropy_coef, c.value_coef, c.max_grad_norm,
                                                     running_mean), c.compile)
     act = reinforce.make_act(policy)
-    run.watch(policy, reinforce.make_greedy(policy))
+    run.watch(policy)
     learner_stats = DeviceMeans(("losses/loss", "losses/policy_loss", "losses/value_loss",
                                  "losses/entropy", "losses/grad_norm"), device)
 
     obs = collector.reset(seed=c.seed)
     buffer.start(obs)
     episodes_learned = 0
-    while run.env_steps < c.total_steps:
+    while run.budget_left():
         for _ in range(c.rollout_steps):
             with phases("act"):
                 actions = act(obs)
                 collector.step_async(actions)
-            with phases("env"):
-                step = collector.step_wait()
-            with phases("ring_write"):
-                buffer.add(actions, step.rewards, step.terminated, step.truncated, step.obs)
-            obs = step.obs
-            run.env_steps += c.num_envs
+            obs = store_step(collector, buffer, actions, run)
 
         # Learn once from every episode that ended since the last update (host-side count).
         if collector.episodes > episodes_learned:

@@ -157,3 +157,22 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         checkpoint.atomic_write(path, broken)
     assert json.loads(path.read_text()) == {"v": 1}
     assert os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_env_kwargs_parse_to_typed_values():
+    from fastrl.cli import parse_env_kwargs
+    assert parse_env_kwargs(["enable_wind=true", "wind_power=15", "turbulence_power=1.5", "name=x"]) == {
+        "enable_wind": True, "wind_power": 15, "turbulence_power": 1.5, "name": "x"}
+
+
+def test_wall_clock_budget_stops_training(tmp_path):
+    import time
+
+    import fastrl
+    config = fastrl.make_config(env_id="CartPole-v1", total_steps=10_000_000, time_limit_s=3.0, compile=False,
+                                backend="sync", eval_interval=0, eval_episodes=2, eval_envs=2, progress=False,
+                                run_dir=str(tmp_path / "budget"))
+    t0 = time.perf_counter()
+    summary = fastrl.train(config)
+    assert 3.0 <= summary["wall_s"] < 20 and time.perf_counter() - t0 < 30
+    assert 0 < summary["env_steps"] < 10_000_000 and not summary["interrupted"]

@@ -7,6 +7,7 @@ from torch import nn
 
 from fastrl.algos import ddqn
 from fastrl.buffer import ReplayRing, Transitions
+from fastrl.schedules import linear_schedule
 
 
 class Table(nn.Module):
@@ -90,9 +91,9 @@ def test_epsilon_greedy_and_schedule():
     torch.manual_seed(0)
     random = act(obs, torch.tensor(1.0))
     assert 0.3 < (random != greedy).float().mean() < 0.7
-    assert ddqn.linear_schedule(0, 1.0, 0.1, 100) == 1.0
-    assert abs(ddqn.linear_schedule(50, 1.0, 0.1, 100) - 0.55) < 1e-12
-    assert ddqn.linear_schedule(500, 1.0, 0.1, 100) == 0.1
+    assert linear_schedule(0, 1.0, 0.1, 100) == 1.0
+    assert abs(linear_schedule(50, 1.0, 0.1, 100) - 0.55) < 1e-12
+    assert linear_schedule(500, 1.0, 0.1, 100) == 0.1
 
 
 def test_ring_capacity_wraparound_and_uniform_sampling():

@@ -83,18 +83,3 @@ def make_act(q: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tenso
         return torch.where(explore, random_actions, q_values.argmax(dim=1))
 
     return act
-
-
-def make_greedy(q: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    @torch.no_grad()
-    def greedy(obs: torch.Tensor) -> torch.Tensor:
-        return q(obs).argmax(dim=1)
-
-    return greedy
-
-
-def linear_schedule(step: int, start: float, end: float, duration: int) -> float:
-    """Linear from `start` to `end` over `duration` env steps, then flat (epsilon, lr)."""
-    if step >= duration:
-        return end
-    return start + step / duration * (end - start)

@@ -79,11 +79,3 @@ def make_act(policy: PolicyNetwork) -> Callable[[torch.Tensor], torch.Tensor]:
         return (logits + gumbel).argmax(dim=1)
 
     return act
-
-
-def make_greedy(policy: PolicyNetwork) -> Callable[[torch.Tensor], torch.Tensor]:
-    @torch.no_grad()
-    def greedy(obs: torch.Tensor) -> torch.Tensor:
-        return policy(obs).argmax(dim=1)
-
-    return greedy
