@@ -1,5 +1,4 @@
 """Autoreset, truncation and termination through the real vector envs into the ring."""
-import numpy as np
 import pytest
 import torch
 

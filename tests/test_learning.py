@@ -24,7 +24,7 @@ def test_same_seed_same_learning_curve(tmp_path):
         summary = fastrl.train(config)
         return summary, checkpoint.load(summary["checkpoint"])["model"]
 
-    (s1, w1), (s2, w2), (s3, w3) = run("a", 1), run("b", 1), run("c", 2)
+    (s1, w1), (s2, w2), (_, w3) = run("a", 1), run("b", 1), run("c", 2)
     assert s1["updates"] == s2["updates"] > 0
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     assert s1["final_eval_mean"] == s2["final_eval_mean"]
