@@ -48,13 +48,3 @@ def compile_fn(fn: Callable, enabled: bool = True) -> Callable:
 
     return call
 
-
-def adam(params, lr: float, device: torch.device) -> tuple[torch.optim.Optimizer, torch.Tensor]:
-    """Adam whose learning rate is a device tensor, changed in place by schedules, so a
-    compiled update never sees a new Python constant (no recompiles, no host sync).
-    Returns (optimizer, lr_tensor)."""
-    lr_t = torch.tensor(lr, dtype=torch.float32, device=device)
-    # A tensor lr with the foreach implementation needs capturable=True, which eager
-    # PyTorch allows on accelerators only; on CPU the per-tensor implementation takes it.
-    on_accelerator = device.type != "cpu"
-    return torch.optim.Adam(params, lr=lr_t, foreach=on_accelerator, capturable=on_accelerator), lr_t

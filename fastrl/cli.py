@@ -1,6 +1,7 @@
 """Command line: a thin layer over fastrl.train() and fastrl.evaluate().
 
     fastrl train [--env ID] [--algo ddqn] [options]     (every TrainConfig field is an option)
+    fastrl profile [train options] [--steps N]           where the training time goes
     fastrl eval CHECKPOINT [--episodes 100] [--seed S]
 """
 from __future__ import annotations
@@ -38,9 +39,14 @@ def parse_env_kwargs(items: list[str]) -> dict:
     return out
 
 
-def _add_train_options(parser: argparse.ArgumentParser) -> None:
+PROFILE_ONLY = ("profile_steps", "trace_cycles")
+
+
+def _add_train_options(parser: argparse.ArgumentParser, profiling: bool = False) -> None:
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("cli", "") is None or (f.name in PROFILE_ONLY and not profiling):
+            continue
         doc, default = f.metadata["doc"], getattr(defaults, f.name)
         name = _option_name(f)
         if f.type == "bool":
@@ -73,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     train_p = sub.add_parser("train", help="train an agent (default: Double DQN on LunarLander-v3)",
                              epilog=_presets_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_train_options(train_p)
+    profile_p = sub.add_parser(
+        "profile", help="short training run that shows where the time goes",
+        description="Runs a short training (any train option applies), then prints the seconds and share "
+                    "of wall time per phase, env steps/s and updates/s, the bottleneck and the knob for it; "
+                    "writes a torch.profiler trace (Chrome/Perfetto JSON) and a top-operators table.",
+        epilog=_presets_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_train_options(profile_p, profiling=True)
     eval_p = sub.add_parser("eval", help="greedy evaluation of a checkpoint")
     eval_p.add_argument("checkpoint", help="path to a checkpoint.pt written by fastrl train")
     eval_p.add_argument("--episodes", type=int, default=100, help="episodes to run (default: 100)")
@@ -83,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, **fixed) -> TrainConfig:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name) is not None}
+                 if getattr(args, f.name, None) is not None}
+    overrides.update(fixed)
     if "env_kwargs" in overrides:
         overrides["env_kwargs"] = parse_env_kwargs(overrides["env_kwargs"])
     return make_config(**overrides)
@@ -96,6 +110,22 @@ def _train(args: argparse.Namespace) -> int:
 
     summary = train(config_from_args(args))
     return 130 if summary["interrupted"] else 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from fastrl.profile import format_report
+    from fastrl.train import train
+
+    # Steady-state training only: no evaluations; the session ends the run.
+    fixed = dict(profile=True, stop_on_solve=False, total_steps=10**12)
+    if args.eval_interval is None:
+        fixed["eval_interval"] = 0
+    summary = train(config_from_args(args, **fixed))
+    if summary["profile"] is None:
+        print("fastrl profile: interrupted before the profile was complete", file=sys.stderr)
+        return 130
+    print(format_report(summary["profile"]))
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -118,7 +148,7 @@ def _eval(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "eval": _eval}[args.command](args)
+        return {"train": _train, "profile": _profile, "eval": _eval}[args.command](args)
     except ConfigError as exc:
         print(f"fastrl {args.command}: error: {exc}", file=sys.stderr)
         return 2

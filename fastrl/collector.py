@@ -14,6 +14,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from fastrl.timing import Phases
+
 
 class Step(NamedTuple):
     """One vector step on the device. Views into the collector's staging row:
@@ -26,8 +28,9 @@ class Step(NamedTuple):
 
 
 class Collector:
-    def __init__(self, envs: gym.vector.VectorEnv, device: torch.device):
+    def __init__(self, envs: gym.vector.VectorEnv, device: torch.device, phases: Phases | None = None):
         self.envs = envs
+        self.phases = phases or Phases(enabled=False)
         self.num_envs = envs.num_envs
         self.obs_shape = tuple(envs.single_observation_space.shape)
         self.obs_size = math.prod(self.obs_shape)
@@ -62,25 +65,29 @@ class Collector:
 
     def step_async(self, actions: torch.Tensor) -> None:
         """Sends actions [N] to the envs; with the async backend they step while we learn."""
-        self._actions_np = actions.cpu().numpy()
+        with self.phases("act"):  # the device->host copy waits for the action computation
+            self._actions_np = actions.cpu().numpy()
         if self._can_async:
-            self.envs.step_async(self._actions_np)
+            with self.phases("env"):
+                self.envs.step_async(self._actions_np)
             self._pending = True
 
     def step_wait(self) -> Step:
-        if self._can_async:
-            obs, reward, terminated, truncated, _ = self.envs.step_wait()
-            self._pending = False
-        else:
-            obs, reward, terminated, truncated, _ = self.envs.step(self._actions_np)
-        d = self.obs_size
-        host = self._host_np
-        host[:, :d] = np.asarray(obs).reshape(self.num_envs, -1)
-        host[:, d] = reward
-        host[:, d + 1] = terminated
-        host[:, d + 2] = truncated
-        self._device_row.copy_(self._host, non_blocking=True)
-        self._track_episodes(reward, terminated | truncated)
+        with self.phases("env"):
+            if self._can_async:
+                obs, reward, terminated, truncated, _ = self.envs.step_wait()
+                self._pending = False
+            else:
+                obs, reward, terminated, truncated, _ = self.envs.step(self._actions_np)
+            self._track_episodes(reward, terminated | truncated)
+        with self.phases("h2d"):
+            d = self.obs_size
+            host = self._host_np
+            host[:, :d] = np.asarray(obs).reshape(self.num_envs, -1)
+            host[:, d] = reward
+            host[:, d + 1] = terminated
+            host[:, d + 2] = truncated
+            self._device_row.copy_(self._host, non_blocking=True)
         row = self._device_row
         return Step(self.obs, row[:, d], row[:, d + 1] > 0.5, row[:, d + 2] > 0.5)
 

@@ -83,6 +83,12 @@ class TrainConfig:
     solve_threshold: float = _f(math.nan, "eval mean that counts as solved (nan = the env's reward_threshold)")
     log_interval: float = _f(2.0, "seconds between TensorBoard flushes / progress updates")
     progress: bool = _f(True, "show the live progress line")
+    timers: bool = _f(True, "time the training phases (TensorBoard time/*); off = no timer calls at all")
+
+    # --- profiling (set by `fastrl profile`) ---------------------------------------------
+    profile: bool = _f(False, "profiling session: phase timers synchronised with the device", cli=None)
+    profile_steps: int = _f(20_000, "env steps timed by a profiling session, after warm-up", cli="steps")
+    trace_cycles: int = _f(5, "collection cycles recorded in the torch.profiler trace")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -184,4 +190,6 @@ def validate(c: TrainConfig) -> None:
     need(c.eval_episodes >= 1, "eval_episodes", "a positive integer")
     need(c.eval_envs >= 1, "eval_envs", "a positive integer")
     need(c.log_interval > 0, "log_interval", "a positive number of seconds")
+    need(c.profile_steps >= 1, "profile_steps", "a positive integer")
+    need(c.trace_cycles >= 1, "trace_cycles", "a positive integer")
     need(isinstance(c.env_kwargs, dict), "env_kwargs", "a dict of keyword arguments")

@@ -15,8 +15,9 @@ from fastrl.collector import Collector
 from fastrl.config import TrainConfig
 from fastrl.envs import EnvSpec
 from fastrl.evaluate import EvalResult, Evaluator
-from fastrl.metrics import Progress, Writer
+from fastrl.metrics import DeviceMeans, Progress, Writer
 from fastrl.nets import greedy_policy
+from fastrl.profile import ProfileSession
 from fastrl.timing import Phases, process_uptime
 
 
@@ -34,7 +35,9 @@ class Run:
         self.writer = Writer(str(self.dir))
         self.writer.config(config.to_dict())
         self.progress = Progress(config.total_steps, config.progress)
-        self.phases = Phases()
+        sync = torch.cuda.synchronize if config.profile and device.type == "cuda" else None
+        self.phases = Phases(enabled=config.timers or config.profile, sync=sync)
+        self.profiler = ProfileSession(self) if config.profile else None
         self.threshold = (config.solve_threshold if not math.isnan(config.solve_threshold)
                           else spec.reward_threshold)
         self.env_steps = 0
@@ -62,9 +65,16 @@ class Run:
         return time.perf_counter() - self._t0
 
     def budget_left(self) -> bool:
-        """False once the env-step budget or the wall-clock budget is spent."""
+        """False once the env-step or wall-clock budget is spent, or a profile is complete."""
         c = self.config
+        if self.profiler is not None and self.profiler.done:
+            return False
         return self.env_steps < c.total_steps and not (0 < c.time_limit_s <= self.wall_s)
+
+    def end_cycle(self) -> None:
+        """Called once per collection cycle: drives a profiling session, if any."""
+        if self.profiler is not None:
+            self.profiler.end_cycle()
 
     # --- logging -------------------------------------------------------------------------
     def log_due(self) -> bool:
@@ -73,9 +83,11 @@ class Run:
             self._last_log = (now, self.env_steps, self.updates)
         return now - self._last_log[0] >= self.config.log_interval
 
-    def log(self, collector: Collector, scalars: dict[str, float]) -> None:
-        """Writes throughput, episode statistics, `scalars` and phase times; redraws progress."""
+    def log(self, collector: Collector, learner_stats: DeviceMeans, scalars: dict[str, float]) -> None:
+        """Writes throughput, episode statistics, learner means, `scalars` and phase times;
+        redraws the progress line. The one host sync of the learner statistics is here."""
         with self.phases("log"):
+            scalars = {**learner_stats.read(), **scalars}
             now = time.perf_counter()
             t_prev, steps_prev, updates_prev = self._last_log
             dt = max(now - t_prev, 1e-9)
@@ -154,7 +166,7 @@ class Run:
     def finish(self, interrupted: bool = False, error: str | None = None) -> dict:
         """Final evaluation (unless interrupted), checkpoint, summary.json; returns the summary."""
         self.progress.close()
-        if self.model is not None and not interrupted and error is None \
+        if self.model is not None and not interrupted and error is None and not self.config.profile \
                 and self._last_eval_full_at != self.env_steps:
             with self.phases("eval"):
                 self._evaluate(screen=False)
@@ -177,6 +189,7 @@ class Run:
             "wall_s": wall,
             "env_steps_per_s": self.env_steps / wall if wall > 0 else 0.0,
             "phase_s": dict(self.phases.seconds),
+            "profile": self.profiler.report() if self.profiler is not None else None,
             "interrupted": interrupted,
             "error": error,
             "checkpoint": ckpt,
@@ -194,6 +207,10 @@ class Run:
         status = "interrupted" if s["interrupted"] else ("failed" if s["error"] else "done")
         lines = [f"{status}: {s['env_steps']:,} env steps, {s['updates']:,} updates in {s['wall_s']:.1f} s "
                  f"({s['env_steps_per_s']:,.0f} env steps/s)"]
+        if self.config.profile:
+            lines.append(f"run dir: {s['run_dir']}")
+            print("\n".join(lines), flush=True)
+            return
         if s["final_eval_mean"] is not None:
             lines.append(f"final eval: {s['final_eval_mean']:.1f} ± {s['final_eval_std']:.1f} "
                          f"over {s['final_eval_episodes']} episodes")

@@ -17,6 +17,7 @@ from fastrl.config import ConfigError, TrainConfig, validate
 from fastrl.envs import EnvSpec, inspect_env, make_vector_env
 from fastrl.metrics import DeviceMeans
 from fastrl.nets import PolicyNetwork, QNetwork
+from fastrl.optim import adam
 from fastrl.run import Run
 from fastrl.schedules import learning_rate, linear_schedule
 
@@ -45,8 +46,8 @@ def train(config: TrainConfig) -> dict:
     loop = {"ddqn": train_ddqn, "reinforce": train_reinforce}[config.algo]
     # Worker processes are forked before any CUDA state exists.
     envs = make_vector_env(config.env_id, config.num_envs, config.backend, config.env_kwargs)
-    collector = Collector(envs, device)
     run = Run(config, spec, device)
+    collector = Collector(envs, device, run.phases)
     try:
         loop(config, spec, collector, run)
     except KeyboardInterrupt:
@@ -62,8 +63,7 @@ def train(config: TrainConfig) -> dict:
 def store_step(collector: Collector, ring: ReplayRing, actions: torch.Tensor, run: Run) -> torch.Tensor:
     """Collects the step the envs are taking, writes it into the ring, counts it;
     returns the next observations [N, *obs] (the collector's staging view)."""
-    with run.phases("env"):
-        step = collector.step_wait()
+    step = collector.step_wait()  # times "env" and "h2d"
     with run.phases("ring_write"):
         ring.add(actions, step.rewards, step.terminated, step.truncated, step.obs)
     run.env_steps += collector.num_envs
@@ -76,8 +76,10 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
                       sample_fn=accel.compile_fn(sample_transitions, c.compile))
     q = QNetwork(spec.obs_shape, spec.n_actions, c.hidden, c.dueling).to(device)
     q_target = copy.deepcopy(q).requires_grad_(False)
-    optimizer, lr = accel.adam(q.parameters(), c.lr, device)
-    update = accel.compile_fn(ddqn.make_update(q, q_target, optimizer, c.max_grad_norm), c.compile)
+    optimizer, lr = adam(q.parameters(), c.lr, device)
+    # Profiling times the update's stages one by one; otherwise it runs as one compiled step.
+    update = ddqn.make_update(q, q_target, optimizer, c.max_grad_norm, c.compile,
+                              phases if c.profile else None)
     act = ddqn.make_act(q)
     run.watch(q)
     learner_stats = DeviceMeans(("losses/td_loss", "losses/q_mean", "losses/grad_norm"), device)
@@ -89,17 +91,20 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
     while run.budget_left():
         with phases("act"):
             actions = act(obs, eps)
-            collector.step_async(actions)
+        collector.step_async(actions)
 
         # Learn while the env workers step (async backend).
         if run.env_steps >= c.learning_starts:
             update_credit += c.num_envs * c.replay_ratio
-            with phases("learn"):
-                while update_credit >= 1.0:
-                    learner_stats.add(update(ring.sample(c.batch_size)))
-                    run.updates += 1
-                    update_credit -= 1.0
-                    if run.updates % c.target_update_interval == 0:
+            while update_credit >= 1.0:
+                with phases("sample"):
+                    batch = ring.sample(c.batch_size)
+                with phases("update"):
+                    learner_stats.add(update(batch))
+                run.updates += 1
+                update_credit -= 1.0
+                if run.updates % c.target_update_interval == 0:
+                    with phases("target_update"):
                         ddqn.update_target(q_target, q, c.tau)
 
         obs = store_step(collector, ring, actions, run)
@@ -109,9 +114,10 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
         lr.fill_(lr_now)
 
         if run.log_due():
-            run.log(collector, {**learner_stats.read(), "charts/epsilon": eps_now, "charts/lr": lr_now})
+            run.log(collector, learner_stats, {"charts/epsilon": eps_now, "charts/lr": lr_now})
         if run.eval_due() and run.evaluate():
             break
+        run.end_cycle()
 
 
 def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Run) -> None:
@@ -119,11 +125,11 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
     # Room for the longest episode plus one rollout: unfinished episodes wait in the ring.
     buffer = RolloutBuffer(c.rollout_steps + spec.max_episode_steps + 2, c.num_envs, spec.obs_shape, device)
     policy = PolicyNetwork(spec.obs_shape, spec.n_actions, c.hidden, value_head=c.baseline == "value").to(device)
-    optimizer, lr = accel.adam(policy.parameters(), c.lr, device)
+    optimizer, lr = adam(policy.parameters(), c.lr, device)
     running_mean = torch.zeros((), device=device)
-    update = accel.compile_fn(reinforce.make_update(policy, optimizer, c.baseline, c.normalize_returns,
-                                                    c.entropy_coef, c.value_coef, c.max_grad_norm,
-                                                    running_mean), c.compile)
+    update = reinforce.make_update(policy, optimizer, c.baseline, c.normalize_returns, c.entropy_coef,
+                                   c.value_coef, c.max_grad_norm, running_mean, c.compile,
+                                   phases if c.profile else None)
     act = reinforce.make_act(policy)
     run.watch(policy)
     learner_stats = DeviceMeans(("losses/loss", "losses/policy_loss", "losses/value_loss",
@@ -136,22 +142,25 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
         for _ in range(c.rollout_steps):
             with phases("act"):
                 actions = act(obs)
-                collector.step_async(actions)
+            collector.step_async(actions)
             obs = store_step(collector, buffer, actions, run)
 
         # Learn once from every episode that ended since the last update (host-side count).
         if collector.episodes > episodes_learned:
-            with phases("learn"):
+            with phases("targets"):
                 batch = buffer.episodes(c.gamma)
-                for _ in range(c.grad_steps):
+            for _ in range(c.grad_steps):
+                with phases("update"):
                     learner_stats.add(update(batch))
-                    run.updates += 1
+                run.updates += 1
+            with phases("ring_write"):
                 buffer.mark_learned(batch)
             episodes_learned = collector.episodes
         lr_now = learning_rate(c, run.env_steps)
         lr.fill_(lr_now)
 
         if run.log_due():
-            run.log(collector, {**learner_stats.read(), "charts/lr": lr_now})
+            run.log(collector, learner_stats, {"charts/lr": lr_now})
         if run.eval_due() and run.evaluate():
             break
+        run.end_cycle()

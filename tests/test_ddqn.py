@@ -59,7 +59,7 @@ def test_reset_pseudo_transitions_carry_no_gradient():
     grads = []
     for b in (clean, garbage):
         q.zero_grad()
-        loss, _ = ddqn.td_loss(q, q_t, b)
+        loss, _ = ddqn.td_loss(q, b, ddqn.double_dqn_targets(q, q_t, b))
         loss.backward()
         grads.append([p.grad.clone() for p in q.parameters()])
     for g1, g2 in zip(*grads):

@@ -1,4 +1,4 @@
-"""Double DQN: loss, epsilon-greedy acting, target updates, epsilon schedule."""
+"""Double DQN: targets, loss, the update, epsilon-greedy acting, target-network updates."""
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
@@ -7,7 +7,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fastrl import accel
 from fastrl.buffer import Transitions
+from fastrl.optim import make_optimizer_step
+from fastrl.timing import Phases
 
 
 class UpdateStats(NamedTuple):
@@ -16,49 +19,62 @@ class UpdateStats(NamedTuple):
     grad_norm: torch.Tensor  # gradient norm before clipping (0-d)
 
 
-def double_dqn_targets(q: nn.Module, q_target: nn.Module, batch: Transitions,
-                       next_q_online: torch.Tensor | None = None) -> torch.Tensor:
-    """y = R + discount * Q_target(s', argmax_a Q_online(s', a)) for each sample, [B].
-
-    `next_q_online` ([B, A], optional) saves a forward pass when the caller has it.
-    """
+def double_dqn_targets(q: nn.Module, q_target: nn.Module, batch: Transitions) -> torch.Tensor:
+    """y = R + discount * Q_target(s', argmax_a Q_online(s', a)) for each sample, [B]."""
     with torch.no_grad():
-        if next_q_online is None:
-            next_q_online = q(batch.next_obs)
-        next_actions = next_q_online.argmax(dim=1, keepdim=True)
+        next_actions = q(batch.next_obs).argmax(dim=1, keepdim=True)
         next_q = q_target(batch.next_obs).gather(1, next_actions).squeeze(1)
         return batch.returns + batch.discount * next_q
 
 
-def td_loss(q: nn.Module, q_target: nn.Module, batch: Transitions) -> tuple[torch.Tensor, torch.Tensor]:
-    """Huber loss averaged over samples with weight 1 (reset pseudo-steps weigh 0)."""
-    # One online forward over [s; s'] instead of two; the s' half only picks actions.
-    q_both = q(torch.cat([batch.obs, batch.next_obs]))
-    q_values, next_q_online = q_both.split(batch.obs.shape[0])
-    y = double_dqn_targets(q, q_target, batch, next_q_online.detach())
-    q_sa = q_values.gather(1, batch.actions.unsqueeze(1)).squeeze(1)
+def td_loss(q: nn.Module, batch: Transitions, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Huber loss of Q(s, a) against y, averaged over samples with weight 1 (reset
+    pseudo-steps weigh 0). Returns (loss, mean Q(s, a))."""
+    q_sa = q(batch.obs).gather(1, batch.actions.unsqueeze(1)).squeeze(1)
     per_sample = F.smooth_l1_loss(q_sa, y, reduction="none")
     loss = (per_sample * batch.weight).sum() / batch.weight.sum().clamp_min(1.0)
     return loss, q_sa.detach().mean()
 
 
-def make_update(q: nn.Module, q_target: nn.Module, optimizer: torch.optim.Optimizer,
-                max_grad_norm: float) -> Callable[[Transitions], UpdateStats]:
-    """One gradient step on a batch; pure in shape, so torch.compile traces it once."""
-    params = [p for p in q.parameters()]
+def make_update(q: nn.Module, q_target: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
+                compile: bool = False, phases: Phases | None = None) -> Callable[[Transitions], UpdateStats]:
+    """One gradient step on a batch (fixed shapes: torch.compile traces it once).
 
-    def update(batch: Transitions) -> UpdateStats:
-        loss, q_mean = td_loss(q, q_target, batch)
+    Normally the whole step is one compiled function. With `phases` (profiling) its
+    stages (targets, forward_backward, optimizer_step) are compiled and timed one by one.
+    """
+
+    def targets(batch: Transitions) -> torch.Tensor:
+        return double_dqn_targets(q, q_target, batch)
+
+    def forward_backward(batch: Transitions, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         optimizer.zero_grad(set_to_none=False)
+        loss, q_mean = td_loss(q, batch, y)
         loss.backward()
-        if max_grad_norm > 0:
-            grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-        optimizer.step()
-        return UpdateStats(loss.detach(), q_mean, grad_norm.detach())
+        return loss.detach(), q_mean
 
-    return update
+    optimizer_step = make_optimizer_step(list(q.parameters()), optimizer, max_grad_norm)
+
+    if phases is None:
+        def update(batch: Transitions) -> UpdateStats:
+            loss, q_mean = forward_backward(batch, targets(batch))
+            return UpdateStats(loss, q_mean, optimizer_step())
+
+        return accel.compile_fn(update, compile)
+
+    targets, forward_backward, optimizer_step = (
+        accel.compile_fn(f, compile) for f in (targets, forward_backward, optimizer_step))
+
+    def timed_update(batch: Transitions) -> UpdateStats:
+        with phases("targets"):
+            y = targets(batch)
+        with phases("forward_backward"):
+            loss, q_mean = forward_backward(batch, y)
+        with phases("optimizer_step"):
+            grad_norm = optimizer_step()
+        return UpdateStats(loss, q_mean, grad_norm)
+
+    return timed_update
 
 
 @torch.no_grad()

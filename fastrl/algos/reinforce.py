@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
+from fastrl import accel
 from fastrl.buffer import Episodes
 from fastrl.nets import PolicyNetwork
+from fastrl.optim import make_optimizer_step
+from fastrl.timing import Phases
 
 
 class UpdateStats(NamedTuple):
@@ -26,14 +28,15 @@ def masked_mean(x: torch.Tensor, w: torch.Tensor, count: torch.Tensor) -> torch.
 
 def make_update(policy: PolicyNetwork, optimizer: torch.optim.Optimizer, baseline: str,
                 normalize_returns: bool, entropy_coef: float, value_coef: float, max_grad_norm: float,
-                running_mean: torch.Tensor) -> Callable[[Episodes], UpdateStats]:
+                running_mean: torch.Tensor, compile: bool = False,
+                phases: Phases | None = None) -> Callable[[Episodes], UpdateStats]:
     """One gradient step on every masked step of `batch` (fixed shapes: compiles once).
 
-    `running_mean` (0-d tensor) is the 'mean' baseline, updated in place.
+    `running_mean` (0-d tensor) is the 'mean' baseline, updated in place. With `phases`
+    (profiling) the stages forward_backward and optimizer_step are compiled and timed apart.
     """
-    params = list(policy.parameters())
 
-    def update(batch: Episodes) -> UpdateStats:
+    def forward_backward(batch: Episodes) -> tuple[torch.Tensor, ...]:
         w = batch.mask.to(torch.float32)
         count = w.sum().clamp_min(1.0)
         returns = batch.returns
@@ -60,13 +63,26 @@ def make_update(policy: PolicyNetwork, optimizer: torch.optim.Optimizer, baselin
         loss = policy_loss - entropy_coef * mean_entropy + value_coef * value_loss
         optimizer.zero_grad(set_to_none=False)
         loss.backward()
-        max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
-        grad_norm = nn.utils.clip_grad_norm_(params, max_norm)
-        optimizer.step()
-        return UpdateStats(loss.detach(), policy_loss.detach(), value_loss.detach(),
-                           mean_entropy.detach(), grad_norm.detach())
+        return loss.detach(), policy_loss.detach(), value_loss.detach(), mean_entropy.detach()
 
-    return update
+    optimizer_step = make_optimizer_step(list(policy.parameters()), optimizer, max_grad_norm)
+
+    if phases is None:
+        def update(batch: Episodes) -> UpdateStats:
+            return UpdateStats(*forward_backward(batch), optimizer_step())
+
+        return accel.compile_fn(update, compile)
+
+    forward_backward, optimizer_step = (accel.compile_fn(f, compile) for f in (forward_backward, optimizer_step))
+
+    def timed_update(batch: Episodes) -> UpdateStats:
+        with phases("forward_backward"):
+            losses = forward_backward(batch)
+        with phases("optimizer_step"):
+            grad_norm = optimizer_step()
+        return UpdateStats(*losses, grad_norm)
+
+    return timed_update
 
 
 def make_act(policy: PolicyNetwork) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -1,0 +1,114 @@
+"""Profiling session for `fastrl profile`: phase times after warm-up, a verdict with
+the knob to turn, and a torch.profiler trace of a few collection cycles.
+
+The session is driven by `Run.end_cycle()`, called once per collection cycle by the
+training loops: warm-up (until the compiled learner has run), timing (profile_steps
+env steps with device-synchronised phase timers), tracing (trace_cycles cycles under
+torch.profiler), done (the run stops).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+WARMUP_UPDATES = 3  # the first update compiles; time only the steady state
+
+# Phase -> the part of the loop it belongs to.
+GROUPS = {
+    "env": ("env", "h2d"),
+    "act": ("act",),
+    "learn": ("sample", "targets", "forward_backward", "optimizer_step", "update", "target_update"),
+    "ring": ("ring_write",),
+    "log": ("log",),
+    "eval": ("eval",),
+}
+
+KNOBS = {
+    "env": "env stepping dominates: step more envs per worker process (--backend sync for cheap envs), "
+           "raise --num-envs, or use a faster env backend",
+    "learn": "learning dominates: lower --replay-ratio (fewer updates per env step), a larger --batch-size "
+             "with fewer updates, keep --compile on, or a smaller --hidden",
+    "act": "action selection dominates: raise --num-envs so each forward pass serves more envs",
+    "ring": "ring writes dominate: raise --num-envs so each write carries more envs",
+    "log": "logging dominates: raise --log-interval",
+    "eval": "evaluation dominates: raise --eval-interval or lower --eval-episodes",
+}
+
+
+def verdict(phase_seconds: dict[str, float]) -> tuple[str, str]:
+    """(the group that takes the most time, the knob that addresses it)."""
+    totals = {g: sum(phase_seconds.get(p, 0.0) for p in phases) for g, phases in GROUPS.items()}
+    worst = max(totals, key=totals.get)
+    return worst, KNOBS[worst]
+
+
+class ProfileSession:
+    def __init__(self, run):
+        self.run = run
+        self.state = "warmup"
+        self._start = (0.0, 0, 0)
+        self._timed: dict | None = None
+        self._profiler = None
+        self._cycles = 0
+
+    @property
+    def done(self) -> bool:
+        return self.state == "done"
+
+    def end_cycle(self) -> None:
+        run, c = self.run, self.run.config
+        if self.state == "warmup" and run.updates >= WARMUP_UPDATES:
+            run.phases.reset()
+            self._start = (time.perf_counter(), run.env_steps, run.updates)
+            self.state = "timing"
+        elif self.state == "timing" and run.env_steps - self._start[1] >= c.profile_steps:
+            t0, steps0, updates0 = self._start
+            self._timed = {"wall_s": time.perf_counter() - t0, "env_steps": run.env_steps - steps0,
+                           "updates": run.updates - updates0, "phase_s": dict(run.phases.seconds)}
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if run.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._profiler = torch.profiler.profile(activities=activities)
+            self._profiler.__enter__()
+            self.state = "tracing"
+        elif self.state == "tracing":
+            self._cycles += 1
+            if self._cycles >= c.trace_cycles:
+                self._finish_trace()
+
+    def _finish_trace(self) -> None:
+        self._profiler.__exit__(None, None, None)
+        trace = Path(self.run.dir) / "trace.json"
+        self._profiler.export_chrome_trace(str(trace))
+        sort = "self_cuda_time_total" if self.run.device.type == "cuda" else "self_cpu_time_total"
+        table = self._profiler.key_averages().table(sort_by=sort, row_limit=15)
+        (Path(self.run.dir) / "top_ops.txt").write_text(table + "\n")
+        self._timed.update(trace=str(trace), top_ops=table, trace_cycles=self._cycles)
+        self.state = "done"
+
+    def report(self) -> dict | None:
+        if self._timed is None or self.state != "done":
+            return None
+        r = dict(self._timed)
+        r["bottleneck"], r["knob"] = verdict(r["phase_s"])
+        r["env_steps_per_s"] = r["env_steps"] / r["wall_s"]
+        r["updates_per_s"] = r["updates"] / r["wall_s"]
+        r["device"] = str(self.run.device)
+        return r
+
+
+def format_report(r: dict) -> str:
+    wall = r["wall_s"]
+    lines = [f"profile: {r['env_steps']:,} env steps, {r['updates']:,} updates in {wall:.2f} s on {r['device']} "
+             f"(after warm-up)", "", f"{'phase':<18}{'seconds':>10}{'share':>9}"]
+    for name, seconds in sorted(r["phase_s"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"{name:<18}{seconds:>10.3f}{seconds / wall:>9.1%}")
+    other = wall - sum(r["phase_s"].values())
+    lines.append(f"{'(untimed)':<18}{other:>10.3f}{other / wall:>9.1%}")
+    lines += ["", f"env steps/s {r['env_steps_per_s']:,.0f}   updates/s {r['updates_per_s']:,.0f}",
+              f"bottleneck: {r['bottleneck']} — {r['knob']}", "",
+              f"top operators over {r['trace_cycles']} traced cycles:", r["top_ops"],
+              f"trace (chrome://tracing or ui.perfetto.dev): {r['trace']}"]
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""`fastrl profile`: phase times that add up, and a verdict that names the real bottleneck."""
+import json
+import time
+
+import fastrl
+from fastrl.algos import ddqn
+from fastrl.cli import main
+from fastrl.timing import Phases
+
+SMALL = dict(hidden=(16, 16), batch_size=32, buffer_size=5_000, learning_starts=200, replay_ratio=0.25,
+             compile=False, backend="sync", num_envs=2, eval_interval=0, stop_on_solve=False,
+             total_steps=10**9, progress=False, profile=True, profile_steps=600, trace_cycles=3)
+
+
+def profile(tmp_path, **overrides):
+    config = fastrl.make_config(**{**SMALL, "run_dir": str(tmp_path / "p"), **overrides})
+    return fastrl.train(config)["profile"]
+
+
+def test_phases_add_up_to_wall_time_and_verdict_names_slow_env(tmp_path):
+    report = profile(tmp_path, env_id="fastrl-test/Slow-v0")
+    covered = sum(report["phase_s"].values()) / report["wall_s"]
+    # Stated tolerance: the named phases cover at least 90% of the wall time, never more.
+    assert 0.90 <= covered <= 1.0 + 1e-9, report["phase_s"]
+    assert report["env_steps"] >= 600 and report["updates"] > 0
+    assert report["bottleneck"] == "env" and "--num-envs" in report["knob"]
+    # Each env step sleeps 2 ms and the sync backend steps 2 envs in turn: >= 4 ms per cycle.
+    assert report["phase_s"]["env"] >= 0.004 * report["env_steps"] / 2 * 0.9
+
+
+def test_verdict_names_the_learner_when_the_update_is_slow(tmp_path, monkeypatch):
+    real = ddqn.make_optimizer_step
+
+    def slow_optimizer_step(*args):
+        step = real(*args)
+
+        def slowed():
+            time.sleep(0.01)
+            return step()
+
+        return slowed
+
+    monkeypatch.setattr(ddqn, "make_optimizer_step", slow_optimizer_step)
+    report = profile(tmp_path, env_id="CartPole-v1", replay_ratio=1.0)
+    assert report["bottleneck"] == "learn" and "--replay-ratio" in report["knob"]
+    assert report["phase_s"]["optimizer_step"] > 0.5 * report["wall_s"]
+
+
+def test_profile_command_prints_table_and_writes_trace(tmp_path, capsys):
+    code = main(["profile", "--env", "CartPole-v1", "--steps", "400", "--no-compile", "--backend", "sync",
+                 "--learning-starts", "100", "--batch-size", "16", "--hidden", "16", "--trace-cycles", "2",
+                 "--run-dir", str(tmp_path / "cli")])
+    out = capsys.readouterr().out
+    assert code == 0
+    for text in ("phase", "share", "env steps/s", "updates/s", "bottleneck:", "forward_backward",
+                 "optimizer_step", "top operators", "trace"):
+        assert text in out, text
+    trace = json.loads((tmp_path / "cli" / "trace.json").read_text())
+    assert trace["traceEvents"], "the Chrome trace holds events"
+    assert (tmp_path / "cli" / "top_ops.txt").read_text().strip()
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert summary["profile"]["bottleneck"] in out
+
+
+def test_nested_phases_are_exclusive_and_disabled_timers_do_nothing():
+    phases = Phases()
+    with phases("outer"):
+        time.sleep(0.02)
+        with phases("inner"):
+            time.sleep(0.03)
+    assert 0.015 < phases.seconds["outer"] < 0.03 and phases.seconds["inner"] >= 0.03
+    off = Phases(enabled=False)
+    with off("x"):
+        pass
+    assert off.seconds == {}
