@@ -26,8 +26,8 @@ GROUPS = {
 }
 
 KNOBS = {
-    "env": "env stepping dominates: step more envs per worker process (--backend sync for cheap envs), "
-           "raise --num-envs, or use a faster env backend",
+    "env": "env stepping dominates: --backend sync for cheap envs (no pipe round-trips), "
+           "or raise --num-envs so each step's fixed costs serve more envs",
     "learn": "learning dominates: lower --replay-ratio (fewer updates per env step), a larger --batch-size "
              "with fewer updates, keep --compile on, or a smaller --hidden",
     "act": "action selection dominates: raise --num-envs so each forward pass serves more envs",
