@@ -34,7 +34,7 @@ class Run:
         checkpoint.save_json(self.dir / "config.json", config.to_dict())
         self.writer = Writer(str(self.dir))
         self.writer.config(config.to_dict())
-        self.progress = Progress(config.total_steps, config.progress)
+        self.progress = Progress(config.profile_steps if config.profile else config.total_steps, config.progress)
         sync = torch.cuda.synchronize if config.profile and device.type == "cuda" else None
         self.phases = Phases(enabled=config.timers or config.profile, sync=sync)
         self.profiler = ProfileSession(self) if config.profile else None
