@@ -5,7 +5,9 @@
     result = fastrl.evaluate(summary["checkpoint"], episodes=100)
 """
 from fastrl.config import PRESETS, ConfigError, TrainConfig, make_config
-from fastrl.evaluate import EvalResult, load_policy as load, evaluate_checkpoint as evaluate
+from fastrl.evaluate import EvalResult
+from fastrl.evaluate import evaluate_checkpoint as evaluate
+from fastrl.evaluate import load_policy as load
 from fastrl.train import train
 
 __all__ = ["train", "evaluate", "load", "make_config", "TrainConfig", "ConfigError", "EvalResult", "PRESETS"]

@@ -26,10 +26,9 @@ def compile_fn(fn: Callable, enabled: bool = True) -> Callable:
     compilation fails on this machine, e.g. no C++ compiler for the CPU backend."""
     if not enabled:
         return fn
-    for name in ("torch._dynamo.variables.ctx_manager",):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropProfilerNotice) for f in logger.filters):
-            logger.addFilter(_DropProfilerNotice())
+    logger = logging.getLogger("torch._dynamo.variables.ctx_manager")
+    if not any(isinstance(f, _DropProfilerNotice) for f in logger.filters):
+        logger.addFilter(_DropProfilerNotice())
     compiled = torch.compile(fn, dynamic=False)
     current = [compiled]
 

@@ -39,13 +39,11 @@ def parse_env_kwargs(items: list[str]) -> dict:
     return out
 
 
-PROFILE_ONLY = ("profile_steps", "trace_cycles")
-
-
 def _add_train_options(parser: argparse.ArgumentParser, profiling: bool = False) -> None:
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
-        if f.metadata.get("cli", "") is None or (f.name in PROFILE_ONLY and not profiling):
+        hidden = f.metadata.get("cli", "") is None
+        if hidden or (f.metadata.get("scope") == "profile" and not profiling):
             continue
         doc, default = f.metadata["doc"], getattr(defaults, f.name)
         name = _option_name(f)

@@ -87,8 +87,9 @@ class TrainConfig:
 
     # --- profiling (set by `fastrl profile`) ---------------------------------------------
     profile: bool = _f(False, "profiling session: phase timers synchronised with the device", cli=None)
-    profile_steps: int = _f(20_000, "env steps timed by a profiling session, after warm-up", cli="steps")
-    trace_cycles: int = _f(5, "collection cycles recorded in the torch.profiler trace")
+    profile_steps: int = _f(20_000, "env steps timed by a profiling session, after warm-up", cli="steps",
+                            scope="profile")
+    trace_cycles: int = _f(5, "collection cycles recorded in the torch.profiler trace", scope="profile")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -7,7 +7,10 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
+from fastrl import checkpoint
+from fastrl.config import TrainConfig
 from fastrl.envs import make_vector_env
+from fastrl.nets import PolicyNetwork, QNetwork, greedy_policy
 
 # Training envs are seeded seed + i (i < num_envs); evaluation starts far above.
 EVAL_SEED_OFFSET = 3_000_000_019
@@ -73,10 +76,6 @@ class Evaluator:
 
 def load_policy(path: str, device: torch.device | str = "cpu"):
     """Rebuilds a trained network from a checkpoint. Returns (config, model, greedy_fn)."""
-    from fastrl import checkpoint
-    from fastrl.config import TrainConfig
-    from fastrl.nets import PolicyNetwork, QNetwork, greedy_policy
-
     payload = checkpoint.load(path)
     config = TrainConfig.from_dict(payload["config"])
     meta = payload["meta"]

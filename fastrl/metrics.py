@@ -11,24 +11,26 @@ from torch.utils.tensorboard import SummaryWriter
 class DeviceMeans:
     """Running sums of a fixed set of scalars, kept on the device.
 
-    `add` is in place (no host sync); `read` copies once to the host and resets.
+    `add` is one in-place foreach add (no host sync, no allocation); the count of adds
+    is known on the host. `read` copies the sums to the host once and resets.
     """
 
     def __init__(self, names: tuple[str, ...], device: torch.device):
         self.names = names
-        self.sums = torch.zeros(len(names) + 1, dtype=torch.float32, device=device)  # last: count
-        self._one = torch.ones(1, dtype=torch.float32, device=device)
+        self._sums = [torch.zeros((), dtype=torch.float32, device=device) for _ in names]
+        self._count = 0
 
     def add(self, values: tuple[torch.Tensor, ...]) -> None:
-        self.sums.add_(torch.cat([torch.stack([v.detach().float() for v in values]), self._one]))
+        torch._foreach_add_(self._sums, list(values))
+        self._count += 1
 
     def read(self) -> dict[str, float]:
-        host = self.sums.cpu().tolist()
-        self.sums.zero_()
-        count = host[-1]
-        if count == 0:
+        if self._count == 0:
             return {}
-        return {name: s / count for name, s in zip(self.names, host[:-1])}
+        host = torch.stack(self._sums).tolist()
+        torch._foreach_zero_(self._sums)
+        count, self._count = self._count, 0
+        return {name: s / count for name, s in zip(self.names, host)}
 
 
 class Writer:
