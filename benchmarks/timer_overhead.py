@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/timer_overhead.json")
     args = parser.parse_args()
     # A fast loop (cheap env, in-process, small eager net) is where timer overhead shows most.
-    base = dict(env_id=args.env, backend="sync", num_envs=4, hidden=(64, 64), compile=False,
+    base = dict(env_id=args.env, backend="sync", num_envs=4, hidden=(64, 64), learner="eager",
                 total_steps=args.steps, learning_starts=1_000, eval_interval=0, eval_episodes=1, eval_envs=1,
                 stop_on_solve=False, progress=False)
     sps = {True: [], False: []}

@@ -1,7 +1,7 @@
-"""The one place that calls torch.compile.
+"""The one place that calls torch.compile and records CUDA graphs.
 
 Only pure, fixed-shape functions are compiled (no .item(), no branches on tensor
-values); the eager path runs the very same function, so `--no-compile` changes
+values); the eager path runs the very same function, so the learner mode changes
 speed, never maths.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -19,6 +19,10 @@ class _DropProfilerNotice(logging.Filter):
     # profiler annotation; harmless, and noise on every run.
     def filter(self, record: logging.LogRecord) -> bool:
         return "Profiler record function" not in record.getMessage()
+
+
+def _warn(message: str) -> None:
+    print(f"fastrl: {message}", file=sys.stderr)
 
 
 def compile_fn(fn: Callable, enabled: bool = True) -> Callable:
@@ -39,11 +43,89 @@ def compile_fn(fn: Callable, enabled: bool = True) -> Callable:
         try:
             return compiled(*args, **kwargs)
         except Exception as exc:  # compile failures surface on the first call
-            name = getattr(fn, "__name__", "fn")
-            print(f"fastrl: torch.compile of {name} failed ({type(exc).__name__}); running it eagerly",
-                  file=sys.stderr)
+            _warn(f"torch.compile of {getattr(fn, '__name__', 'fn')} failed ({type(exc).__name__}); "
+                  f"running it eagerly")
             current[0] = fn
             return fn(*args, **kwargs)
 
     return call
 
+
+def learner_fn(fn: Callable, mode: str) -> Callable:
+    """The learner update in a mode: eager (fn itself), compile (torch.compile), or
+    cudagraphs (compiled, then recorded once in a CUDA graph and replayed)."""
+    if mode == "eager":
+        return fn
+    if mode == "compile":
+        return compile_fn(fn)
+    if mode == "cudagraphs":
+        return CudaGraphFn(compile_fn(fn))
+    raise ValueError(f"invalid learner mode {mode!r}: must be eager, compile or cudagraphs")
+
+
+def _tensors(args: tuple) -> list[torch.Tensor]:
+    """The tensors of `args`: tensors, or NamedTuples of tensors."""
+    out: list[torch.Tensor] = []
+    for a in args:
+        out.extend(a if isinstance(a, tuple) else (a,))
+    return out
+
+
+def _clone(args: tuple) -> tuple:
+    return tuple(type(a)(*(t.clone() for t in a)) if isinstance(a, tuple) else a.clone() for a in args)
+
+
+class CudaGraphFn:
+    """Runs `fn` by replaying a CUDA graph: one launch per update instead of one per kernel.
+
+    The first WARMUP calls run `fn` normally on a side stream (compilation, autotuning,
+    lazily created optimizer state); the next call records it and replays the record,
+    so every call is one real update. `fn` must read and write only persistent device
+    tensors (parameters, optimizer state, the replay ring) plus its arguments, which are
+    copied into the graph's static inputs: fixed shapes, tensors or NamedTuples of tensors.
+    The returned tensors are the graph's static outputs: the next call overwrites them.
+    If recording fails, it warns once and keeps running `fn` without the graph.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_inputs: list[torch.Tensor] = []
+        self.static_output: Any = None
+        self.failed = False
+
+    def __call__(self, *args):
+        if self.graph is not None:
+            for static, new in zip(self.static_inputs, _tensors(args)):
+                static.copy_(new)
+            self.graph.replay()
+            return self.static_output
+        self.calls += 1
+        if self.failed:
+            return self.fn(*args)
+        if self.calls <= self.WARMUP:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.fn(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        return self._record(args)
+
+    def _record(self, args: tuple):
+        static_args = _clone(args)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.static_output = self.fn(*static_args)
+        except Exception as exc:
+            _warn(f"recording the learner in a CUDA graph failed ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0] if str(exc) else ''}); running it compiled, without the graph")
+            self.failed = True
+            return self.fn(*args)
+        self.graph, self.static_inputs = graph, _tensors(static_args)
+        graph.replay()  # recording ran nothing: this is the update of this call
+        return self.static_output

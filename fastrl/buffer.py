@@ -13,7 +13,7 @@ bootstrap state a truncated window needs.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -81,7 +81,7 @@ class ReplayRing:
     """Fixed-capacity ring of vector-env steps, allocated once on `device`."""
 
     def __init__(self, capacity: int, num_envs: int, obs_shape: tuple, device: torch.device,
-                 n_step: int = 1, gamma: float = 0.99, sample_fn=sample_transitions):
+                 n_step: int = 1, gamma: float = 0.99):
         # One row must stay free: the newest next-observation occupies row `head`.
         self.rows = max(2, math.ceil(capacity / num_envs) + 1)
         self.num_envs, self.n_step, self.gamma = num_envs, n_step, gamma
@@ -99,7 +99,6 @@ class ReplayRing:
         self.steps_written = 0   # vector steps written since the start
         self._head_t = torch.zeros((), dtype=torch.int64, device=device)
         self._size_t = torch.zeros((), dtype=torch.int64, device=device)
-        self._sample_fn = sample_fn
 
     @property
     def size(self) -> int:
@@ -134,7 +133,18 @@ class ReplayRing:
     def sample(self, batch_size: int) -> Transitions:
         if self.size < 1:
             raise RuntimeError("ReplayRing.sample() before any step was added")
-        return self._sample_fn(self.storage, self._head_t, self._size_t, batch_size, self.n_step, self.gamma)
+        return self.sampler(batch_size)()
+
+    def sampler(self, batch_size: int) -> Callable[[], Transitions]:
+        """An argument-free sampling function reading only this ring's device tensors
+        (head and size included), so a learner step can compile it in, or record it in a
+        CUDA graph. The caller makes sure a step was added first."""
+        storage, head, size, n_step, gamma = self.storage, self._head_t, self._size_t, self.n_step, self.gamma
+
+        def sample() -> Transitions:
+            return sample_transitions(storage, head, size, batch_size, n_step, gamma)
+
+        return sample
 
 
 class Episodes(NamedTuple):

@@ -14,7 +14,8 @@ from typing import Any
 
 ALGOS = ("ddqn", "reinforce")
 BASELINES = ("none", "mean", "value")
-BACKENDS = ("async", "sync")
+BACKENDS = ("async", "sync", "envpool")
+LEARNERS = ("eager", "compile", "cudagraphs")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -38,14 +39,18 @@ class TrainConfig:
     seed: int = _f(0, "seed for torch, the env workers and sampling (eval uses disjoint env seeds)")
     device: str = _f("auto", "training device for the ring and the learner: auto | cpu | cuda")
     threads: int = _f(1, "torch intra-op CPU threads (small nets run fastest on 1; env workers use the rest)")
-    compile: bool = _f(True, "torch.compile the learner update (falls back to eager where it cannot)")
+    learner: str = _f("compile", "learner update: eager | compile (torch.compile; eager where it cannot) | "
+                                 "cudagraphs (compile, then replay a CUDA graph; CUDA only)")
     total_steps: int = _f(1_000_000, "env-step budget (all envs together)")
     time_limit_s: float = _f(0.0, "wall-clock budget in seconds for the training loop (0 = none)")
     run_dir: str = _f("", "run directory (default runs/<env>__<algo>__<seed>__<time>)")
 
     # --- collector ---------------------------------------------------------------------
     num_envs: int = _f(8, "parallel environments")
-    backend: str = _f("async", "vector env backend: async (one process per env) | sync (in-process)")
+    backend: str = _f("async", "vector env backend: async (worker processes) | sync (in-process) | "
+                               "envpool (C++ envs, optional extra)")
+    num_workers: int = _f(0, "[async] env worker processes, each stepping num_envs / num_workers envs "
+                             "(0 = one per CPU core; num_envs = one process per env)")
 
     # --- network and optimiser -----------------------------------------------------------
     hidden: tuple = _f((256, 256), "hidden layer widths of the MLP")
@@ -159,8 +164,12 @@ def validate(c: TrainConfig) -> None:
     need(c.algo in ALGOS, "algo", " or ".join(ALGOS))
     need(c.backend in BACKENDS, "backend", " or ".join(BACKENDS))
     need(c.device in DEVICES, "device", " or ".join(DEVICES))
+    need(c.learner in LEARNERS, "learner", " or ".join(LEARNERS))
     need(isinstance(c.env_id, str) and c.env_id != "", "env_id", "a registered gymnasium env id")
     need(c.num_envs >= 1, "num_envs", "a positive integer")
+    need(c.num_workers >= 0, "num_workers", "an integer >= 0 (0 = one per CPU core)")
+    if c.num_workers:
+        need(c.num_envs % c.num_workers == 0, "num_workers", f"a divisor of num_envs ({c.num_envs})")
     need(c.threads >= 1, "threads", "a positive integer")
     need(c.total_steps >= 1, "total_steps", "a positive integer")
     need(c.time_limit_s >= 0, "time_limit_s", ">= 0 seconds (0 = no limit)")

@@ -1,22 +1,37 @@
 """Vector env construction with an explicit autoreset mode, and env checks.
 
-fastrl relies on gymnasium's NEXT_STEP autoreset: the step after an episode ends
-returns that episode's *final* observation as the state, takes no action and pays
-reward 0, and only then the reset observation. The replay ring keeps the final
-observation (truncated episodes bootstrap from it) and marks that reset step as a
+fastrl relies on NEXT_STEP autoreset: the step after an episode ends returns that
+episode's *final* observation as the state, takes no action and pays reward 0, and
+only then the reset observation. The replay ring keeps the final observation
+(truncated episodes bootstrap from it) and marks that reset step as a
 pseudo-transition that is never learned from.
+
+Backends, all with that rule:
+  async    gymnasium's AsyncVectorEnv. With fewer workers than envs (the default:
+           one worker per CPU core) each worker process steps a group of envs per
+           message, so the pipe round trip is paid once per group, not once per env.
+  sync     gymnasium's SyncVectorEnv, in-process.
+  envpool  EnvPool's C++ envs (optional extra), whose own autoreset is NEXT_STEP.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import multiprocessing
+import os
 import signal
+import sys
+import traceback
+import warnings
 from dataclasses import dataclass
 from functools import partial
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
+from gymnasium.vector.utils import batch_space, write_to_shared_memory
 
-from fastrl.config import ConfigError
+from fastrl.config import BACKENDS, ConfigError
 
 AUTORESET = gym.vector.AutoresetMode.NEXT_STEP
 
@@ -32,14 +47,12 @@ class EnvSpec:
 
 
 def _make_one(env_id: str, env_kwargs: dict) -> gym.Env:
+    # Ctrl-C goes to the whole process group; the trainer handles it and closes the
+    # workers, which must not die mid-step with a traceback of their own. (The main
+    # process also builds one env here, as AsyncVectorEnv's probe: it keeps its handler.)
+    if multiprocessing.parent_process() is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     return gym.make(env_id, **env_kwargs)
-
-
-def _make_in_worker(env_id: str, env_kwargs: dict) -> gym.Env:
-    # Ctrl-C goes to the whole process group; the trainer handles it and closes
-    # the workers, which must not die mid-step with a traceback of their own.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    return _make_one(env_id, env_kwargs)
 
 
 def inspect_env(env_id: str, env_kwargs: dict) -> EnvSpec:
@@ -69,17 +82,221 @@ def inspect_env(env_id: str, env_kwargs: dict) -> EnvSpec:
     return EnvSpec(tuple(obs_space.shape), int(act_space.n), float(threshold), max_episode_steps)
 
 
+def default_workers(num_envs: int) -> int:
+    """One worker per CPU core: the largest divisor of num_envs not above the core count."""
+    cores = os.cpu_count() or 1
+    return max(w for w in range(1, min(num_envs, cores) + 1) if num_envs % w == 0)
+
+
 def make_vector_env(env_id: str, num_envs: int, backend: str = "async",
-                    env_kwargs: dict | None = None) -> gym.vector.VectorEnv:
+                    env_kwargs: dict | None = None, num_workers: int = 0) -> gym.vector.VectorEnv:
     """N copies of `env_id` with NEXT_STEP autoreset.
 
-    `copy=False` makes step() hand back the same observation buffer every time
-    (shared memory for async), which the collector copies straight to the device.
+    async: `num_workers` processes (0 = one per core); num_workers == num_envs is plain
+    AsyncVectorEnv, one process per env. `copy=False` makes step() hand back the same
+    observation buffer every time (shared memory for async), which the collector
+    copies straight into its staging row.
     """
+    env_kwargs = dict(env_kwargs or {})
+    fns = [partial(_make_one, env_id, env_kwargs) for _ in range(num_envs)]
     if backend == "async":
-        fns = [partial(_make_in_worker, env_id, dict(env_kwargs or {})) for _ in range(num_envs)]
-        return gym.vector.AsyncVectorEnv(fns, shared_memory=True, copy=False, autoreset_mode=AUTORESET)
+        workers = num_workers or default_workers(num_envs)
+        if num_envs % workers:
+            raise ConfigError(f"invalid num_workers={workers}: must divide num_envs={num_envs}")
+        if workers == num_envs:
+            return gym.vector.AsyncVectorEnv(fns, shared_memory=True, copy=False, autoreset_mode=AUTORESET)
+        return GroupedAsyncVectorEnv(fns, workers)
     if backend == "sync":
-        fns = [partial(_make_one, env_id, dict(env_kwargs or {})) for _ in range(num_envs)]
         return gym.vector.SyncVectorEnv(fns, copy=False, autoreset_mode=AUTORESET)
-    raise ConfigError(f"invalid backend={backend!r}: must be async or sync")
+    if backend == "envpool":
+        return EnvPoolVectorEnv(env_id, num_envs, env_kwargs)
+    raise ConfigError(f"invalid backend={backend!r}: must be {' or '.join(BACKENDS)}")
+
+
+# --- grouped workers ----------------------------------------------------------------------
+
+_GROUP_INFOS = "fastrl_group_infos"  # carries a group's per-env infos through AsyncVectorEnv
+
+
+def _make_group(env_fns: list[Callable[[], gym.Env]]) -> gym.vector.SyncVectorEnv:
+    # A SyncVectorEnv only as the container of the group's envs and batched spaces
+    # (AsyncVectorEnv probes it for spaces and metadata); the worker steps the envs.
+    return gym.vector.SyncVectorEnv(env_fns, copy=False, autoreset_mode=AUTORESET)
+
+
+def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, autoreset_mode, semaphore):
+    """An AsyncVectorEnv worker (same signature and protocol as gymnasium's own) that
+    steps a group of envs per message, applying NEXT_STEP autoreset to each env exactly
+    as gymnasium's worker does to its one env."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # see _make_one
+    group = env_fn()
+    parent_pipe.close()
+    envs, space = group.envs, group.observation_space
+    n = len(envs)
+    obs = np.zeros(space.shape, dtype=space.dtype)
+    rewards = np.zeros(n, dtype=np.float64)
+    terminated = np.zeros(n, dtype=np.bool_)
+    truncated = np.zeros(n, dtype=np.bool_)
+    autoreset = np.zeros(n, dtype=np.bool_)
+    try:
+        while True:
+            command, data = pipe.recv()
+            if command == "step":
+                infos = []
+                for j, (env, action) in enumerate(zip(envs, data)):
+                    if autoreset[j]:
+                        obs[j], info = env.reset()
+                        rewards[j], terminated[j], truncated[j] = 0.0, False, False
+                    else:
+                        obs[j], rewards[j], terminated[j], truncated[j], info = env.step(action)
+                    if info:
+                        infos.append((j, info))
+                np.logical_or(terminated, truncated, out=autoreset)
+                write_to_shared_memory(space, index, obs, shared_memory)
+                pipe.send(((None, rewards, terminated, truncated, _pack(infos)), True))
+            elif command == "reset":
+                seeds, options = data["seed"], data["options"]
+                infos = []
+                for j, env in enumerate(envs):
+                    obs[j], info = env.reset(seed=seeds[j], options=options)
+                    if info:
+                        infos.append((j, info))
+                autoreset[:] = False
+                write_to_shared_memory(space, index, obs, shared_memory)
+                pipe.send(((None, _pack(infos)), True))
+            elif command == "_check_spaces":
+                _, single_obs_space, single_action_space = data
+                pipe.send(((single_obs_space == space, single_action_space == group.action_space), True))
+            elif command == "close":
+                pipe.send((None, True))
+                break
+            else:
+                raise ValueError(f"fastrl's grouped env workers support reset, step and close, not {command!r}")
+    except (KeyboardInterrupt, Exception):
+        error_type, error_message, _ = sys.exc_info()
+        error_queue.put((index, error_type, error_message, traceback.format_exc()))
+        pipe.send((None, False))
+    finally:
+        group.close()
+
+
+def _pack(infos: list[tuple[int, dict]]) -> dict:
+    # Empty infos (the usual case) cost nothing; others travel as (env-in-group, info) pairs.
+    return {_GROUP_INFOS: tuple(infos)} if infos else {}
+
+
+class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
+    """`len(env_fns)` envs in `num_workers` AsyncVectorEnv worker processes, an equal
+    group per worker. Env i is env i % G of worker i // G; it gets seed `seed + i`, as
+    in plain AsyncVectorEnv, so both give identical transitions."""
+
+    def __init__(self, env_fns: list[Callable[[], gym.Env]], num_workers: int):
+        self.num_envs = len(env_fns)
+        self.num_workers = num_workers
+        self.group_size = G = self.num_envs // num_workers
+        probe = env_fns[0]()
+        self.single_observation_space = probe.observation_space
+        self.single_action_space = probe.action_space
+        self.metadata = {**probe.metadata, "autoreset_mode": AUTORESET}
+        probe.close()
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        groups = [partial(_make_group, env_fns[w * G:(w + 1) * G]) for w in range(num_workers)]
+        self.workers = gym.vector.AsyncVectorEnv(groups, shared_memory=True, copy=False, worker=_group_worker)
+        # [W, G, *obs] in shared memory, seen as [N, *obs] without a copy.
+        self._obs = self.workers.observations.reshape(self.num_envs, *self.single_observation_space.shape)
+
+    def reset(self, *, seed: int | list | None = None, options: dict | None = None):
+        if seed is None or isinstance(seed, int):
+            seed = [None if seed is None else seed + i for i in range(self.num_envs)]
+        G = self.group_size
+        _, infos = self.workers.reset(seed=[seed[w * G:(w + 1) * G] for w in range(self.num_workers)],
+                                      options=options)
+        return self._obs, self._unpack(infos)
+
+    def step_async(self, actions) -> None:
+        self.workers.step_async(np.asarray(actions).reshape(self.num_workers, self.group_size))
+
+    def step_wait(self):
+        _, rewards, terminated, truncated, infos = self.workers.step_wait()
+        n = self.num_envs
+        return self._obs, rewards.reshape(n), terminated.reshape(n), truncated.reshape(n), self._unpack(infos)
+
+    def step(self, actions):
+        self.step_async(actions)
+        return self.step_wait()
+
+    def close_extras(self, **kwargs: Any) -> None:
+        self.workers.close(**kwargs)
+
+    def _unpack(self, group_infos: dict) -> dict:
+        infos: dict = {}
+        for w, pairs in enumerate(group_infos.get(_GROUP_INFOS, ())):
+            for j, info in pairs or ():
+                infos = self._add_info(infos, info, w * self.group_size + j)
+        return infos
+
+
+# --- EnvPool ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_envpool():
+    # EnvPool builds gymnasium Boxes from float64 bounds, and gymnasium warns about the
+    # cast on every build and reset: noise for the user.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*precision lowered by casting", category=UserWarning)
+        yield
+
+
+class EnvPoolVectorEnv(gym.vector.VectorEnv):
+    """EnvPool's C++ vector env behind the gymnasium VectorEnv interface. EnvPool's
+    autoreset is NEXT_STEP (reward 0, action ignored); with batch_size = num_envs the
+    results come back in env order. Env i is seeded `seed + i`, like gymnasium's."""
+
+    def __init__(self, env_id: str, num_envs: int, env_kwargs: dict):
+        try:
+            import envpool
+        except ImportError:
+            raise ConfigError("backend='envpool' needs the optional extra: pip install 'fastrl[envpool]'") from None
+        if env_id not in envpool.list_all_envs():
+            raise ConfigError(f"invalid env_id={env_id!r} for backend='envpool': EnvPool does not implement it")
+        self._options = dict(num_envs=num_envs, batch_size=num_envs,
+                             num_threads=min(num_envs, os.cpu_count() or 1), **env_kwargs)
+        self._env_id = env_id
+        try:
+            self.pool = self._make(seed=0)
+        except Exception as exc:  # EnvPool's own config check, e.g. an unknown keyword
+            raise ConfigError(f"invalid env_kwargs={env_kwargs!r} for EnvPool's {env_id}: "
+                              f"{str(exc).splitlines()[0]}") from None
+        self.num_envs = num_envs
+        with _quiet_envpool():
+            self.single_observation_space = self.pool.observation_space
+            self.single_action_space = self.pool.action_space
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.metadata = {"autoreset_mode": AUTORESET}
+
+    def _make(self, seed: int):
+        import envpool
+        with _quiet_envpool():
+            return envpool.make_gymnasium(self._env_id, seed=seed, **self._options)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if seed is not None:  # EnvPool takes its seed when it is built
+            self.pool.close()
+            self.pool = self._make(seed=seed)
+        with _quiet_envpool():
+            return self.pool.reset()
+
+    def step_async(self, actions) -> None:
+        self.pool.send(np.asarray(actions, dtype=np.int32))
+
+    def step_wait(self):
+        return self.pool.recv()
+
+    def step(self, actions):
+        self.step_async(actions)
+        return self.step_wait()
+
+    def close_extras(self, **kwargs: Any) -> None:
+        self.pool.close()

@@ -29,7 +29,7 @@ KNOBS = {
     "env": "env stepping dominates: --backend sync for cheap envs (no pipe round-trips), "
            "or raise --num-envs so each step's fixed costs serve more envs",
     "learn": "learning dominates: lower --replay-ratio (fewer updates per env step), a larger --batch-size "
-             "with fewer updates, keep --compile on, or a smaller --hidden",
+             "with fewer updates, keep --learner compile (or cudagraphs on CUDA), or a smaller --hidden",
     "act": "action selection dominates: raise --num-envs so each forward pass serves more envs",
     "ring": "ring writes dominate: raise --num-envs so each write carries more envs",
     "log": "logging dominates: raise --log-interval",

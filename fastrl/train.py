@@ -9,9 +9,8 @@ import traceback
 
 import torch
 
-from fastrl import accel
 from fastrl.algos import ddqn, reinforce
-from fastrl.buffer import ReplayRing, RolloutBuffer, sample_transitions
+from fastrl.buffer import ReplayRing, RolloutBuffer
 from fastrl.collector import Collector
 from fastrl.config import ConfigError, TrainConfig, validate
 from fastrl.envs import EnvSpec, inspect_env, make_vector_env
@@ -41,11 +40,14 @@ def train(config: TrainConfig) -> dict:
         raise ConfigError(f"env {config.env_id!r} has no time limit, and REINFORCE needs episodes that end: "
                           f"pass --env-kwargs max_episode_steps=N")
     device = resolve_device(config.device)
+    if config.learner == "cudagraphs" and device.type != "cuda":
+        raise ConfigError(f"invalid learner='cudagraphs': CUDA graphs need a CUDA device, and this run trains "
+                          f"on {device.type}; use compile or eager")
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     loop = {"ddqn": train_ddqn, "reinforce": train_reinforce}[config.algo]
     # Worker processes are forked before any CUDA state exists.
-    envs = make_vector_env(config.env_id, config.num_envs, config.backend, config.env_kwargs)
+    envs = make_vector_env(config.env_id, config.num_envs, config.backend, config.env_kwargs, config.num_workers)
     run = Run(config, spec, device)
     collector = Collector(envs, device, run.phases)
     try:
@@ -72,14 +74,14 @@ def store_step(collector: Collector, ring: ReplayRing, actions: torch.Tensor, ru
 
 def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Run) -> None:
     c, device, phases = config, run.device, run.phases
-    ring = ReplayRing(c.buffer_size, c.num_envs, spec.obs_shape, device, c.n_step, c.gamma,
-                      sample_fn=accel.compile_fn(sample_transitions, c.compile))
+    ring = ReplayRing(c.buffer_size, c.num_envs, spec.obs_shape, device, c.n_step, c.gamma)
     q = QNetwork(spec.obs_shape, spec.n_actions, c.hidden, c.dueling).to(device)
     q_target = copy.deepcopy(q).requires_grad_(False)
     optimizer, lr = adam(q.parameters(), c.lr, device)
-    # Profiling times the update's stages one by one; otherwise it runs as one compiled step.
-    update = ddqn.make_update(q, q_target, optimizer, c.max_grad_norm, c.compile,
-                              phases if c.profile else None)
+    # Sampling and the update run as one compiled step (or CUDA graph); profiling
+    # times their stages one by one instead.
+    learn = ddqn.make_learn_step(ring.sampler(c.batch_size), q, q_target, optimizer, c.max_grad_norm,
+                                 c.learner, phases if c.profile else None)
     act = ddqn.make_act(q)
     run.watch(q)
     learner_stats = DeviceMeans(("losses/td_loss", "losses/q_mean", "losses/grad_norm"), device)
@@ -93,14 +95,12 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
             actions = act(obs, eps)
         collector.step_async(actions)
 
-        # Learn while the env workers step (async backend).
-        if run.env_steps >= c.learning_starts:
+        # Learn while the env workers step (async backends).
+        if run.env_steps >= c.learning_starts and ring.size > 0:
             update_credit += c.num_envs * c.replay_ratio
             while update_credit >= 1.0:
-                with phases("sample"):
-                    batch = ring.sample(c.batch_size)
                 with phases("update"):
-                    learner_stats.add(update(batch))
+                    learner_stats.add(learn())
                 run.updates += 1
                 update_credit -= 1.0
                 if run.updates % c.target_update_interval == 0:
@@ -128,7 +128,7 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
     optimizer, lr = adam(policy.parameters(), c.lr, device)
     running_mean = torch.zeros((), device=device)
     update = reinforce.make_update(policy, optimizer, c.baseline, c.normalize_returns, c.entropy_coef,
-                                   c.value_coef, c.max_grad_norm, running_mean, c.compile,
+                                   c.value_coef, c.max_grad_norm, running_mean, c.learner,
                                    phases if c.profile else None)
     act = reinforce.make_act(policy)
     run.watch(policy)

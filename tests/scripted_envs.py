@@ -47,10 +47,19 @@ class SlowEnv(CounterEnv):
         return super().step(action)
 
 
+class InfoEnv(CounterEnv):
+    """CounterEnv that reports {"t": t} in info on even steps only."""
+
+    def step(self, action):
+        obs, reward, terminated, truncated, _ = super().step(action)
+        return obs, reward, terminated, truncated, ({"t": self.t} if self.t % 2 == 0 else {})
+
+
 # Terminates after 3 steps (never truncated).
 gym.register("fastrl-test/Terminating-v0", entry_point=CounterEnv, kwargs={"length": 3}, max_episode_steps=100)
 # Would last 50 steps but the time limit truncates it after 4.
 gym.register("fastrl-test/Truncating-v0", entry_point=CounterEnv, kwargs={"length": 50}, max_episode_steps=4)
 # Random lengths 1..6, truncated at 5: both kinds of episode end.
 gym.register("fastrl-test/Mixed-v0", entry_point=CounterEnv, kwargs={"length": None}, max_episode_steps=5)
+gym.register("fastrl-test/Info-v0", entry_point=InfoEnv, kwargs={"length": 4}, max_episode_steps=50)
 gym.register("fastrl-test/Slow-v0", entry_point=SlowEnv, kwargs={"length": 20}, max_episode_steps=50)

@@ -12,7 +12,7 @@ from fastrl import checkpoint
 from fastrl.cli import main
 
 TINY = ["--env", "CartPole-v1", "--total-steps", "1200", "--learning-starts", "400", "--num-envs", "4",
-        "--eval-episodes", "4", "--eval-envs", "2", "--eval-interval", "600", "--no-compile",
+        "--eval-episodes", "4", "--eval-envs", "2", "--eval-interval", "600", "--learner", "eager",
         "--log-interval", "0.05", "--buffer-size", "2000", "--batch-size", "32"]
 
 
@@ -77,7 +77,7 @@ def test_help_documents_every_option_with_default():
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
     for option in ("--env ", "--algo", "--num-envs", "--backend", "--device", "--n-step", "--replay-ratio",
-                   "--tau", "--dueling", "--no-compile", "--run-dir", "--env-kwargs", "--eval-episodes"):
+                   "--tau", "--dueling", "--learner", "--num-workers", "--run-dir", "--env-kwargs", "--eval-episodes"):
         assert option in text, option
     assert text.count("(default:") >= 30
 
@@ -94,6 +94,9 @@ BAD = [
     (["--device", "tpu"], "device='tpu'"),
     (["--algo", "ppo"], "algo='ppo'"),
     (["--backend", "threads"], "backend='threads'"),
+    (["--learner", "jit"], "learner='jit'"),
+    (["--num-workers", "3"], "num_workers=3"),
+    (["--num-workers=-1"], "num_workers=-1"),
     (["--env", "LunarLander-v3", "--env-kwargs", "continuous=true"], "Discrete"),
     (["--env", "Pendulum-v1"], "Pendulum-v1"),
     (["--env-kwargs", "no_such_kwarg=1"], "no_such_kwarg"),
@@ -125,6 +128,10 @@ def test_cuda_request_without_cuda_is_a_clear_error(capsys, tmp_path):
         pytest.skip("this machine has CUDA")
     assert call_main(["train", "--device", "cuda", "--run-dir", str(tmp_path / "x")]) == 2
     assert "device='cuda'" in capsys.readouterr().err
+    assert call_main(["train", "--learner", "cudagraphs", "--run-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "learner='cudagraphs'" in err and "CUDA" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
 
 
 def test_checkpoint_load_refuses_pickled_code(tmp_path):
@@ -169,7 +176,7 @@ def test_wall_clock_budget_stops_training(tmp_path):
     import time
 
     import fastrl
-    config = fastrl.make_config(env_id="CartPole-v1", total_steps=10_000_000, time_limit_s=3.0, compile=False,
+    config = fastrl.make_config(env_id="CartPole-v1", total_steps=10_000_000, time_limit_s=3.0, learner="eager",
                                 backend="sync", eval_interval=0, eval_episodes=2, eval_envs=2, progress=False,
                                 run_dir=str(tmp_path / "budget"))
     t0 = time.perf_counter()

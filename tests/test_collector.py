@@ -1,22 +1,37 @@
 """Autoreset, truncation and termination through the real vector envs into the ring."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
 import pytest
 import torch
 
 from fastrl.buffer import ReplayRing, transitions_at
 from fastrl.collector import Collector
+from fastrl.config import ConfigError
 from fastrl.envs import make_vector_env
 
 CPU = torch.device("cpu")
 
 
-def collect(env_id, backend, num_envs=3, steps=40, n_step=1, gamma=0.9, seed=0, capacity=None):
-    collector = Collector(make_vector_env(env_id, num_envs, backend), CPU)
-    ring = ReplayRing(capacity or (steps + 1) * num_envs, num_envs, (3,), CPU, n_step, gamma)
+# (backend, num_workers): in-process; one process per env (plain AsyncVectorEnv);
+# grouped workers (2 processes x 2 envs).
+BACKENDS = {"sync": ("sync", 0), "async-plain": ("async", 4), "async-grouped": ("async", 2)}
+
+
+def collect(env_id, backend, num_envs=4, steps=40, n_step=1, gamma=0.9, seed=0, capacity=None, num_workers=0,
+            env_kwargs=None):
+    collector = Collector(make_vector_env(env_id, num_envs, backend, env_kwargs, num_workers), CPU)
+    ring = ReplayRing(capacity or (steps + 1) * num_envs, num_envs, collector.obs_shape, CPU, n_step, gamma)
     obs = collector.reset(seed=seed)
     ring.start(obs)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        actions = torch.randint(0, 2, (num_envs,), generator=gen)
+        actions = torch.randint(0, collector.envs.single_action_space.n, (num_envs,), generator=gen)
         collector.step_async(actions)
         step = collector.step_wait()
         ring.add(actions, step.rewards, step.terminated, step.truncated, step.obs)
@@ -31,9 +46,10 @@ def all_transitions(ring):
     return transitions_at(ring.storage, start, envs, ages, ring.n_step, ring.gamma)
 
 
-@pytest.mark.parametrize("backend", ["sync", "async"])
-def test_reset_steps_are_masked_and_real_steps_are_consistent(backend):
-    _, ring = collect("fastrl-test/Mixed-v0", backend)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_reset_steps_are_masked_and_real_steps_are_consistent(name):
+    backend, workers = BACKENDS[name]
+    _, ring = collect("fastrl-test/Mixed-v0", backend, num_workers=workers)
     tr = all_transitions(ring)
     ep, t = tr.obs[:, 0], tr.obs[:, 1]
     next_ep, next_t = tr.next_obs[:, 0], tr.next_obs[:, 1]
@@ -78,11 +94,68 @@ def test_nstep_window_stops_at_episode_end_with_real_envs():
     assert torch.all(tr.returns[first] >= 1 + 0.5 * 2 + 0.25 * 3)
 
 
-def test_sync_and_async_backends_give_identical_transitions():
-    _, a = collect("fastrl-test/Mixed-v0", "sync", seed=3)
-    _, b = collect("fastrl-test/Mixed-v0", "async", seed=3)
-    for x, y in zip(a.storage, b.storage):
-        assert torch.equal(x, y)
+@pytest.mark.parametrize("env_id", ["fastrl-test/Mixed-v0", "LunarLander-v3"])
+def test_all_backends_give_identical_transitions_and_episode_statistics(env_id):
+    results = {name: collect(env_id, backend, seed=3, steps=150, num_workers=workers)
+               for name, (backend, workers) in BACKENDS.items()}
+    ref_collector, reference = results["async-plain"]
+    ref_stats = ref_collector.pop_episodes()
+    assert ref_stats[0], "the run must finish episodes"
+    for name, (collector, ring) in results.items():
+        assert ring.storage.obs.abs().sum() > 0
+        for field, x, y in zip(ring.storage._fields, ring.storage, reference.storage):
+            assert torch.equal(x, y), (name, field)
+        if name != "async-plain":
+            assert collector.pop_episodes() == ref_stats, name
+
+
+def test_grouped_workers_pass_infos_through_like_plain_async():
+    # Info-v0 reports {"t": t} on even steps only, so the `_t` masks matter.
+    outputs = {}
+    for name, workers in (("plain", 4), ("grouped", 2)):
+        envs = make_vector_env("fastrl-test/Info-v0", 4, "async", num_workers=workers)
+        _, reset_info = envs.reset(seed=1)
+        infos = [reset_info] + [envs.step(np.array([0, 1, 1, 0]))[4] for _ in range(9)]
+        envs.close()
+        outputs[name] = infos
+    assert any("t" in info for info in outputs["plain"])
+    for plain, grouped in zip(outputs["plain"], outputs["grouped"]):
+        assert plain.keys() == grouped.keys()
+        for key in plain:
+            assert np.array_equal(plain[key], grouped[key]), key
+
+
+@pytest.mark.parametrize("workers", [4, 2])
+def test_making_async_envs_leaves_ctrl_c_to_the_trainer(workers):
+    envs = make_vector_env("CartPole-v1", 4, "async", num_workers=workers)
+    try:
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        envs.close()
+
+
+def test_ctrl_c_stops_an_async_training_run_and_saves(tmp_path):
+    cmd = [sys.executable, "-m", "fastrl", "train", "--env", "CartPole-v1", "--learner", "eager", "--num-envs", "4",
+           "--total-steps", "10000000", "--no-progress", "--eval-interval", "0", "--log-interval", "0.2",
+           "--run-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def event_bytes():
+        return sum(f.stat().st_size for f in tmp_path.glob("events.out.tfevents.*"))
+
+    deadline = time.time() + 60
+    while event_bytes() == 0 and time.time() < deadline:
+        time.sleep(0.1)
+    first = event_bytes()
+    while event_bytes() == first and time.time() < deadline:  # the loop has logged: it is training
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["interrupted"] and summary["env_steps"] > 0
+    assert (tmp_path / "checkpoint.pt").exists()
+    assert "Traceback" not in err
 
 
 def test_episode_statistics_skip_reset_steps():
@@ -92,3 +165,41 @@ def test_episode_statistics_skip_reset_steps():
     assert lengths == [3] * 8
     assert all(1 + 2 + 3 <= r <= 1 + 2 + 3 + 1.5 for r in returns)
     assert collector.pop_episodes() == ([], [])
+
+
+def test_envpool_backend_has_the_same_autoreset_and_truncation_semantics():
+    pytest.importorskip("envpool")
+    gamma = 0.9
+    collector, ring = collect("CartPole-v1", "envpool", num_envs=3, steps=60, gamma=gamma, seed=1,
+                              env_kwargs={"max_episode_steps": 5})
+    s = ring.storage
+    rows = ring.size
+    dones, valid = s.dones[:rows], s.valid[:rows]
+    assert dones.any()
+    # The step after every episode end, and only it, is a reset pseudo-step paying 0.
+    assert torch.equal(valid[1:], ~dones[:-1])
+    assert torch.all(s.rewards[:rows][~valid] == 0) and torch.all(s.rewards[:rows][valid] == 1)
+    # It starts from the final observation (the state after the last real step), and
+    # leads to a fresh reset state (CartPole resets within +-0.05).
+    t, e = torch.nonzero(~valid[1:], as_tuple=True)
+    t = t + 1
+    assert torch.all(s.obs[t + 1, e].abs() <= 0.05)
+    # No episode outlives the 5-step limit; cut episodes bootstrap with gamma.
+    _, lengths = collector.pop_episodes()
+    assert lengths and max(lengths) == 5 and min(lengths) >= 1
+    tr = all_transitions(ring)
+    cut = (tr.weight == 1) & (s.dones[:rows] & ~s.terminated[:rows]).flatten()
+    assert cut.any() and torch.allclose(tr.discount[cut], torch.full_like(tr.discount[cut], gamma))
+    # Seeded like gymnasium: the same seed repeats the run.
+    _, again = collect("CartPole-v1", "envpool", num_envs=3, steps=60, gamma=gamma, seed=1,
+                       env_kwargs={"max_episode_steps": 5})
+    assert all(torch.equal(x, y) for x, y in zip(ring.storage, again.storage))
+
+
+def test_envpool_backend_refuses_what_it_cannot_run(monkeypatch):
+    pytest.importorskip("envpool")
+    with pytest.raises(ConfigError, match="EnvPool does not implement"):
+        make_vector_env("fastrl-test/Mixed-v0", 2, "envpool")
+    monkeypatch.setitem(sys.modules, "envpool", None)  # as if the extra were not installed
+    with pytest.raises(ConfigError, match=r"pip install 'fastrl\[envpool\]'"):
+        make_vector_env("CartPole-v1", 2, "envpool")

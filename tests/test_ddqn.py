@@ -71,9 +71,9 @@ def test_update_moves_q_towards_target_and_target_update_rules():
     q = Table([[0.0, 0.0], [0.0, 0.0]])
     q_t = copy.deepcopy(q).requires_grad_(False)
     opt = torch.optim.SGD(q.parameters(), lr=0.1)
-    update = ddqn.make_update(q, q_t, opt, max_grad_norm=10.0)
+    update = ddqn.make_learn_step(lambda: b, q, q_t, opt, max_grad_norm=10.0)
     b = batch([[1.0, 0.0]], returns=[1.0], discount=[0.0], obs=[[1.0, 0.0]], actions=[0])
-    stats = update(b)
+    stats = update()
     assert stats.loss.item() == 0.5  # Huber(0 - 1) = 0.5
     assert q.w[0, 0].item() > 0 and q.w[1, 0].item() == 0  # only the taken action moved
     ddqn.update_target(q_t, q, tau=0.5)

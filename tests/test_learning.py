@@ -6,7 +6,7 @@ from fastrl import checkpoint
 
 
 def test_ddqn_cartpole_learns_to_greedy_195(tmp_path):
-    config = fastrl.make_config(env_id="CartPole-v1", total_steps=40_000, compile=True,
+    config = fastrl.make_config(env_id="CartPole-v1", total_steps=40_000, learner="compile",
                                 eval_episodes=20, progress=False, run_dir=str(tmp_path / "cp"))
     summary = fastrl.train(config)
     assert summary["final_eval_episodes"] == 20
@@ -19,7 +19,7 @@ def test_ddqn_cartpole_learns_to_greedy_195(tmp_path):
 def test_same_seed_same_learning_curve(tmp_path):
     def run(name, seed):
         config = fastrl.make_config(env_id="CartPole-v1", total_steps=3_000, learning_starts=500,
-                                    compile=False, eval_interval=0, eval_episodes=2, eval_envs=2,
+                                    learner="eager", eval_interval=0, eval_episodes=2, eval_envs=2,
                                     progress=False, seed=seed, run_dir=str(tmp_path / name))
         summary = fastrl.train(config)
         return summary, checkpoint.load(summary["checkpoint"])["model"]

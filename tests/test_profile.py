@@ -8,7 +8,7 @@ from fastrl.cli import main
 from fastrl.timing import Phases
 
 SMALL = dict(hidden=(16, 16), batch_size=32, buffer_size=5_000, learning_starts=200, replay_ratio=0.25,
-             compile=False, backend="sync", num_envs=2, eval_interval=0, stop_on_solve=False,
+             learner="eager", backend="sync", num_envs=2, eval_interval=0, stop_on_solve=False,
              total_steps=10**9, progress=False, profile=True, profile_steps=600, trace_cycles=3)
 
 
@@ -47,7 +47,7 @@ def test_verdict_names_the_learner_when_the_update_is_slow(tmp_path, monkeypatch
 
 
 def test_profile_command_prints_table_and_writes_trace(tmp_path, capsys):
-    code = main(["profile", "--env", "CartPole-v1", "--steps", "400", "--no-compile", "--backend", "sync",
+    code = main(["profile", "--env", "CartPole-v1", "--steps", "400", "--learner", "eager", "--backend", "sync",
                  "--learning-starts", "100", "--batch-size", "16", "--hidden", "16", "--trace-cycles", "2",
                  "--run-dir", str(tmp_path / "cli")])
     out = capsys.readouterr().out

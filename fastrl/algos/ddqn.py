@@ -36,12 +36,16 @@ def td_loss(q: nn.Module, batch: Transitions, y: torch.Tensor) -> tuple[torch.Te
     return loss, q_sa.detach().mean()
 
 
-def make_update(q: nn.Module, q_target: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
-                compile: bool = False, phases: Phases | None = None) -> Callable[[Transitions], UpdateStats]:
-    """One gradient step on a batch (fixed shapes: torch.compile traces it once).
+def make_learn_step(sample: Callable[[], Transitions], q: nn.Module, q_target: nn.Module,
+                    optimizer: torch.optim.Optimizer, max_grad_norm: float, learner: str = "eager",
+                    phases: Phases | None = None) -> Callable[[], UpdateStats]:
+    """One gradient step on a fresh batch from `sample` (e.g. `ReplayRing.sampler(B)`):
+    Double-DQN targets, Huber TD loss, backward, clipped optimizer step.
 
-    Normally the whole step is one compiled function. With `phases` (profiling) its
-    stages (targets, forward_backward, optimizer_step) are compiled and timed one by one.
+    Argument-free and fixed-shape, so the whole step compiles once (learner="compile")
+    and can be recorded as one CUDA graph (learner="cudagraphs"). With `phases`
+    (profiling) its stages (sample, targets, forward_backward, optimizer_step) are
+    compiled and timed one by one instead.
     """
 
     def targets(batch: Transitions) -> torch.Tensor:
@@ -56,16 +60,19 @@ def make_update(q: nn.Module, q_target: nn.Module, optimizer: torch.optim.Optimi
     optimizer_step = make_optimizer_step(list(q.parameters()), optimizer, max_grad_norm)
 
     if phases is None:
-        def update(batch: Transitions) -> UpdateStats:
+        def learn_step() -> UpdateStats:
+            batch = sample()
             loss, q_mean = forward_backward(batch, targets(batch))
             return UpdateStats(loss, q_mean, optimizer_step())
 
-        return accel.compile_fn(update, compile)
+        return accel.learner_fn(learn_step, learner)
 
-    targets, forward_backward, optimizer_step = (
-        accel.compile_fn(f, compile) for f in (targets, forward_backward, optimizer_step))
+    sample, targets, forward_backward, optimizer_step = (
+        accel.compile_fn(f, learner != "eager") for f in (sample, targets, forward_backward, optimizer_step))
 
-    def timed_update(batch: Transitions) -> UpdateStats:
+    def timed_learn_step() -> UpdateStats:
+        with phases("sample"):
+            batch = sample()
         with phases("targets"):
             y = targets(batch)
         with phases("forward_backward"):
@@ -74,7 +81,7 @@ def make_update(q: nn.Module, q_target: nn.Module, optimizer: torch.optim.Optimi
             grad_norm = optimizer_step()
         return UpdateStats(loss, q_mean, grad_norm)
 
-    return timed_update
+    return timed_learn_step
 
 
 @torch.no_grad()

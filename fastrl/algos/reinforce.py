@@ -28,7 +28,7 @@ def masked_mean(x: torch.Tensor, w: torch.Tensor, count: torch.Tensor) -> torch.
 
 def make_update(policy: PolicyNetwork, optimizer: torch.optim.Optimizer, baseline: str,
                 normalize_returns: bool, entropy_coef: float, value_coef: float, max_grad_norm: float,
-                running_mean: torch.Tensor, compile: bool = False,
+                running_mean: torch.Tensor, learner: str = "eager",
                 phases: Phases | None = None) -> Callable[[Episodes], UpdateStats]:
     """One gradient step on every masked step of `batch` (fixed shapes: compiles once).
 
@@ -71,9 +71,10 @@ def make_update(policy: PolicyNetwork, optimizer: torch.optim.Optimizer, baselin
         def update(batch: Episodes) -> UpdateStats:
             return UpdateStats(*forward_backward(batch), optimizer_step())
 
-        return accel.compile_fn(update, compile)
+        return accel.learner_fn(update, learner)
 
-    forward_backward, optimizer_step = (accel.compile_fn(f, compile) for f in (forward_backward, optimizer_step))
+    forward_backward, optimizer_step = (accel.compile_fn(f, learner != "eager")
+                                        for f in (forward_backward, optimizer_step))
 
     def timed_update(batch: Episodes) -> UpdateStats:
         with phases("forward_backward"):
