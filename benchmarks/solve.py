@@ -5,23 +5,13 @@ compilation, as a user would see them."""
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
+from fastrl.bench import machine  # noqa: F401  (re-exported for the solve scripts)
 
 
 def run_seeds(env: str, algo: str, seeds: list[int], train_args: list[str], runs_dir: str) -> list[dict]:

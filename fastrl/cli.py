@@ -3,6 +3,7 @@
     fastrl train [--env ID] [--algo ddqn] [options]     (every TrainConfig field is an option)
     fastrl profile [train options] [--steps N]           where the training time goes
     fastrl eval CHECKPOINT [--episodes 100] [--seed S]
+    fastrl bench collect|learn|all [options]             throughput, side by side
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import dataclasses
 import json
 import sys
 
-from fastrl.config import PRESETS, ConfigError, TrainConfig, make_config
+from fastrl.config import LEARNERS, PRESETS, ConfigError, TrainConfig, make_config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,6 +92,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluation seed; env seeds stay disjoint from training (default: 0)")
     eval_p.add_argument("--envs", type=int, default=20, help="vectorized eval envs (default: 20)")
     eval_p.add_argument("--device", default="cpu", help="device for the network: cpu | cuda (default: cpu)")
+    bench_p = sub.add_parser(
+        "bench", help="throughput: collector steps/s per backend and env count, learner updates/s per mode",
+        description="collect: env steps/s into the replay ring per backend and env count, next to the raw env "
+                    "in one process (x cores = the machine's limit) and plain AsyncVectorEnv, interleaved in "
+                    "rounds. learn: updates/s of the Double-DQN learner per mode and batch size. Prints tables; "
+                    "writes bench.json and collect.png.")
+    bench_p.add_argument("what", choices=("collect", "learn", "all"), help="what to measure")
+    bench_p.add_argument("--env", default="LunarLander-v3", help="gymnasium env id (default: LunarLander-v3)")
+    bench_p.add_argument("--num-envs", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256], metavar="N",
+                         help="env counts for collect (default: 8 16 32 64 128 256)")
+    bench_p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024], metavar="B",
+                         help="batch sizes for learn (default: 64 256 1024)")
+    bench_p.add_argument("--modes", nargs="+", default=None, metavar="MODE",
+                         help="learner modes for learn: eager compile cudagraphs (default: eager compile, "
+                              "plus cudagraphs on CUDA)")
+    bench_p.add_argument("--seconds", type=float, default=2.0, help="seconds per measurement (default: 2)")
+    bench_p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported (default: 3)")
+    bench_p.add_argument("--device", default="auto", help="device for the ring and learner: auto | cpu | cuda")
+    bench_p.add_argument("--threads", type=int, default=1, help="torch CPU threads, as in training (default: 1)")
+    bench_p.add_argument("--out", default="", help="output directory (default: runs/bench__<env>__<time>)")
     return parser
 
 
@@ -143,10 +164,43 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import time
+
+    from fastrl.bench import run_bench
+    from fastrl.config import DEVICES
+
+    def positive(name: str, values: list) -> None:
+        bad = [v for v in values if v <= 0]
+        if bad:
+            raise ConfigError(f"invalid --{name}={bad[0]}: must be positive")
+
+    positive("num-envs", args.num_envs)
+    positive("batch-sizes", args.batch_sizes)
+    positive("seconds", [args.seconds])
+    positive("rounds", [args.rounds])
+    positive("threads", [args.threads])
+    if args.device not in DEVICES:
+        raise ConfigError(f"invalid --device={args.device!r}: must be {' or '.join(DEVICES)}")
+    modes = args.modes
+    if modes is None:
+        import torch
+        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        modes = ["eager", "compile", *(["cudagraphs"] if cuda else [])]
+    for mode in modes:
+        if mode not in LEARNERS:
+            raise ConfigError(f"invalid --modes value {mode!r}: must be {' or '.join(LEARNERS)}")
+    out = args.out or f"runs/bench__{args.env}__{time.strftime('%Y%m%d-%H%M%S')}"
+    run_bench(args.what, args.env, args.num_envs, args.batch_sizes, modes, args.seconds, args.rounds,
+              args.device, args.threads, out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "profile": _profile, "eval": _eval}[args.command](args)
+        commands = {"train": _train, "profile": _profile, "eval": _eval, "bench": _bench}
+        return commands[args.command](args)
     except ConfigError as exc:
         print(f"fastrl {args.command}: error: {exc}", file=sys.stderr)
         return 2

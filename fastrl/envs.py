@@ -82,10 +82,14 @@ def inspect_env(env_id: str, env_kwargs: dict) -> EnvSpec:
     return EnvSpec(tuple(obs_space.shape), int(act_space.n), float(threshold), max_episode_steps)
 
 
+def cpu_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers(num_envs: int) -> int:
     """One worker per CPU core: the largest divisor of num_envs not above the core count."""
-    cores = os.cpu_count() or 1
-    return max(w for w in range(1, min(num_envs, cores) + 1) if num_envs % w == 0)
+    return max(w for w in range(1, min(num_envs, cpu_cores()) + 1) if num_envs % w == 0)
 
 
 def make_vector_env(env_id: str, num_envs: int, backend: str = "async",
@@ -129,6 +133,7 @@ def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, 
     steps a group of envs per message, applying NEXT_STEP autoreset to each env exactly
     as gymnasium's worker does to its one env."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # see _make_one
+    _pin_to_core(index)
     group = env_fn()
     parent_pipe.close()
     envs, space = group.envs, group.observation_space
@@ -143,7 +148,7 @@ def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, 
             command, data = pipe.recv()
             if command == "step":
                 infos = []
-                for j, (env, action) in enumerate(zip(envs, data)):
+                for j, (env, action) in enumerate(zip(envs, data.tolist())):  # Python ints: cheaper checks
                     if autoreset[j]:
                         obs[j], info = env.reset()
                         rewards[j], terminated[j], truncated[j] = 0.0, False, False
@@ -178,6 +183,14 @@ def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, 
         pipe.send((None, False))
     finally:
         group.close()
+
+
+def _pin_to_core(index: int) -> None:
+    # Workers are woken together every step; left to the scheduler, two of them often
+    # share a core for a while (wake-affine placement). One core each keeps them parallel.
+    if hasattr(os, "sched_setaffinity"):
+        allowed = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {allowed[index % len(allowed)]})
 
 
 def _pack(infos: list[tuple[int, dict]]) -> dict:
@@ -261,7 +274,7 @@ class EnvPoolVectorEnv(gym.vector.VectorEnv):
         if env_id not in envpool.list_all_envs():
             raise ConfigError(f"invalid env_id={env_id!r} for backend='envpool': EnvPool does not implement it")
         self._options = dict(num_envs=num_envs, batch_size=num_envs,
-                             num_threads=min(num_envs, os.cpu_count() or 1), **env_kwargs)
+                             num_threads=min(num_envs, cpu_cores()), **env_kwargs)
         self._env_id = env_id
         try:
             self.pool = self._make(seed=0)

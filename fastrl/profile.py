@@ -26,8 +26,9 @@ GROUPS = {
 }
 
 KNOBS = {
-    "env": "env stepping dominates: --backend sync for cheap envs (no pipe round-trips), "
-           "or raise --num-envs so each step's fixed costs serve more envs",
+    "env": "env stepping dominates: raise --num-envs so each worker's pipe round trip serves more envs "
+           "(workers: --num-workers, one per core by default), --backend sync for cheap envs, "
+           "or --backend envpool where EnvPool has the env",
     "learn": "learning dominates: lower --replay-ratio (fewer updates per env step), a larger --batch-size "
              "with fewer updates, keep --learner compile (or cudagraphs on CUDA), or a smaller --hidden",
     "act": "action selection dominates: raise --num-envs so each forward pass serves more envs",

@@ -139,18 +139,22 @@ def test_ctrl_c_stops_an_async_training_run_and_saves(tmp_path):
            "--total-steps", "10000000", "--no-progress", "--eval-interval", "0", "--log-interval", "0.2",
            "--run-dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def event_bytes():
+            return sum(f.stat().st_size for f in tmp_path.glob("events.out.tfevents.*"))
 
-    def event_bytes():
-        return sum(f.stat().st_size for f in tmp_path.glob("events.out.tfevents.*"))
-
-    deadline = time.time() + 60
-    while event_bytes() == 0 and time.time() < deadline:
-        time.sleep(0.1)
-    first = event_bytes()
-    while event_bytes() == first and time.time() < deadline:  # the loop has logged: it is training
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
-    _, err = proc.communicate(timeout=60)
+        deadline = time.time() + 60
+        while event_bytes() == 0 and time.time() < deadline:
+            time.sleep(0.1)
+        first = event_bytes()
+        while event_bytes() == first and time.time() < deadline:  # the loop has logged: it is training
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # it ignored Ctrl-C: do not leave it training
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 130, err
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["interrupted"] and summary["env_steps"] > 0

@@ -2,11 +2,14 @@
 import copy
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from fastrl.algos import ddqn
 from fastrl.buffer import ReplayRing, Transitions
+from fastrl.metrics import DeviceMeans
+from fastrl.optim import adam
 from fastrl.schedules import linear_schedule
 
 
@@ -112,3 +115,60 @@ def test_ring_capacity_wraparound_and_uniform_sampling():
     values, counts = np.unique(rewards.numpy(), return_counts=True)
     assert set(values.tolist()) == set(float(s) for s in range(16, 26))
     assert counts.min() > 0.7 * counts.mean()  # roughly uniform over the stored rows
+
+
+def _learner_after_updates(mode, device, updates=6):
+    torch.manual_seed(0)
+    q = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 3)).to(device)
+    q_t = copy.deepcopy(q).requires_grad_(False)
+    optimizer, _ = adam(q.parameters(), 1e-2, device)
+    gen = torch.Generator().manual_seed(1)
+    fixed = Transitions(obs=torch.randn(64, 4, generator=gen), actions=torch.randint(0, 3, (64,), generator=gen),
+                        returns=torch.randn(64, generator=gen), next_obs=torch.randn(64, 4, generator=gen),
+                        discount=torch.full((64,), 0.9), weight=torch.ones(64))
+    fixed = Transitions(*(t.to(device) for t in fixed))
+    learn = ddqn.make_learn_step(lambda: fixed, q, q_t, optimizer, max_grad_norm=1.0, learner=mode)
+    losses = [learn().loss.item() for _ in range(updates)]
+    return [p.detach().cpu() for p in q.parameters()], losses
+
+
+def test_learner_modes_change_speed_not_maths():
+    eager, eager_losses = _learner_after_updates("eager", torch.device("cpu"))
+    compiled, compiled_losses = _learner_after_updates("compile", torch.device("cpu"))
+    assert eager_losses[-1] < eager_losses[0]
+    assert np.allclose(eager_losses, compiled_losses, rtol=1e-4, atol=1e-6)
+    for a, b in zip(eager, compiled):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_learner_replays_the_same_updates_without_host_syncs():
+    cuda = torch.device("cuda")
+    compiled, compiled_losses = _learner_after_updates("compile", cuda, updates=8)
+    graphed, graphed_losses = _learner_after_updates("cudagraphs", cuda, updates=8)  # 3 warm-up, record, replays
+    assert np.allclose(compiled_losses, graphed_losses, rtol=1e-4, atol=1e-6)
+    for a, b in zip(compiled, graphed):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    # The training loop's learner body (sample from a device ring, update, metrics) never waits on the host.
+    ring = ReplayRing(1000, 4, (4,), cuda, n_step=3)
+    ring.start(torch.zeros(4, 4, device=cuda))
+    for _ in range(300):
+        ring.add(torch.randint(0, 3, (4,), device=cuda), torch.randn(4, device=cuda), torch.rand(4, device=cuda) < 0.05,
+                 torch.zeros(4, dtype=torch.bool, device=cuda), torch.randn(4, 4, device=cuda))
+    q = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 3)).to(cuda)
+    q_t = copy.deepcopy(q).requires_grad_(False)
+    optimizer, _ = adam(q.parameters(), 1e-3, cuda)
+    stats = DeviceMeans(("loss", "q", "g"), cuda)
+    for mode in ("compile", "cudagraphs"):
+        learn = ddqn.make_learn_step(ring.sampler(32), q, q_t, optimizer, 10.0, mode)
+        for _ in range(5):  # compile and record first
+            stats.add(learn())
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(20):
+                stats.add(learn())
+                ddqn.update_target(q_t, q, 0.005)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert np.isfinite(stats.read()["loss"])

@@ -1,0 +1,354 @@
+"""`fastrl bench`: throughput measured side by side in one run.
+
+collect  env steps/s into the replay ring through fastrl's collector, per backend and
+         env count, next to the raw env stepped in one process (x cores = the
+         machine's limit) and plain gymnasium AsyncVectorEnv (one process per env).
+         Measurements are interleaved in rounds, so a machine that speeds up or slows
+         down during the run moves every figure alike; medians over rounds are reported.
+learn    updates/s of the Double-DQN learner step (sample, targets, loss, backward,
+         Adam, target update) per learner mode and batch size.
+
+Writes bench.json (every round of every measurement) and collect.png (steps/s
+against the number of envs) to the output directory.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from fastrl.algos import ddqn
+from fastrl.buffer import ReplayRing
+from fastrl.collector import Collector
+from fastrl.config import ConfigError, make_config
+from fastrl.envs import cpu_cores, default_workers, inspect_env, make_vector_env
+from fastrl.metrics import DeviceMeans
+from fastrl.nets import QNetwork
+from fastrl.optim import adam
+
+PLAIN_MAX_ENVS = 32  # one process per env beyond this only measures the scheduler
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {cpu_cores()} cores{gpu}, torch {torch.__version__}, gymnasium {gym.__version__}"
+
+
+# --- collect ------------------------------------------------------------------------------
+
+class SingleProcess:
+    """The raw env in one process, random actions, reset by hand: the per-core rate."""
+
+    label = "single process (raw env)"
+
+    def __init__(self, env_id: str, seed: int):
+        self.env = gym.make(env_id)
+        self.env.reset(seed=seed)
+        # Python ints: the fastest way to hand gymnasium an action.
+        self.actions = np.random.default_rng(seed).integers(0, self.env.action_space.n, 1 << 16).tolist()
+
+    def measure(self, seconds: float) -> float:
+        env, actions, n = self.env, self.actions, len(self.actions)
+        steps, start = 0, time.perf_counter()
+        while True:
+            for _ in range(256):
+                _, _, terminated, truncated, _ = env.step(actions[steps % n])
+                steps += 1
+                if terminated or truncated:
+                    env.reset()
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                return steps / elapsed
+
+    def close(self) -> None:
+        self.env.close()
+
+
+@dataclass
+class CollectCase:
+    backend: str      # async | sync | envpool
+    num_envs: int
+    num_workers: int  # async only; num_envs = plain AsyncVectorEnv
+
+    @property
+    def series(self) -> str:
+        if self.backend == "async":
+            return "async, plain (1 env/process)" if self.num_workers == self.num_envs else "async, grouped"
+        return self.backend
+
+    @property
+    def label(self) -> str:
+        grouped = self.backend == "async" and self.num_workers < self.num_envs
+        return f"{self.series} ({self.num_workers} workers)" if grouped else self.series
+
+
+class CollectorLoop:
+    """fastrl's collector into a ReplayRing with random actions drawn on the device:
+    the training loop's data path without the network."""
+
+    def __init__(self, case: CollectCase, env_id: str, device: torch.device, seed: int):
+        self.case = case
+        envs = make_vector_env(env_id, case.num_envs, case.backend, num_workers=case.num_workers)
+        self.collector = Collector(envs, device)
+        self.n_actions = int(envs.single_action_space.n)
+        self.ring = ReplayRing(100_000, case.num_envs, self.collector.obs_shape, device)
+        self.actions = torch.zeros(case.num_envs, dtype=torch.int64, device=device)
+        self.device = device
+        self.ring.start(self.collector.reset(seed=seed))
+        self.run(20)  # warm-up: first resets, allocator
+
+    def run(self, steps: int) -> None:
+        collector, ring, actions = self.collector, self.ring, self.actions
+        for _ in range(steps):
+            actions.random_(0, self.n_actions)
+            collector.step_async(actions)
+            step = collector.step_wait()
+            ring.add(actions, step.rewards, step.terminated, step.truncated, step.obs)
+
+    def measure(self, seconds: float) -> float:
+        steps, start = 0, time.perf_counter()
+        chunk = max(1, 2048 // self.case.num_envs)
+        while True:
+            self.run(chunk)
+            steps += chunk
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                return steps * self.case.num_envs / elapsed
+
+    def close(self) -> None:
+        self.collector.close()
+
+
+def collect_cases(num_envs: list[int], envpool: bool) -> list[CollectCase]:
+    cases = []
+    for n in num_envs:
+        if n <= PLAIN_MAX_ENVS:
+            cases.append(CollectCase("async", n, n))
+        workers = default_workers(n)
+        if workers < n:
+            cases.append(CollectCase("async", n, workers))
+        cases.append(CollectCase("sync", n, 0))
+        if envpool:
+            cases.append(CollectCase("envpool", n, 0))
+    return cases
+
+
+def bench_collect(env_id: str, num_envs: list[int], seconds: float, rounds: int, device: torch.device,
+                  seed: int = 0, backends: tuple[str, ...] = ("async", "sync", "envpool")) -> dict:
+    try:
+        import envpool  # noqa: F401
+        has_envpool = "envpool" in backends
+    except ImportError:
+        has_envpool = False
+    cases = [c for c in collect_cases(num_envs, has_envpool) if c.backend in backends]
+    single = SingleProcess(env_id, seed)
+    loops = []
+    try:
+        for case in cases:
+            loops.append(CollectorLoop(case, env_id, device, seed))
+        samples: dict[str, list[float]] = {"single": []}
+        for loop in loops:
+            samples[_key(loop.case)] = []
+        for r in range(rounds):
+            samples["single"].append(single.measure(seconds))
+            for loop in loops:
+                samples[_key(loop.case)].append(loop.measure(seconds))
+            print(f"  round {r + 1}/{rounds}: single process {samples['single'][-1]:,.0f} steps/s", flush=True)
+    finally:
+        single.close()
+        for loop in loops:
+            loop.close()
+
+    n_cores = cpu_cores()
+    single_sps = statistics.median(samples["single"])
+    limit = n_cores * single_sps
+    rows = []
+    for case in cases:
+        per_round = samples[_key(case)]
+        # Ratios per round (against that round's single-process rate), then the median.
+        ratio = statistics.median(s / (n_cores * one) for s, one in zip(per_round, samples["single"]))
+        rows.append({"backend": case.backend, "series": case.series, "label": case.label, "num_envs": case.num_envs,
+                     "num_workers": case.num_workers, "steps_per_s": statistics.median(per_round),
+                     "ratio_to_limit": ratio, "rounds": per_round})
+    plain = [r for r in rows if r["series"].startswith("async, plain")]
+    grouped = [r for r in rows if r["series"] == "async, grouped"]
+    best_plain = max(plain, key=lambda r: r["steps_per_s"]) if plain else None
+    best_grouped = max(grouped, key=lambda r: r["steps_per_s"]) if grouped else None
+    return {
+        "env_id": env_id, "device": str(device), "cores": n_cores, "seconds": seconds, "rounds": rounds,
+        "single_process_steps_per_s": single_sps, "single_rounds": samples["single"],
+        "limit_steps_per_s": limit, "rows": rows,
+        "best_grouped": best_grouped and {k: best_grouped[k] for k in ("num_envs", "steps_per_s", "ratio_to_limit")},
+        "best_plain": best_plain and {k: best_plain[k] for k in ("num_envs", "steps_per_s")},
+        "grouped_over_plain": (best_grouped["steps_per_s"] / best_plain["steps_per_s"]
+                               if best_plain and best_grouped else None),
+    }
+
+
+def _key(case: CollectCase) -> str:
+    return f"{case.backend}/{case.num_envs}/{case.num_workers}"
+
+
+def format_collect(result: dict) -> str:
+    lines = [f"collect: {result['env_id']} into the replay ring on {result['device']}, random actions; "
+             f"median of {result['rounds']} interleaved rounds of {result['seconds']:g} s",
+             f"single process (raw env): {result['single_process_steps_per_s']:,.0f} steps/s x "
+             f"{result['cores']} cores = limit {result['limit_steps_per_s']:,.0f} steps/s",
+             "",
+             f"| {'backend':<32} | {'envs':>5} | {'env steps/s':>11} | {'x limit':>7} |",
+             f"|{'-' * 34}|{'-' * 7}:|{'-' * 12}:|{'-' * 8}:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['label']:<32} | {r['num_envs']:>5} | {r['steps_per_s']:>11,.0f} | "
+                     f"{r['ratio_to_limit']:>7.2f} |")
+    if result["grouped_over_plain"]:
+        g, p = result["best_grouped"], result["best_plain"]
+        lines += ["", f"best grouped async: {g['steps_per_s']:,.0f} steps/s ({g['num_envs']} envs) = "
+                      f"{g['ratio_to_limit']:.2f} x limit, {result['grouped_over_plain']:.1f} x the best plain "
+                      f"AsyncVectorEnv ({p['steps_per_s']:,.0f} steps/s, {p['num_envs']} envs)"]
+    return "\n".join(lines)
+
+
+def plot_collect(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    for series in dict.fromkeys(r["series"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["series"] == series]
+        ax.plot([r["num_envs"] for r in rows], [r["steps_per_s"] for r in rows], marker="o", label=series)
+    ax.axhline(result["limit_steps_per_s"], color="black", linestyle="--",
+               label=f"limit: {result['cores']} cores x single process")
+    ax.axhline(result["single_process_steps_per_s"], color="grey", linestyle=":", label="single process")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("number of envs")
+    ax.set_ylabel("env steps/s into the ring")
+    ax.set_title(f"fastrl collect: {result['env_id']}, {result['cores']} cores", fontsize=10)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --- learn --------------------------------------------------------------------------------
+
+def _filled_ring(env_id: str, device: torch.device, seed: int) -> tuple[ReplayRing, object]:
+    """A full ring of random transitions shaped like `env_id`'s, and the DDQN preset."""
+    config = make_config(env_id=env_id, algo="ddqn", seed=seed)
+    spec = inspect_env(env_id, {})
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ring = ReplayRing(config.buffer_size, config.num_envs, spec.obs_shape, device, config.n_step, config.gamma)
+    shape = (config.num_envs, *spec.obs_shape)
+    ring.start(torch.randn(shape, device=device, generator=gen))
+    for _ in range(ring.rows):
+        n = config.num_envs
+        ring.add(torch.randint(0, spec.n_actions, (n,), device=device, generator=gen),
+                 torch.randn(n, device=device, generator=gen),
+                 torch.rand(n, device=device, generator=gen) < 0.005,
+                 torch.rand(n, device=device, generator=gen) < 0.001,
+                 torch.randn(shape, device=device, generator=gen))
+    return ring, (config, spec)
+
+
+def bench_learn(env_id: str, modes: list[str], batch_sizes: list[int], seconds: float, rounds: int,
+                device: torch.device, seed: int = 0) -> dict:
+    ring, (config, spec) = _filled_ring(env_id, device, seed)
+    cases = []
+    for mode in modes:
+        for batch_size in batch_sizes:
+            torch.manual_seed(seed)
+            q = QNetwork(spec.obs_shape, spec.n_actions, config.hidden, config.dueling).to(device)
+            q_target = copy.deepcopy(q).requires_grad_(False)
+            optimizer, _ = adam(q.parameters(), config.lr, device)
+            learn = ddqn.make_learn_step(ring.sampler(batch_size), q, q_target, optimizer, config.max_grad_norm,
+                                         mode)
+            stats = DeviceMeans(("loss", "q_mean", "grad_norm"), device)
+
+            def updates(n: int, learn=learn, stats=stats, q=q, q_target=q_target) -> None:
+                for _ in range(n):  # the training loop's learner body
+                    stats.add(learn())
+                    ddqn.update_target(q_target, q, config.tau)
+                stats.read()  # one host read, which also waits for the device
+
+            start = time.perf_counter()
+            updates(1)
+            first_s = time.perf_counter() - start
+            updates(10)  # the rest of the warm-up (CUDA graph recording happens here)
+            cases.append({"mode": mode, "batch_size": batch_size, "first_call_s": first_s, "run": updates,
+                          "rounds": []})
+    for _ in range(rounds):
+        for case in cases:
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                case["run"](50)
+                n += 50
+            case["rounds"].append(n / (time.perf_counter() - start))
+    rows = []
+    for case in cases:
+        ups = statistics.median(case["rounds"])
+        rows.append({"mode": case["mode"], "batch_size": case["batch_size"], "updates_per_s": ups,
+                     "samples_per_s": ups * case["batch_size"], "first_call_s": case["first_call_s"],
+                     "rounds": case["rounds"]})
+    return {"env_id": env_id, "device": str(device), "hidden": list(config.hidden),
+            "threads": torch.get_num_threads(), "seconds": seconds, "rounds": rounds, "rows": rows}
+
+
+def format_learn(result: dict) -> str:
+    hidden = "x".join(map(str, result["hidden"]))
+    lines = [f"learn: Double-DQN step on {result['device']} ({result['env_id']} preset, MLP {hidden}, "
+             f"{result['threads']} torch thread(s)); median of {result['rounds']} rounds of "
+             f"{result['seconds']:g} s",
+             "",
+             f"| {'mode':<10} | {'batch':>5} | {'updates/s':>9} | {'samples/s':>10} | {'first call s':>12} |",
+             f"|{'-' * 12}|{'-' * 6}:|{'-' * 10}:|{'-' * 11}:|{'-' * 13}:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['mode']:<10} | {r['batch_size']:>5} | {r['updates_per_s']:>9,.0f} | "
+                     f"{r['samples_per_s']:>10,.0f} | {r['first_call_s']:>12.1f} |")
+    return "\n".join(lines)
+
+
+# --- entry point --------------------------------------------------------------------------
+
+def run_bench(what: str, env_id: str, num_envs: list[int], batch_sizes: list[int], modes: list[str],
+              seconds: float, rounds: int, device_name: str, threads: int, out_dir: str) -> dict:
+    from fastrl.train import resolve_device
+
+    device = resolve_device(device_name)
+    if "cudagraphs" in modes and device.type != "cuda":
+        raise ConfigError(f"invalid mode 'cudagraphs' on {device.type}: CUDA graphs need a CUDA device")
+    inspect_env(env_id, {})
+    torch.set_num_threads(threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"machine": machine(), "command": what}
+    if what in ("collect", "all"):
+        print(f"fastrl bench collect: {env_id}, envs {num_envs}, {rounds} rounds", flush=True)
+        result["collect"] = bench_collect(env_id, num_envs, seconds, rounds, device)
+        print(format_collect(result["collect"]))
+        plot_collect(result["collect"], out / "collect.png")
+    if what in ("learn", "all"):
+        print(f"fastrl bench learn: modes {modes}, batch sizes {batch_sizes}", flush=True)
+        result["learn"] = bench_learn(env_id, modes, batch_sizes, seconds, rounds, device)
+        print(format_learn(result["learn"]))
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    print(f"\nmachine: {result['machine']}\nwrote {out / 'bench.json'}"
+          + (f" and {out / 'collect.png'}" if "collect" in result else ""))
+    return result

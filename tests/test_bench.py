@@ -1,0 +1,50 @@
+"""`fastrl bench`: the table, bench.json and collect.png from a short real run."""
+import json
+import statistics
+
+import pytest
+
+from test_cli import call_main, run_cli
+
+
+def test_bench_all_prints_tables_and_writes_json_and_png(tmp_path):
+    out = tmp_path / "bench"
+    proc = run_cli("bench", "all", "--env", "CartPole-v1", "--num-envs", "2", "4", "--batch-sizes", "32",
+                   "--modes", "eager", "--seconds", "0.2", "--rounds", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "x limit" in proc.stdout and "updates/s" in proc.stdout and "single process" in proc.stdout
+
+    result = json.loads((out / "bench.json").read_text())
+    collect = result["collect"]
+    assert collect["cores"] >= 1 and collect["single_process_steps_per_s"] > 1000
+    assert collect["limit_steps_per_s"] == pytest.approx(collect["cores"] * collect["single_process_steps_per_s"])
+    series = {(r["series"], r["num_envs"]) for r in collect["rows"]}
+    for n in (2, 4):
+        assert ("async, plain (1 env/process)", n) in series and ("sync", n) in series
+    assert ("async, grouped", 4) in series
+    for row in collect["rows"]:
+        assert len(row["rounds"]) == 2 and row["steps_per_s"] == statistics.median(row["rounds"]) > 0
+        ratios = [s / (collect["cores"] * one) for s, one in zip(row["rounds"], collect["single_rounds"])]
+        assert row["ratio_to_limit"] == pytest.approx(statistics.median(ratios))
+    assert collect["grouped_over_plain"] > 0
+
+    (learn,) = result["learn"]["rows"]
+    assert learn["mode"] == "eager" and learn["batch_size"] == 32 and learn["updates_per_s"] > 10
+    assert learn["samples_per_s"] == pytest.approx(32 * learn["updates_per_s"])
+
+    png = (out / "collect.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+@pytest.mark.parametrize("args,named", [
+    (["collect", "--num-envs", "0"], "--num-envs=0"),
+    (["learn", "--modes", "jit"], "'jit'"),
+    (["learn", "--batch-sizes", "-4"], "--batch-sizes=-4"),
+    (["collect", "--env", "Pendulum-v1"], "Pendulum-v1"),
+    (["collect", "--seconds", "0"], "--seconds=0"),
+])
+def test_bench_bad_input_is_one_line_exit_2(args, named, capsys, tmp_path):
+    assert call_main(["bench", *args, "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and named in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()
