@@ -1,0 +1,112 @@
+"""How close can any lockstep collector get to cores x single-process on this machine?
+
+Interleaves, per round, on LunarLander-v3 with random actions:
+  single       the raw env in one process (x cores = the limit `fastrl bench` uses)
+  independent  one process per core stepping G envs with no communication at all
+  bare         the same processes in lockstep with the parent: one pipe round trip per
+               step carrying only actions and a reply array (no observations, no ring)
+  fastrl       fastrl's collector into the replay ring (grouped workers, G envs each)
+and prints each as a ratio to that round's limit; medians over rounds.
+
+    python benchmarks/collector_ceiling.py --envs-per-core 64 --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import time
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from fastrl.bench import CollectCase, CollectorLoop, SingleProcess, machine
+from fastrl.envs import cpu_cores
+
+ENV = "LunarLander-v3"
+
+
+def bare_worker(conn, n: int, core: int) -> None:
+    os.sched_setaffinity(0, {core})
+    envs = [gym.make(ENV) for _ in range(n)]
+    for i, env in enumerate(envs):
+        env.reset(seed=i)
+    done = [False] * n
+    rng = np.random.default_rng(core)
+
+    def step(actions):
+        for j, env in enumerate(envs):
+            if done[j]:
+                env.reset()
+                done[j] = False
+            else:
+                _, _, terminated, truncated, _ = env.step(actions[j])
+                done[j] = terminated or truncated
+
+    while True:
+        cmd = conn.recv()
+        if cmd is None:
+            return
+        if isinstance(cmd, int):  # `independent`: cmd steps without talking to the parent
+            for actions in rng.integers(0, 4, (cmd, n)).tolist():
+                step(actions)
+            conn.send(cmd)
+        else:
+            step(cmd)
+            conn.send(np.zeros(n))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--envs-per-core", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=300, help="vector steps per measurement")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default="collector_ceiling.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cores, g = cpu_cores(), args.envs_per_core
+    conns = []
+    for core in range(cores):
+        parent, child = mp.Pipe()
+        mp.Process(target=bare_worker, args=(child, g, core), daemon=True).start()
+        conns.append(parent)
+    single = SingleProcess(ENV, 0)
+    fastrl = CollectorLoop(CollectCase("async", g * cores, cores), ENV, torch.device("cpu"), 0)
+    actions = np.random.default_rng(0).integers(0, 4, (args.steps, g)).tolist()
+    total = args.steps * g * cores
+    rows = {"independent": [], "bare": [], "fastrl": []}
+    print(f"{machine()}\n{ENV}, {cores} cores x {g} envs; ratio to that round's cores x single process")
+    for r in range(args.rounds):
+        limit = cores * single.measure(2.0)
+        start = time.perf_counter()
+        for c in conns:
+            c.send(args.steps)
+        for c in conns:
+            c.recv()
+        rows["independent"].append(total / (time.perf_counter() - start) / limit)
+        start = time.perf_counter()
+        for a in actions:
+            for c in conns:
+                c.send(a)
+            for c in conns:
+                c.recv()
+        rows["bare"].append(total / (time.perf_counter() - start) / limit)
+        rows["fastrl"].append(fastrl.measure(2.0) / limit)
+        print(f"round {r + 1}: limit {limit:,.0f} steps/s | "
+              + " | ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
+    for c in conns:
+        c.send(None)
+    fastrl.close()
+    single.close()
+    medians = {k: statistics.median(v) for k, v in rows.items()}
+    print("median: " + " | ".join(f"{k} {v:.2f}" for k, v in medians.items()))
+    with open(args.out, "w") as f:
+        json.dump({"machine": machine(), "cores": cores, "envs_per_core": g, "rounds": rows, "median": medians},
+                  f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
