@@ -51,6 +51,8 @@ class TrainConfig:
                                "envpool (C++ envs, optional extra)")
     num_workers: int = _f(0, "[async] env worker processes, each stepping num_envs / num_workers envs "
                              "(0 = one per CPU core; num_envs = one process per env)")
+    pin_workers: bool = _f(True, "[async] pin each env worker process to its own CPU core "
+                                 "(turn off when several runs share the machine)")
 
     # --- network and optimiser -----------------------------------------------------------
     hidden: tuple = _f((256, 256), "hidden layer widths of the MLP")

@@ -92,14 +92,14 @@ def default_workers(num_envs: int) -> int:
     return max(w for w in range(1, min(num_envs, cpu_cores()) + 1) if num_envs % w == 0)
 
 
-def make_vector_env(env_id: str, num_envs: int, backend: str = "async",
-                    env_kwargs: dict | None = None, num_workers: int = 0) -> gym.vector.VectorEnv:
+def make_vector_env(env_id: str, num_envs: int, backend: str = "async", env_kwargs: dict | None = None,
+                    num_workers: int = 0, pin_workers: bool = True) -> gym.vector.VectorEnv:
     """N copies of `env_id` with NEXT_STEP autoreset.
 
-    async: `num_workers` processes (0 = one per core); num_workers == num_envs is plain
-    AsyncVectorEnv, one process per env. `copy=False` makes step() hand back the same
-    observation buffer every time (shared memory for async), which the collector
-    copies straight into its staging row.
+    async: `num_workers` processes (0 = one per core), each pinned to its own core with
+    `pin_workers`; num_workers == num_envs is plain AsyncVectorEnv, one process per env.
+    `copy=False` makes step() hand back the same observation buffer every time (shared
+    memory for async), which the collector copies straight into its staging row.
     """
     env_kwargs = dict(env_kwargs or {})
     fns = [partial(_make_one, env_id, env_kwargs) for _ in range(num_envs)]
@@ -109,7 +109,7 @@ def make_vector_env(env_id: str, num_envs: int, backend: str = "async",
             raise ConfigError(f"invalid num_workers={workers}: must divide num_envs={num_envs}")
         if workers == num_envs:
             return gym.vector.AsyncVectorEnv(fns, shared_memory=True, copy=False, autoreset_mode=AUTORESET)
-        return GroupedAsyncVectorEnv(fns, workers)
+        return GroupedAsyncVectorEnv(fns, workers, pin_workers)
     if backend == "sync":
         return gym.vector.SyncVectorEnv(fns, copy=False, autoreset_mode=AUTORESET)
     if backend == "envpool":
@@ -122,9 +122,11 @@ def make_vector_env(env_id: str, num_envs: int, backend: str = "async",
 _GROUP_INFOS = "fastrl_group_infos"  # carries a group's per-env infos through AsyncVectorEnv
 
 
-def _make_group(env_fns: list[Callable[[], gym.Env]]) -> gym.vector.SyncVectorEnv:
+def _make_group(env_fns: list[Callable[[], gym.Env]], core: int | None) -> gym.vector.SyncVectorEnv:
     # A SyncVectorEnv only as the container of the group's envs and batched spaces
     # (AsyncVectorEnv probes it for spaces and metadata); the worker steps the envs.
+    if core is not None and multiprocessing.parent_process() is not None:  # a worker, not the probe
+        _pin_to_core(core)
     return gym.vector.SyncVectorEnv(env_fns, copy=False, autoreset_mode=AUTORESET)
 
 
@@ -133,7 +135,6 @@ def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, 
     steps a group of envs per message, applying NEXT_STEP autoreset to each env exactly
     as gymnasium's worker does to its one env."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # see _make_one
-    _pin_to_core(index)
     group = env_fn()
     parent_pipe.close()
     envs, space = group.envs, group.observation_space
@@ -203,7 +204,7 @@ class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
     group per worker. Env i is env i % G of worker i // G; it gets seed `seed + i`, as
     in plain AsyncVectorEnv, so both give identical transitions."""
 
-    def __init__(self, env_fns: list[Callable[[], gym.Env]], num_workers: int):
+    def __init__(self, env_fns: list[Callable[[], gym.Env]], num_workers: int, pin_workers: bool = True):
         self.num_envs = len(env_fns)
         self.num_workers = num_workers
         self.group_size = G = self.num_envs // num_workers
@@ -214,7 +215,8 @@ class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
         probe.close()
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
-        groups = [partial(_make_group, env_fns[w * G:(w + 1) * G]) for w in range(num_workers)]
+        groups = [partial(_make_group, env_fns[w * G:(w + 1) * G], w if pin_workers else None)
+                  for w in range(num_workers)]
         self.workers = gym.vector.AsyncVectorEnv(groups, shared_memory=True, copy=False, worker=_group_worker)
         # [W, G, *obs] in shared memory, seen as [N, *obs] without a copy.
         self._obs = self.workers.observations.reshape(self.num_envs, *self.single_observation_space.shape)

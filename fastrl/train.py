@@ -47,7 +47,8 @@ def train(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)
     loop = {"ddqn": train_ddqn, "reinforce": train_reinforce}[config.algo]
     # Worker processes are forked before any CUDA state exists.
-    envs = make_vector_env(config.env_id, config.num_envs, config.backend, config.env_kwargs, config.num_workers)
+    envs = make_vector_env(config.env_id, config.num_envs, config.backend, config.env_kwargs, config.num_workers,
+                           config.pin_workers)
     run = Run(config, spec, device)
     collector = Collector(envs, device, run.phases)
     try:

@@ -125,6 +125,22 @@ def test_grouped_workers_pass_infos_through_like_plain_async():
             assert np.array_equal(plain[key], grouped[key]), key
 
 
+@pytest.mark.parametrize("pin", [True, False])
+def test_grouped_workers_are_pinned_one_per_core_only_when_asked(pin):
+    allowed = os.sched_getaffinity(0)
+    workers = min(2, len(allowed))
+    envs = make_vector_env("CartPole-v1", 2 * workers, "async", num_workers=workers, pin_workers=pin)
+    try:
+        affinities = [os.sched_getaffinity(p.pid) for p in envs.workers.processes]
+    finally:
+        envs.close()
+    assert os.sched_getaffinity(0) == allowed  # the trainer itself is never pinned
+    if pin:
+        assert all(len(a) == 1 for a in affinities) and len(set().union(*affinities)) == workers
+    else:
+        assert all(a == allowed for a in affinities)
+
+
 @pytest.mark.parametrize("workers", [4, 2])
 def test_making_async_envs_leaves_ctrl_c_to_the_trainer(workers):
     envs = make_vector_env("CartPole-v1", 4, "async", num_workers=workers)
