@@ -140,7 +140,7 @@ def collect_cases(num_envs: list[int], envpool: bool) -> list[CollectCase]:
     for n in num_envs:
         if n <= PLAIN_MAX_ENVS:
             cases.append(CollectCase("async", n, n))
-        workers = default_workers(n)
+        workers = default_workers(n, cpu_cores())  # collection alone: every core steps envs
         if workers < n:
             cases.append(CollectCase("async", n, workers))
         cases.append(CollectCase("sync", n, 0))

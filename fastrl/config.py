@@ -50,7 +50,7 @@ class TrainConfig:
     backend: str = _f("async", "vector env backend: async (worker processes) | sync (in-process) | "
                                "envpool (C++ envs, optional extra)")
     num_workers: int = _f(0, "[async] env worker processes, each stepping num_envs / num_workers envs "
-                             "(0 = one per CPU core; num_envs = one process per env)")
+                             "(0 = one per CPU core but the trainer's; num_envs = one process per env)")
     pin_workers: bool = _f(True, "[async] pin each env worker process to its own CPU core "
                                  "(turn off when several runs share the machine)")
 
@@ -169,7 +169,7 @@ def validate(c: TrainConfig) -> None:
     need(c.learner in LEARNERS, "learner", " or ".join(LEARNERS))
     need(isinstance(c.env_id, str) and c.env_id != "", "env_id", "a registered gymnasium env id")
     need(c.num_envs >= 1, "num_envs", "a positive integer")
-    need(c.num_workers >= 0, "num_workers", "an integer >= 0 (0 = one per CPU core)")
+    need(c.num_workers >= 0, "num_workers", "an integer >= 0 (0 = automatic)")
     if c.num_workers:
         need(c.num_envs % c.num_workers == 0, "num_workers", f"a divisor of num_envs ({c.num_envs})")
     need(c.threads >= 1, "threads", "a positive integer")
