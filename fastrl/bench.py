@@ -28,8 +28,8 @@ import torch
 from fastrl.algos import ddqn
 from fastrl.buffer import ReplayRing
 from fastrl.collector import Collector
-from fastrl.config import ConfigError, make_config
-from fastrl.envs import cpu_cores, default_workers, inspect_env, make_vector_env
+from fastrl.config import ConfigError, TrainConfig, make_config
+from fastrl.envs import EnvSpec, cpu_cores, default_workers, inspect_env, make_vector_env
 from fastrl.metrics import DeviceMeans
 from fastrl.nets import QNetwork
 from fastrl.optim import adam
@@ -150,39 +150,37 @@ def collect_cases(num_envs: list[int], envpool: bool) -> list[CollectCase]:
 
 
 def bench_collect(env_id: str, num_envs: list[int], seconds: float, rounds: int, device: torch.device,
-                  seed: int = 0, backends: tuple[str, ...] = ("async", "sync", "envpool")) -> dict:
+                  seed: int = 0) -> dict:
     try:
-        import envpool  # noqa: F401
-        has_envpool = "envpool" in backends
+        import envpool
+        has_envpool = env_id in envpool.list_all_envs()
     except ImportError:
         has_envpool = False
-    cases = [c for c in collect_cases(num_envs, has_envpool) if c.backend in backends]
+    cases = collect_cases(num_envs, has_envpool)
     single = SingleProcess(env_id, seed)
-    loops = []
+    loops: list[CollectorLoop] = []
     try:
         for case in cases:
             loops.append(CollectorLoop(case, env_id, device, seed))
-        samples: dict[str, list[float]] = {"single": []}
-        for loop in loops:
-            samples[_key(loop.case)] = []
+        single_rounds: list[float] = []
+        case_rounds: list[list[float]] = [[] for _ in loops]
         for r in range(rounds):
-            samples["single"].append(single.measure(seconds))
-            for loop in loops:
-                samples[_key(loop.case)].append(loop.measure(seconds))
-            print(f"  round {r + 1}/{rounds}: single process {samples['single'][-1]:,.0f} steps/s", flush=True)
+            single_rounds.append(single.measure(seconds))
+            for loop, out in zip(loops, case_rounds):
+                out.append(loop.measure(seconds))
+            print(f"  round {r + 1}/{rounds}: single process {single_rounds[-1]:,.0f} steps/s", flush=True)
     finally:
         single.close()
         for loop in loops:
             loop.close()
 
     n_cores = cpu_cores()
-    single_sps = statistics.median(samples["single"])
+    single_sps = statistics.median(single_rounds)
     limit = n_cores * single_sps
     rows = []
-    for case in cases:
-        per_round = samples[_key(case)]
+    for case, per_round in zip(cases, case_rounds):
         # Ratios per round (against that round's single-process rate), then the median.
-        ratio = statistics.median(s / (n_cores * one) for s, one in zip(per_round, samples["single"]))
+        ratio = statistics.median(s / (n_cores * one) for s, one in zip(per_round, single_rounds))
         rows.append({"backend": case.backend, "series": case.series, "label": case.label, "num_envs": case.num_envs,
                      "num_workers": case.num_workers, "steps_per_s": statistics.median(per_round),
                      "ratio_to_limit": ratio, "rounds": per_round})
@@ -192,17 +190,13 @@ def bench_collect(env_id: str, num_envs: list[int], seconds: float, rounds: int,
     best_grouped = max(grouped, key=lambda r: r["steps_per_s"]) if grouped else None
     return {
         "env_id": env_id, "device": str(device), "cores": n_cores, "seconds": seconds, "rounds": rounds,
-        "single_process_steps_per_s": single_sps, "single_rounds": samples["single"],
+        "single_process_steps_per_s": single_sps, "single_rounds": single_rounds,
         "limit_steps_per_s": limit, "rows": rows,
         "best_grouped": best_grouped and {k: best_grouped[k] for k in ("num_envs", "steps_per_s", "ratio_to_limit")},
         "best_plain": best_plain and {k: best_plain[k] for k in ("num_envs", "steps_per_s")},
         "grouped_over_plain": (best_grouped["steps_per_s"] / best_plain["steps_per_s"]
                                if best_plain and best_grouped else None),
     }
-
-
-def _key(case: CollectCase) -> str:
-    return f"{case.backend}/{case.num_envs}/{case.num_workers}"
 
 
 def format_collect(result: dict) -> str:
@@ -253,7 +247,7 @@ def plot_collect(result: dict, path: Path) -> None:
 
 # --- learn --------------------------------------------------------------------------------
 
-def _filled_ring(env_id: str, device: torch.device, seed: int) -> tuple[ReplayRing, object]:
+def _filled_ring(env_id: str, device: torch.device, seed: int) -> tuple[ReplayRing, TrainConfig, EnvSpec]:
     """A full ring of random transitions shaped like `env_id`'s, and the DDQN preset."""
     config = make_config(env_id=env_id, algo="ddqn", seed=seed)
     spec = inspect_env(env_id, {})
@@ -268,12 +262,12 @@ def _filled_ring(env_id: str, device: torch.device, seed: int) -> tuple[ReplayRi
                  torch.rand(n, device=device, generator=gen) < 0.005,
                  torch.rand(n, device=device, generator=gen) < 0.001,
                  torch.randn(shape, device=device, generator=gen))
-    return ring, (config, spec)
+    return ring, config, spec
 
 
 def bench_learn(env_id: str, modes: list[str], batch_sizes: list[int], seconds: float, rounds: int,
                 device: torch.device, seed: int = 0) -> dict:
-    ring, (config, spec) = _filled_ring(env_id, device, seed)
+    ring, config, spec = _filled_ring(env_id, device, seed)
     cases = []
     for mode in modes:
         for batch_size in batch_sizes:
