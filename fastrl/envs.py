@@ -11,7 +11,8 @@ Backends, all with that rule:
            one worker per CPU core but the trainer's) each worker process steps a group
            of envs per message, so the pipe round trip is paid once per group, not once
            per env.
-  sync     gymnasium's SyncVectorEnv, in-process.
+  sync     every env in this process, stepped by the same loop as each async worker
+           (`EnvGroup`): leaner than gymnasium's SyncVectorEnv, with its semantics.
   envpool  EnvPool's C++ envs (optional extra), whose own autoreset is NEXT_STEP.
 """
 from __future__ import annotations
@@ -116,10 +117,92 @@ def make_vector_env(env_id: str, num_envs: int, backend: str = "async", env_kwar
             return gym.vector.AsyncVectorEnv(fns, shared_memory=True, copy=False, autoreset_mode=AUTORESET)
         return GroupedAsyncVectorEnv(fns, workers, pin_workers)
     if backend == "sync":
-        return gym.vector.SyncVectorEnv(fns, copy=False, autoreset_mode=AUTORESET)
+        return InProcessVectorEnv(fns)
     if backend == "envpool":
         return EnvPoolVectorEnv(env_id, num_envs, env_kwargs)
     raise ConfigError(f"invalid backend={backend!r}: must be {' or '.join(BACKENDS)}")
+
+
+# --- the stepping loop, in-process and in every worker -------------------------------------
+
+class EnvGroup:
+    """Steps a list of envs with NEXT_STEP autoreset, exactly as gymnasium's vector envs
+    step each of theirs, into preallocated arrays. The sync backend runs one group in
+    this process; each async worker runs one in its own."""
+
+    def __init__(self, envs: list[gym.Env], observation_space: gym.spaces.Box):
+        n = len(envs)
+        self.envs = envs
+        self.obs = np.zeros(observation_space.shape, dtype=observation_space.dtype)  # [n, *obs]
+        self.rewards = np.zeros(n, dtype=np.float64)
+        self.terminated = np.zeros(n, dtype=np.bool_)
+        self.truncated = np.zeros(n, dtype=np.bool_)
+        self._autoreset = np.zeros(n, dtype=np.bool_)
+
+    def reset(self, seeds: list, options: dict | None) -> list[tuple[int, dict]]:
+        """Resets env j with seeds[j]; returns the non-empty infos as (j, info) pairs."""
+        infos = []
+        for j, env in enumerate(self.envs):
+            self.obs[j], info = env.reset(seed=seeds[j], options=options)
+            if info:
+                infos.append((j, info))
+        self._autoreset[:] = False
+        return infos
+
+    def step(self, actions: np.ndarray) -> list[tuple[int, dict]]:
+        """Steps env j with actions[j] (or resets it, if its episode ended last step);
+        returns the non-empty infos as (j, info) pairs."""
+        obs, rewards, terminated, truncated, autoreset = (
+            self.obs, self.rewards, self.terminated, self.truncated, self._autoreset)
+        infos = []
+        for j, (env, action) in enumerate(zip(self.envs, actions.tolist())):  # Python ints: cheaper checks
+            if autoreset[j]:
+                obs[j], info = env.reset()
+                rewards[j], terminated[j], truncated[j] = 0.0, False, False
+            else:
+                obs[j], rewards[j], terminated[j], truncated[j], info = env.step(action)
+            if info:
+                infos.append((j, info))
+        np.logical_or(terminated, truncated, out=autoreset)
+        return infos
+
+
+class InProcessVectorEnv(gym.vector.VectorEnv):
+    """The sync backend: `len(env_fns)` envs in this process, one `EnvGroup`. Env i gets
+    seed `seed + i`, as in gymnasium's vector envs. Like `copy=False` there, every step
+    returns the same observation array."""
+
+    def __init__(self, env_fns: list[Callable[[], gym.Env]]):
+        envs = [fn() for fn in env_fns]
+        self.num_envs = len(envs)
+        self.single_observation_space = envs[0].observation_space
+        self.single_action_space = envs[0].action_space
+        self.metadata = {**envs[0].metadata, "autoreset_mode": AUTORESET}
+        self.render_mode = envs[0].render_mode
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self.group = EnvGroup(envs, self.observation_space)
+
+    def reset(self, *, seed: int | list | None = None, options: dict | None = None):
+        if seed is None or isinstance(seed, int):
+            seed = [None if seed is None else seed + i for i in range(self.num_envs)]
+        return self.group.obs, self._merge(self.group.reset(seed, options))
+
+    def step(self, actions):
+        g = self.group
+        infos = g.step(np.asarray(actions))
+        return g.obs, g.rewards.copy(), g.terminated.copy(), g.truncated.copy(), self._merge(infos)
+
+    def close_extras(self, **kwargs: Any) -> None:
+        for env in self.group.envs:
+            env.close()
+
+    def _merge(self, pairs: list[tuple[int, dict]]) -> dict:
+        """gymnasium's batched infos (with `_key` masks) from (env, info) pairs."""
+        infos: dict = {}
+        for j, info in pairs:
+            infos = self._add_info(infos, info, j)
+        return infos
 
 
 # --- grouped workers ----------------------------------------------------------------------
@@ -127,57 +210,35 @@ def make_vector_env(env_id: str, num_envs: int, backend: str = "async", env_kwar
 _GROUP_INFOS = "fastrl_group_infos"  # carries a group's per-env infos through AsyncVectorEnv
 
 
-def _make_group(env_fns: list[Callable[[], gym.Env]], core: int | None) -> gym.vector.SyncVectorEnv:
-    # A SyncVectorEnv only as the container of the group's envs and batched spaces
-    # (AsyncVectorEnv probes it for spaces and metadata); the worker steps the envs.
+def _make_group(env_fns: list[Callable[[], gym.Env]], core: int | None) -> InProcessVectorEnv:
+    # AsyncVectorEnv builds one of these in the parent as a probe for spaces and metadata;
+    # in a worker, `_group_worker` steps its EnvGroup.
     if core is not None and multiprocessing.parent_process() is not None:  # a worker, not the probe
         _pin_to_core(core)
-    return gym.vector.SyncVectorEnv(env_fns, copy=False, autoreset_mode=AUTORESET)
+    return InProcessVectorEnv(env_fns)
 
 
 def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, autoreset_mode, semaphore):
     """An AsyncVectorEnv worker (same signature and protocol as gymnasium's own) that
-    steps a group of envs per message, applying NEXT_STEP autoreset to each env exactly
-    as gymnasium's worker does to its one env."""
+    steps a group of envs per message."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # see _make_one
-    group = env_fn()
+    local = env_fn()
     parent_pipe.close()
-    envs, space = group.envs, group.observation_space
-    n = len(envs)
-    obs = np.zeros(space.shape, dtype=space.dtype)
-    rewards = np.zeros(n, dtype=np.float64)
-    terminated = np.zeros(n, dtype=np.bool_)
-    truncated = np.zeros(n, dtype=np.bool_)
-    autoreset = np.zeros(n, dtype=np.bool_)
+    group, space = local.group, local.observation_space
     try:
         while True:
             command, data = pipe.recv()
             if command == "step":
-                infos = []
-                for j, (env, action) in enumerate(zip(envs, data.tolist())):  # Python ints: cheaper checks
-                    if autoreset[j]:
-                        obs[j], info = env.reset()
-                        rewards[j], terminated[j], truncated[j] = 0.0, False, False
-                    else:
-                        obs[j], rewards[j], terminated[j], truncated[j], info = env.step(action)
-                    if info:
-                        infos.append((j, info))
-                np.logical_or(terminated, truncated, out=autoreset)
-                write_to_shared_memory(space, index, obs, shared_memory)
-                pipe.send(((None, rewards, terminated, truncated, _pack(infos)), True))
+                infos = group.step(data)
+                write_to_shared_memory(space, index, group.obs, shared_memory)
+                pipe.send(((None, group.rewards, group.terminated, group.truncated, _pack(infos)), True))
             elif command == "reset":
-                seeds, options = data["seed"], data["options"]
-                infos = []
-                for j, env in enumerate(envs):
-                    obs[j], info = env.reset(seed=seeds[j], options=options)
-                    if info:
-                        infos.append((j, info))
-                autoreset[:] = False
-                write_to_shared_memory(space, index, obs, shared_memory)
+                infos = group.reset(data["seed"], data["options"])
+                write_to_shared_memory(space, index, group.obs, shared_memory)
                 pipe.send(((None, _pack(infos)), True))
             elif command == "_check_spaces":
                 _, single_obs_space, single_action_space = data
-                pipe.send(((single_obs_space == space, single_action_space == group.action_space), True))
+                pipe.send(((single_obs_space == space, single_action_space == local.action_space), True))
             elif command == "close":
                 pipe.send((None, True))
                 break
@@ -188,7 +249,7 @@ def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, 
         error_queue.put((index, error_type, error_message, traceback.format_exc()))
         pipe.send((None, False))
     finally:
-        group.close()
+        local.close()
 
 
 def _pin_to_core(index: int) -> None:

@@ -109,20 +109,22 @@ def test_all_backends_give_identical_transitions_and_episode_statistics(env_id):
             assert collector.pop_episodes() == ref_stats, name
 
 
-def test_grouped_workers_pass_infos_through_like_plain_async():
+@pytest.mark.parametrize("name", ["sync", "async-grouped"])
+def test_infos_match_plain_async(name):
     # Info-v0 reports {"t": t} on even steps only, so the `_t` masks matter.
     outputs = {}
-    for name, workers in (("plain", 4), ("grouped", 2)):
-        envs = make_vector_env("fastrl-test/Info-v0", 4, "async", num_workers=workers)
+    for key in ("async-plain", name):
+        backend, workers = BACKENDS[key]
+        envs = make_vector_env("fastrl-test/Info-v0", 4, backend, num_workers=workers)
         _, reset_info = envs.reset(seed=1)
         infos = [reset_info] + [envs.step(np.array([0, 1, 1, 0]))[4] for _ in range(9)]
         envs.close()
-        outputs[name] = infos
-    assert any("t" in info for info in outputs["plain"])
-    for plain, grouped in zip(outputs["plain"], outputs["grouped"]):
-        assert plain.keys() == grouped.keys()
+        outputs[key] = infos
+    assert any("t" in info for info in outputs["async-plain"])
+    for plain, other in zip(outputs["async-plain"], outputs[name]):
+        assert plain.keys() == other.keys()
         for key in plain:
-            assert np.array_equal(plain[key], grouped[key]), key
+            assert np.array_equal(plain[key], other[key]), key
 
 
 @pytest.mark.parametrize("pin", [True, False])
