@@ -186,23 +186,23 @@ class InProcessVectorEnv(gym.vector.VectorEnv):
     def reset(self, *, seed: int | list | None = None, options: dict | None = None):
         if seed is None or isinstance(seed, int):
             seed = [None if seed is None else seed + i for i in range(self.num_envs)]
-        return self.group.obs, self._merge(self.group.reset(seed, options))
+        return self.group.obs, _merge_infos(self, self.group.reset(seed, options), {})
 
     def step(self, actions):
         g = self.group
         infos = g.step(np.asarray(actions))
-        return g.obs, g.rewards.copy(), g.terminated.copy(), g.truncated.copy(), self._merge(infos)
+        return g.obs, g.rewards.copy(), g.terminated.copy(), g.truncated.copy(), _merge_infos(self, infos, {})
 
     def close_extras(self, **kwargs: Any) -> None:
         for env in self.group.envs:
             env.close()
 
-    def _merge(self, pairs: list[tuple[int, dict]]) -> dict:
-        """gymnasium's batched infos (with `_key` masks) from (env, info) pairs."""
-        infos: dict = {}
-        for j, info in pairs:
-            infos = self._add_info(infos, info, j)
-        return infos
+
+def _merge_infos(vector_env: gym.vector.VectorEnv, pairs, infos: dict, offset: int = 0) -> dict:
+    """Adds (env j, info) pairs to gymnasium's batched infos (with `_key` masks) as env offset + j."""
+    for j, info in pairs:
+        infos = vector_env._add_info(infos, info, offset + j)
+    return infos
 
 
 # --- grouped workers ----------------------------------------------------------------------
@@ -315,8 +315,7 @@ class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
     def _unpack(self, group_infos: dict) -> dict:
         infos: dict = {}
         for w, pairs in enumerate(group_infos.get(_GROUP_INFOS, ())):
-            for j, info in pairs or ():
-                infos = self._add_info(infos, info, w * self.group_size + j)
+            infos = _merge_infos(self, pairs or (), infos, w * self.group_size)
         return infos
 
 
