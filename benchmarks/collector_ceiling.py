@@ -2,6 +2,8 @@
 
 Interleaves, per round, on LunarLander-v3 with random actions:
   single       the raw env in one process (x cores = the limit `fastrl bench` uses)
+  raw x cores  that raw env in one process per core at once, no communication: what the
+               cores give together (a VM's vCPUs can share a physical core or its cache)
   independent  one process per core stepping G envs with no communication at all
   bare         the same processes in lockstep with the parent: one pipe round trip per
                step carrying only actions and a reply array (no observations, no ring)
@@ -59,6 +61,14 @@ def bare_worker(conn, n: int, core: int) -> None:
             conn.send(np.zeros(n))
 
 
+def raw_worker(conn, core: int) -> None:
+    # The limit's own measurement (SingleProcess), in one process per core at once.
+    os.sched_setaffinity(0, {core})
+    single = SingleProcess(ENV, core)
+    while (seconds := conn.recv()) is not None:
+        conn.send(single.measure(seconds))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs-per-core", type=int, default=64)
@@ -68,19 +78,27 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     cores, g = cpu_cores(), args.envs_per_core
-    conns = []
-    for core in range(cores):
-        parent, child = mp.Pipe()
-        mp.Process(target=bare_worker, args=(child, g, core), daemon=True).start()
-        conns.append(parent)
+
+    def start_workers(target, *args) -> list:
+        conns = []
+        for core in range(cores):
+            parent, child = mp.Pipe()
+            mp.Process(target=target, args=(child, *args, core), daemon=True).start()
+            conns.append(parent)
+        return conns
+
+    conns, raw_conns = start_workers(bare_worker, g), start_workers(raw_worker)
     single = SingleProcess(ENV, 0)
     fastrl = CollectorLoop(CollectCase("async", g * cores, cores), ENV, torch.device("cpu"), 0)
     actions = np.random.default_rng(0).integers(0, 4, (args.steps, g)).tolist()
     total = args.steps * g * cores
-    rows = {"independent": [], "bare": [], "fastrl": []}
+    rows = {"raw x cores": [], "independent": [], "bare": [], "fastrl": []}
     print(f"{machine()}\n{ENV}, {cores} cores x {g} envs; ratio to that round's cores x single process")
     for r in range(args.rounds):
         limit = cores * single.measure(2.0)
+        for c in raw_conns:
+            c.send(2.0)
+        rows["raw x cores"].append(sum(c.recv() for c in raw_conns) / limit)
         start = time.perf_counter()
         for c in conns:
             c.send(args.steps)
@@ -97,7 +115,7 @@ def main() -> None:
         rows["fastrl"].append(fastrl.measure(2.0) / limit)
         print(f"round {r + 1}: limit {limit:,.0f} steps/s | "
               + " | ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
-    for c in conns:
+    for c in conns + raw_conns:
         c.send(None)
     fastrl.close()
     single.close()
