@@ -7,18 +7,10 @@ speed, never maths.
 from __future__ import annotations
 
 import functools
-import logging
 import sys
 from typing import Any, Callable
 
 import torch
-
-
-class _DropProfilerNotice(logging.Filter):
-    # Dynamo warns once per compiled optimizer that it skips the optimizer's
-    # profiler annotation; harmless, and noise on every run.
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Profiler record function" not in record.getMessage()
 
 
 def _warn(message: str) -> None:
@@ -30,9 +22,6 @@ def compile_fn(fn: Callable, enabled: bool = True) -> Callable:
     compilation fails on this machine, e.g. no C++ compiler for the CPU backend."""
     if not enabled:
         return fn
-    logger = logging.getLogger("torch._dynamo.variables.ctx_manager")
-    if not any(isinstance(f, _DropProfilerNotice) for f in logger.filters):
-        logger.addFilter(_DropProfilerNotice())
     compiled = torch.compile(fn, dynamic=False)
     current = [compiled]
 

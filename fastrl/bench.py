@@ -32,7 +32,7 @@ from fastrl.config import ConfigError, TrainConfig, make_config
 from fastrl.envs import EnvSpec, cpu_cores, default_workers, inspect_env, make_vector_env
 from fastrl.metrics import DeviceMeans
 from fastrl.nets import QNetwork
-from fastrl.optim import adam
+from fastrl.optim import Adam
 
 PLAIN_MAX_ENVS = 32  # one process per env beyond this only measures the scheduler
 
@@ -274,9 +274,8 @@ def bench_learn(env_id: str, modes: list[str], batch_sizes: list[int], seconds: 
             torch.manual_seed(seed)
             q = QNetwork(spec.obs_shape, spec.n_actions, config.hidden, config.dueling).to(device)
             q_target = copy.deepcopy(q).requires_grad_(False)
-            optimizer, _ = adam(q.parameters(), config.lr, device)
-            learn = ddqn.make_learn_step(ring.sampler(batch_size), q, q_target, optimizer, config.max_grad_norm,
-                                         mode)
+            learn = ddqn.make_learn_step(ring.sampler(batch_size), q, q_target,
+                                         Adam(q, config.lr, config.max_grad_norm), mode)
             stats = DeviceMeans(("loss", "q_mean", "grad_norm"), device)
 
             def updates(n: int, learn=learn, stats=stats, q=q, q_target=q_target) -> None:

@@ -36,7 +36,8 @@ class QNetwork(nn.Module):
 
 
 class PolicyNetwork(nn.Module):
-    """obs [B, *obs_shape] -> action logits [B, n_actions] (and a state value if asked)."""
+    """obs [B, *obs_shape] -> action logits [B, n_actions]; with_value=True: (logits,
+    state values [B]), the values 0 without a value head."""
 
     def __init__(self, obs_shape: tuple, n_actions: int, hidden: tuple = (128, 128), value_head: bool = False):
         super().__init__()
@@ -45,11 +46,10 @@ class PolicyNetwork(nn.Module):
         self.logits = nn.Linear(width, n_actions)
         self.value = nn.Linear(width, 1) if value_head else None
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.torso(obs.flatten(1)))
-
-    def logits_and_value(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, obs: torch.Tensor, with_value: bool = False):
         h = self.torso(obs.flatten(1))
+        if not with_value:
+            return self.logits(h)
         value = self.value(h).squeeze(1) if self.value is not None else torch.zeros_like(h[:, 0])
         return self.logits(h), value
 

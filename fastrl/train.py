@@ -16,7 +16,7 @@ from fastrl.config import ConfigError, TrainConfig, validate
 from fastrl.envs import EnvSpec, inspect_env, make_vector_env
 from fastrl.metrics import DeviceMeans
 from fastrl.nets import PolicyNetwork, QNetwork
-from fastrl.optim import adam
+from fastrl.optim import Adam
 from fastrl.run import Run
 from fastrl.schedules import learning_rate, linear_schedule
 
@@ -78,11 +78,11 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
     ring = ReplayRing(c.buffer_size, c.num_envs, spec.obs_shape, device, c.n_step, c.gamma)
     q = QNetwork(spec.obs_shape, spec.n_actions, c.hidden, c.dueling).to(device)
     q_target = copy.deepcopy(q).requires_grad_(False)
-    optimizer, lr = adam(q.parameters(), c.lr, device)
+    optimizer = Adam(q, c.lr, c.max_grad_norm)
     # Sampling and the update run as one compiled step (or CUDA graph); profiling
     # times their stages one by one instead.
-    learn = ddqn.make_learn_step(ring.sampler(c.batch_size), q, q_target, optimizer, c.max_grad_norm,
-                                 c.learner, phases if c.profile else None)
+    learn = ddqn.make_learn_step(ring.sampler(c.batch_size), q, q_target, optimizer, c.learner,
+                                 phases if c.profile else None)
     act = ddqn.make_act(q)
     run.watch(q)
     learner_stats = DeviceMeans(("losses/td_loss", "losses/q_mean", "losses/grad_norm"), device)
@@ -112,7 +112,7 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
         eps_now = linear_schedule(run.env_steps, c.eps_start, c.eps_end, c.eps_decay_steps)
         eps.fill_(eps_now)
         lr_now = learning_rate(c, run.env_steps)
-        lr.fill_(lr_now)
+        optimizer.lr.fill_(lr_now)
 
         if run.log_due():
             run.log(collector, learner_stats, {"charts/epsilon": eps_now, "charts/lr": lr_now})
@@ -126,11 +126,10 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
     # Room for the longest episode plus one rollout: unfinished episodes wait in the ring.
     buffer = RolloutBuffer(c.rollout_steps + spec.max_episode_steps + 2, c.num_envs, spec.obs_shape, device)
     policy = PolicyNetwork(spec.obs_shape, spec.n_actions, c.hidden, value_head=c.baseline == "value").to(device)
-    optimizer, lr = adam(policy.parameters(), c.lr, device)
+    optimizer = Adam(policy, c.lr, c.max_grad_norm)
     running_mean = torch.zeros((), device=device)
     update = reinforce.make_update(policy, optimizer, c.baseline, c.normalize_returns, c.entropy_coef,
-                                   c.value_coef, c.max_grad_norm, running_mean, c.learner,
-                                   phases if c.profile else None)
+                                   c.value_coef, running_mean, c.learner, phases if c.profile else None)
     act = reinforce.make_act(policy)
     run.watch(policy)
     learner_stats = DeviceMeans(("losses/loss", "losses/policy_loss", "losses/value_loss",
@@ -158,7 +157,7 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
                 buffer.mark_learned(batch)
             episodes_learned = collector.episodes
         lr_now = learning_rate(c, run.env_steps)
-        lr.fill_(lr_now)
+        optimizer.lr.fill_(lr_now)
 
         if run.log_due():
             run.log(collector, learner_stats, {"charts/lr": lr_now})

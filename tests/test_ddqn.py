@@ -9,7 +9,7 @@ from torch import nn
 from fastrl.algos import ddqn
 from fastrl.buffer import ReplayRing, Transitions
 from fastrl.metrics import DeviceMeans
-from fastrl.optim import adam
+from fastrl.optim import Adam
 from fastrl.schedules import linear_schedule
 
 
@@ -73,8 +73,7 @@ def test_update_moves_q_towards_target_and_target_update_rules():
     torch.manual_seed(0)
     q = Table([[0.0, 0.0], [0.0, 0.0]])
     q_t = copy.deepcopy(q).requires_grad_(False)
-    opt = torch.optim.SGD(q.parameters(), lr=0.1)
-    update = ddqn.make_learn_step(lambda: b, q, q_t, opt, max_grad_norm=10.0)
+    update = ddqn.make_learn_step(lambda: b, q, q_t, Adam(q, lr=0.1, max_grad_norm=10.0))
     b = batch([[1.0, 0.0]], returns=[1.0], discount=[0.0], obs=[[1.0, 0.0]], actions=[0])
     stats = update()
     assert stats.loss.item() == 0.5  # Huber(0 - 1) = 0.5
@@ -121,13 +120,13 @@ def _learner_after_updates(mode, device, updates=6):
     torch.manual_seed(0)
     q = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 3)).to(device)
     q_t = copy.deepcopy(q).requires_grad_(False)
-    optimizer, _ = adam(q.parameters(), 1e-2, device)
+    optimizer = Adam(q, 1e-2, max_grad_norm=1.0)
     gen = torch.Generator().manual_seed(1)
     fixed = Transitions(obs=torch.randn(64, 4, generator=gen), actions=torch.randint(0, 3, (64,), generator=gen),
                         returns=torch.randn(64, generator=gen), next_obs=torch.randn(64, 4, generator=gen),
                         discount=torch.full((64,), 0.9), weight=torch.ones(64))
     fixed = Transitions(*(t.to(device) for t in fixed))
-    learn = ddqn.make_learn_step(lambda: fixed, q, q_t, optimizer, max_grad_norm=1.0, learner=mode)
+    learn = ddqn.make_learn_step(lambda: fixed, q, q_t, optimizer, learner=mode)
     losses = [learn().loss.item() for _ in range(updates)]
     return [p.detach().cpu() for p in q.parameters()], losses
 
@@ -157,10 +156,10 @@ def test_cuda_graph_learner_replays_the_same_updates_without_host_syncs():
                  torch.zeros(4, dtype=torch.bool, device=cuda), torch.randn(4, 4, device=cuda))
     q = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 3)).to(cuda)
     q_t = copy.deepcopy(q).requires_grad_(False)
-    optimizer, _ = adam(q.parameters(), 1e-3, cuda)
+    optimizer = Adam(q, 1e-3, max_grad_norm=10.0)
     stats = DeviceMeans(("loss", "q", "g"), cuda)
     for mode in ("compile", "cudagraphs"):
-        learn = ddqn.make_learn_step(ring.sampler(32), q, q_t, optimizer, 10.0, mode)
+        learn = ddqn.make_learn_step(ring.sampler(32), q, q_t, optimizer, mode)
         for _ in range(5):  # compile and record first
             stats.add(learn())
         torch.cuda.synchronize()

@@ -3,8 +3,8 @@ import json
 import time
 
 import fastrl
-from fastrl.algos import ddqn
 from fastrl.cli import main
+from fastrl.optim import Adam
 from fastrl.timing import Phases
 
 SMALL = dict(hidden=(16, 16), batch_size=32, buffer_size=5_000, learning_starts=200, replay_ratio=0.25,
@@ -29,18 +29,13 @@ def test_phases_add_up_to_wall_time_and_verdict_names_slow_env(tmp_path):
 
 
 def test_verdict_names_the_learner_when_the_update_is_slow(tmp_path, monkeypatch):
-    real = ddqn.make_optimizer_step
+    real = Adam.step
 
-    def slow_optimizer_step(*args):
-        step = real(*args)
+    def slow_step(self, grads):
+        time.sleep(0.01)
+        return real(self, grads)
 
-        def slowed():
-            time.sleep(0.01)
-            return step()
-
-        return slowed
-
-    monkeypatch.setattr(ddqn, "make_optimizer_step", slow_optimizer_step)
+    monkeypatch.setattr(Adam, "step", slow_step)
     report = profile(tmp_path, env_id="CartPole-v1", replay_ratio=1.0)
     assert report["bottleneck"] == "learn" and "--replay-ratio" in report["knob"]
     assert report["phase_s"]["optimizer_step"] > 0.5 * report["wall_s"]

@@ -10,6 +10,7 @@ from fastrl.buffer import RolloutBuffer
 from fastrl.collector import Collector
 from fastrl.envs import make_vector_env
 from fastrl.nets import PolicyNetwork
+from fastrl.optim import Adam
 from fastrl.returns import discounted_returns
 
 CPU = torch.device("cpu")
@@ -76,8 +77,7 @@ def test_episode_spanning_rollouts_is_carried_over_and_completed():
 def test_policy_gradient_raises_probability_of_rewarded_action():
     torch.manual_seed(0)
     policy = PolicyNetwork((1,), 2, (8,))
-    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
-    update = reinforce.make_update(policy, opt, "none", False, 0.0, 0.0, 0.0, torch.zeros(()))
+    update = reinforce.make_update(policy, Adam(policy, lr=0.05), "none", False, 0.0, 0.0, torch.zeros(()))
     obs = torch.ones(4, 1)
     batch_fields = dict(obs=obs, actions=torch.tensor([0, 1, 0, 1]), returns=torch.tensor([1.0, -1.0, 1.0, -1.0]),
                         mask=torch.tensor([True, True, True, False]), rows=torch.zeros(1, dtype=torch.long),

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import torch
+from torch.func import functional_call
 from torch.nn import functional as F
 
 from fastrl import accel
 from fastrl.buffer import Episodes
 from fastrl.nets import PolicyNetwork
-from fastrl.optim import make_optimizer_step
+from fastrl.optim import Adam, Params, gradients
 from fastrl.timing import Phases
 
 
@@ -26,17 +27,16 @@ def masked_mean(x: torch.Tensor, w: torch.Tensor, count: torch.Tensor) -> torch.
     return (x * w).sum() / count
 
 
-def make_update(policy: PolicyNetwork, optimizer: torch.optim.Optimizer, baseline: str,
-                normalize_returns: bool, entropy_coef: float, value_coef: float, max_grad_norm: float,
-                running_mean: torch.Tensor, learner: str = "eager",
+def make_update(policy: PolicyNetwork, optimizer: Adam, baseline: str, normalize_returns: bool,
+                entropy_coef: float, value_coef: float, running_mean: torch.Tensor, learner: str = "eager",
                 phases: Phases | None = None) -> Callable[[Episodes], UpdateStats]:
     """One gradient step on every masked step of `batch` (fixed shapes: compiles once).
 
     `running_mean` (0-d tensor) is the 'mean' baseline, updated in place. With `phases`
-    (profiling) the stages forward_backward and optimizer_step are compiled and timed apart.
+    (profiling) the stages forward_backward (eager) and optimizer_step are timed apart.
     """
 
-    def forward_backward(batch: Episodes) -> tuple[torch.Tensor, ...]:
+    def forward_backward(batch: Episodes) -> tuple[Params, torch.Tensor, tuple[torch.Tensor, ...]]:
         w = batch.mask.to(torch.float32)
         count = w.sum().clamp_min(1.0)
         returns = batch.returns
@@ -44,44 +44,43 @@ def make_update(policy: PolicyNetwork, optimizer: torch.optim.Optimizer, baselin
             mean = masked_mean(returns, w, count)
             std = masked_mean((returns - mean) ** 2, w, count).sqrt()
             returns = (returns - mean) / (std + 1e-8)
-        logits, value = policy.logits_and_value(batch.obs)
-        log_probs = F.log_softmax(logits, dim=1)
-        log_prob = log_probs.gather(1, batch.actions.unsqueeze(1)).squeeze(1)
-        entropy = -(log_probs.exp() * log_probs).sum(dim=1)
-        if baseline == "value":
-            advantage = returns - value.detach()
-            value_loss = masked_mean((value - returns) ** 2, w, count)
-        elif baseline == "mean":
-            advantage = returns - running_mean
-            value_loss = torch.zeros((), device=w.device)
-            running_mean.lerp_(masked_mean(returns, w, count).detach(), 0.1)
-        else:
-            advantage = returns
-            value_loss = torch.zeros((), device=w.device)
-        policy_loss = -masked_mean(log_prob * advantage, w, count)
-        mean_entropy = masked_mean(entropy, w, count)
-        loss = policy_loss - entropy_coef * mean_entropy + value_coef * value_loss
-        optimizer.zero_grad(set_to_none=False)
-        loss.backward()
-        return loss.detach(), policy_loss.detach(), value_loss.detach(), mean_entropy.detach()
 
-    optimizer_step = make_optimizer_step(list(policy.parameters()), optimizer, max_grad_norm)
+        def loss_fn(params: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+            logits, value = functional_call(policy, params, (batch.obs,), {"with_value": True})
+            log_probs = F.log_softmax(logits, dim=1)
+            log_prob = log_probs.gather(1, batch.actions.unsqueeze(1)).squeeze(1)
+            entropy = -(log_probs.exp() * log_probs).sum(dim=1)
+            if baseline == "value":
+                advantage = returns - value.detach()
+                value_loss = masked_mean((value - returns) ** 2, w, count)
+            else:
+                advantage = returns - running_mean if baseline == "mean" else returns
+                value_loss = torch.zeros((), device=w.device)
+            policy_loss = -masked_mean(log_prob * advantage, w, count)
+            mean_entropy = masked_mean(entropy, w, count)
+            loss = policy_loss - entropy_coef * mean_entropy + value_coef * value_loss
+            return loss, (policy_loss.detach(), value_loss.detach(), mean_entropy.detach())
+
+        grads, loss, parts = gradients(loss_fn, optimizer.params)
+        if baseline == "mean":  # after its use as this batch's baseline
+            running_mean.lerp_(masked_mean(returns, w, count), 0.1)
+        return grads, loss, parts
 
     if phases is None:
         def update(batch: Episodes) -> UpdateStats:
-            return UpdateStats(*forward_backward(batch), optimizer_step())
+            grads, loss, parts = forward_backward(batch)
+            return UpdateStats(loss, *parts, optimizer.step(grads))
 
         return accel.learner_fn(update, learner)
 
-    forward_backward, optimizer_step = (accel.compile_fn(f, learner != "eager")
-                                        for f in (forward_backward, optimizer_step))
+    optimizer_step = accel.compile_fn(optimizer.step, learner != "eager")  # forward_backward eager: see ddqn
 
     def timed_update(batch: Episodes) -> UpdateStats:
         with phases("forward_backward"):
-            losses = forward_backward(batch)
+            grads, loss, parts = forward_backward(batch)
         with phases("optimizer_step"):
-            grad_norm = optimizer_step()
-        return UpdateStats(*losses, grad_norm)
+            grad_norm = optimizer_step(grads)
+        return UpdateStats(loss, *parts, grad_norm)
 
     return timed_update
 
