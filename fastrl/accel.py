@@ -67,8 +67,8 @@ def _clone(args: tuple) -> tuple:
 class CudaGraphFn:
     """Runs `fn` by replaying a CUDA graph: one launch per update instead of one per kernel.
 
-    The first WARMUP calls run `fn` normally on a side stream (compilation, autotuning,
-    lazily created optimizer state); the next call records it and replays the record,
+    The first WARMUP calls run `fn` normally on a side stream (compilation,
+    autotuning); the next call records it and replays the record,
     so every call is one real update. `fn` must read and write only persistent device
     tensors (parameters, optimizer state, the replay ring) plus its arguments, which are
     copied into the graph's static inputs: fixed shapes, tensors or NamedTuples of tensors.

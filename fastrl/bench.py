@@ -5,7 +5,7 @@ collect  env steps/s into the replay ring through fastrl's collector, per backen
          machine's limit) and plain gymnasium AsyncVectorEnv (one process per env).
          Measurements are interleaved in rounds, so a machine that speeds up or slows
          down during the run moves every figure alike; medians over rounds are reported.
-learn    updates/s of the Double-DQN learner step (sample, targets, loss, backward,
+learn    updates/s of the Double-DQN learner step (sample, targets, loss, gradients,
          Adam, target update) per learner mode and batch size.
 
 Writes bench.json (every round of every measurement) and collect.png (steps/s

@@ -66,6 +66,7 @@ class Adam:
             exp_avg, exp_avg_sq = self.exp_avg[name], self.exp_avg_sq[name]
             exp_avg.lerp_(grad, 1 - b1)
             exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
-            param.sub_(step_size * exp_avg / denom)
+            # param -= step_size * exp_avg / denom, with one temporary (the denominator)
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps).div_(step_size)
+            param.addcdiv_(exp_avg, denom, value=-1.0)
         return norm
