@@ -10,7 +10,8 @@ Backends, all with that rule:
   async    gymnasium's AsyncVectorEnv. With fewer workers than envs (the default:
            one worker per CPU core but the trainer's) each worker process steps a group
            of envs per message, so the pipe round trip is paid once per group, not once
-           per env.
+           per env, and runs the autoresets of ended episodes right after replying,
+           while the trainer works.
   sync     every env in this process, stepped by the same loop as each async worker
            (`EnvGroup`): leaner than gymnasium's SyncVectorEnv, with its semantics.
   envpool  EnvPool's C++ envs (optional extra), whose own autoreset is NEXT_STEP.
@@ -128,7 +129,15 @@ def make_vector_env(env_id: str, num_envs: int, backend: str = "async", env_kwar
 class EnvGroup:
     """Steps a list of envs with NEXT_STEP autoreset, exactly as gymnasium's vector envs
     step each of theirs, into preallocated arrays. The sync backend runs one group in
-    this process; each async worker runs one in its own."""
+    this process; each async worker runs one in its own.
+
+    Autoresets can run early: `reset_ended()` resets the envs whose episode just ended
+    and keeps the results for the next step(), which then only hands them out. Async
+    workers call it right after replying, so the resets (a tenth of LunarLander's stepping
+    time under random actions, and the main cause of one worker finishing a step after
+    the others) run while the trainer works, off the next step's critical path. The
+    transitions are the same: the next step would make the very same call.
+    """
 
     def __init__(self, envs: list[gym.Env], observation_space: gym.spaces.Box):
         n = len(envs)
@@ -138,16 +147,46 @@ class EnvGroup:
         self.terminated = np.zeros(n, dtype=np.bool_)
         self.truncated = np.zeros(n, dtype=np.bool_)
         self._autoreset = np.zeros(n, dtype=np.bool_)
+        # Env j's early reset: ((obs, info) or the exception it raised, its RNG state before).
+        self._early: list[tuple | None] = [None] * n
 
     def reset(self, seeds: list, options: dict | None) -> list[tuple[int, dict]]:
-        """Resets env j with seeds[j]; returns the non-empty infos as (j, info) pairs."""
+        """Resets env j with seeds[j]; returns the non-empty infos as (j, info) pairs.
+
+        An env that already reset early: with no seed and no options, that reset is the
+        one this call would make, so its result is used; otherwise its RNG goes back to
+        the state before it and the env resets again, which gives what the plain path
+        gives for envs whose reset depends only on its arguments and RNG (gymnasium's)."""
         infos = []
         for j, env in enumerate(self.envs):
-            self.obs[j], info = env.reset(seed=seeds[j], options=options)
+            if self._early[j] is not None and seeds[j] is None and options is None:
+                self.obs[j], info = self._take_early(j)
+            else:
+                if self._early[j] is not None:
+                    (_, env.np_random.bit_generator.state), self._early[j] = self._early[j], None
+                self.obs[j], info = env.reset(seed=seeds[j], options=options)
             if info:
                 infos.append((j, info))
         self._autoreset[:] = False
         return infos
+
+    def reset_ended(self) -> None:
+        """Runs now the autoresets that the next step() would run (see the class docstring)."""
+        for j in np.flatnonzero(self._autoreset).tolist():
+            if self._early[j] is None:
+                env = self.envs[j]
+                rng_state = env.np_random.bit_generator.state
+                try:
+                    result = env.reset()
+                except Exception as exc:  # raised where the plain path raises it: at the next step
+                    result = exc
+                self._early[j] = (result, rng_state)
+
+    def _take_early(self, j: int) -> tuple:
+        (result, _), self._early[j] = self._early[j], None
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def step(self, actions: np.ndarray) -> list[tuple[int, dict]]:
         """Steps env j with actions[j] (or resets it, if its episode ended last step);
@@ -157,7 +196,7 @@ class EnvGroup:
         infos = []
         for j, (env, action) in enumerate(zip(self.envs, actions.tolist())):  # Python ints: cheaper checks
             if autoreset[j]:
-                obs[j], info = env.reset()
+                obs[j], info = env.reset() if self._early[j] is None else self._take_early(j)
                 rewards[j], terminated[j], truncated[j] = 0.0, False, False
             else:
                 obs[j], rewards[j], terminated[j], truncated[j], info = env.step(action)
@@ -232,6 +271,7 @@ def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, 
                 infos = group.step(data)
                 write_to_shared_memory(space, index, group.obs, shared_memory)
                 pipe.send(((None, group.rewards, group.terminated, group.truncated, _pack(infos)), True))
+                group.reset_ended()  # while the trainer works
             elif command == "reset":
                 infos = group.reset(data["seed"], data["options"])
                 write_to_shared_memory(space, index, group.obs, shared_memory)

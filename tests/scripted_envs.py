@@ -55,6 +55,15 @@ class InfoEnv(CounterEnv):
         return obs, reward, terminated, truncated, ({"t": self.t} if self.t % 2 == 0 else {})
 
 
+class FailingResetEnv(CounterEnv):
+    """CounterEnv whose resets after odd-numbered episodes raise, unless given a seed."""
+
+    def reset(self, *, seed=None, options=None):
+        if self.episode % 2 == 1 and seed is None:
+            raise RuntimeError("reset failed on purpose")
+        return super().reset(seed=seed, options=options)
+
+
 # Terminates after 3 steps (never truncated).
 gym.register("fastrl-test/Terminating-v0", entry_point=CounterEnv, kwargs={"length": 3}, max_episode_steps=100)
 # Would last 50 steps but the time limit truncates it after 4.
@@ -63,3 +72,4 @@ gym.register("fastrl-test/Truncating-v0", entry_point=CounterEnv, kwargs={"lengt
 gym.register("fastrl-test/Mixed-v0", entry_point=CounterEnv, kwargs={"length": None}, max_episode_steps=5)
 gym.register("fastrl-test/Info-v0", entry_point=InfoEnv, kwargs={"length": 4}, max_episode_steps=50)
 gym.register("fastrl-test/Slow-v0", entry_point=SlowEnv, kwargs={"length": 20}, max_episode_steps=50)
+gym.register("fastrl-test/FailingReset-v0", entry_point=FailingResetEnv, kwargs={"length": 3}, max_episode_steps=50)

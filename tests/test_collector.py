@@ -109,6 +109,66 @@ def test_all_backends_give_identical_transitions_and_episode_statistics(env_id):
             assert collector.pop_episodes() == ref_stats, name
 
 
+def step_until_an_episode_ends(envs_by_name, rng, num_envs):
+    """Steps every vector env with the same random actions until one of its envs ends an
+    episode (so grouped workers hold an early reset); returns each one's last obs."""
+    while True:
+        actions = rng.integers(0, 2, num_envs)
+        out = {name: envs.step(actions) for name, envs in envs_by_name.items()}
+        if (out["async-plain"][2] | out["async-plain"][3]).any():
+            return {name: o[0].copy() for name, o in out.items()}
+
+
+@pytest.mark.parametrize("env_id, resets", [
+    ("fastrl-test/Mixed-v0", [{}, {}]),  # reset depends on history (an episode counter)
+    ("LunarLander-v3", [{}, {"options": {}}, {"seed": [None, 11, None, 13]}]),  # reset from args and RNG
+])
+def test_explicit_resets_after_an_episode_end_match_plain_async(env_id, resets):
+    # Grouped workers reset ended envs early; a reset() that comes first must give what
+    # the plain path gives: that very reset (no args), or a reset from the same RNG state.
+    names = ("async-plain", "async-grouped")
+    envs_by_name = {name: make_vector_env(env_id, 4, BACKENDS[name][0], num_workers=BACKENDS[name][1])
+                    for name in names}
+    rng = np.random.default_rng(0)
+    try:
+        first = {name: envs.reset(seed=5)[0].copy() for name, envs in envs_by_name.items()}
+        assert np.array_equal(first["async-plain"], first["async-grouped"])
+        for kwargs in resets:
+            stepped = step_until_an_episode_ends(envs_by_name, rng, 4)
+            assert np.array_equal(stepped["async-plain"], stepped["async-grouped"])
+            after = {name: envs.reset(**kwargs)[0].copy() for name, envs in envs_by_name.items()}
+            assert np.array_equal(after["async-plain"], after["async-grouped"]), kwargs
+        for _ in range(30):  # and the envs go on alike, through more episode ends
+            actions = rng.integers(0, 2, 4)
+            obs = [envs.step(actions)[0].copy() for envs in envs_by_name.values()]
+            assert np.array_equal(*obs)
+    finally:
+        for envs in envs_by_name.values():
+            envs.close()
+
+
+@pytest.mark.filterwarnings("ignore:.*ERROR")  # gymnasium logs the worker's error
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_failing_autoreset_fails_only_the_step_that_runs_it(name):
+    # Grouped workers run autoresets early, but an error surfaces where the plain path's
+    # does: at the next step, and not at all if a seeded reset() comes first.
+    backend, workers = BACKENDS[name]
+    envs = make_vector_env("fastrl-test/FailingReset-v0", 4, backend, num_workers=workers)
+    actions = np.zeros(4, dtype=np.int64)
+    try:
+        envs.reset(seed=0)
+        for _ in range(3 + 1 + 3):  # episode 0, its autoreset, episode 1: all fine
+            envs.step(actions)
+        obs, _ = envs.reset(seed=7)  # instead of the failing autoreset
+        assert np.array_equal(obs[:, :2], np.tile([2, 0], (4, 1)))  # episode 2, t = 0
+        for _ in range(3 + 1 + 3):
+            envs.step(actions)
+        with pytest.raises(RuntimeError, match="reset failed on purpose"):
+            envs.step(actions)  # the failing autoreset, now that nothing comes first
+    finally:
+        envs.close(terminate=True)
+
+
 @pytest.mark.parametrize("name", ["sync", "async-grouped"])
 def test_infos_match_plain_async(name):
     # Info-v0 reports {"t": t} on even steps only, so the `_t` masks matter.
