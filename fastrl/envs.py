@@ -279,7 +279,10 @@ def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, 
                 _, single_obs_space, single_action_space = data
                 pipe.send(((single_obs_space == space, single_action_space == local.action_space), True))
             elif command == "close":
-                pipe.send((None, True))
+                # The trainer may not wait for this: after a Ctrl-C between sending a step
+                # and recording it, close() takes that step's reply for the acknowledgement.
+                with contextlib.suppress(BrokenPipeError):
+                    pipe.send((None, True))
                 break
             else:
                 raise ValueError(f"fastrl's grouped env workers support reset, step and close, not {command!r}")

@@ -47,6 +47,19 @@ class SlowEnv(CounterEnv):
         return super().step(action)
 
 
+class SlowResetEnv(CounterEnv):
+    """CounterEnv that sleeps in reset."""
+
+    def __init__(self, delay=0.2, **kw):
+        super().__init__(**kw)
+        self.delay = delay
+
+    def reset(self, *, seed=None, options=None):
+        import time
+        time.sleep(self.delay)
+        return super().reset(seed=seed, options=options)
+
+
 class InfoEnv(CounterEnv):
     """CounterEnv that reports {"t": t} in info on even steps only."""
 
@@ -73,3 +86,4 @@ gym.register("fastrl-test/Mixed-v0", entry_point=CounterEnv, kwargs={"length": N
 gym.register("fastrl-test/Info-v0", entry_point=InfoEnv, kwargs={"length": 4}, max_episode_steps=50)
 gym.register("fastrl-test/Slow-v0", entry_point=SlowEnv, kwargs={"length": 20}, max_episode_steps=50)
 gym.register("fastrl-test/FailingReset-v0", entry_point=FailingResetEnv, kwargs={"length": 3}, max_episode_steps=50)
+gym.register("fastrl-test/SlowReset-v0", entry_point=SlowResetEnv, kwargs={"length": 3}, max_episode_steps=50)

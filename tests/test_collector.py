@@ -169,6 +169,20 @@ def test_a_failing_autoreset_fails_only_the_step_that_runs_it(name):
         envs.close(terminate=True)
 
 
+def test_a_grouped_worker_closes_cleanly_when_its_close_is_not_waited_for():
+    # Ctrl-C between sending a step and recording it leaves that step's reply unread;
+    # AsyncVectorEnv.close() then takes it for the close acknowledgement and closes the
+    # pipe while the worker is still running its early resets. The worker must exit
+    # cleanly all the same, without a traceback.
+    envs = make_vector_env("fastrl-test/SlowReset-v0", 2, "async", num_workers=1)
+    envs.reset(seed=0)
+    for _ in range(2):
+        envs.step(np.zeros(2, dtype=np.int64))
+    envs.workers.parent_pipes[0].send(("step", np.zeros(2, dtype=np.int64)))  # ends both episodes
+    envs.close()
+    assert envs.workers.processes[0].exitcode == 0
+
+
 @pytest.mark.parametrize("name", ["sync", "async-grouped"])
 def test_infos_match_plain_async(name):
     # Info-v0 reports {"t": t} on even steps only, so the `_t` masks matter.
