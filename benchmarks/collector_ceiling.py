@@ -6,7 +6,9 @@ Interleaves, per round, on LunarLander-v3 with random actions:
                cores give together (a VM's vCPUs can share a physical core or its cache)
   independent  one process per core stepping G envs with no communication at all
   bare         the same processes in lockstep with the parent: one pipe round trip per
-               step carrying only actions and a reply array (no observations, no ring)
+               step carrying only actions and a reply array (no observations, no ring);
+               the workers time their stepping, which splits bare's step time into
+               stepping, waiting for the slower worker, and messages
   fastrl       fastrl's collector into the replay ring (grouped workers, G envs each)
 and prints each as a ratio to that round's limit; medians over rounds.
 
@@ -57,8 +59,9 @@ def bare_worker(conn, n: int, core: int) -> None:
                 step(actions)
             conn.send(cmd)
         else:
+            start = time.perf_counter()
             step(cmd)
-            conn.send(np.zeros(n))
+            conn.send((time.perf_counter() - start, np.zeros(n)))
 
 
 def raw_worker(conn, core: int) -> None:
@@ -93,6 +96,7 @@ def main() -> None:
     actions = np.random.default_rng(0).integers(0, 4, (args.steps, g)).tolist()
     total = args.steps * g * cores
     rows = {"raw x cores": [], "independent": [], "bare": [], "fastrl": []}
+    busy, slowest, wall = [], [], []  # bare, per step: mean and max worker stepping time, wall time
     print(f"{machine()}\n{ENV}, {cores} cores x {g} envs; ratio to that round's cores x single process")
     for r in range(args.rounds):
         limit = cores * single.measure(2.0)
@@ -107,10 +111,13 @@ def main() -> None:
         rows["independent"].append(total / (time.perf_counter() - start) / limit)
         start = time.perf_counter()
         for a in actions:
+            step_start = time.perf_counter()
             for c in conns:
                 c.send(a)
-            for c in conns:
-                c.recv()
+            seconds = [c.recv()[0] for c in conns]
+            wall.append(time.perf_counter() - step_start)
+            busy.append(sum(seconds) / cores)
+            slowest.append(max(seconds))
         rows["bare"].append(total / (time.perf_counter() - start) / limit)
         rows["fastrl"].append(fastrl.measure(2.0) / limit)
         print(f"round {r + 1}: limit {limit:,.0f} steps/s | "
@@ -121,9 +128,14 @@ def main() -> None:
     single.close()
     medians = {k: statistics.median(v) for k, v in rows.items()}
     print("median: " + " | ".join(f"{k} {v:.2f}" for k, v in medians.items()))
+    # Shares of bare's wall time, over all its steps.
+    split = {"stepping": sum(busy) / sum(wall),
+             "waiting for the slower worker": (sum(slowest) - sum(busy)) / sum(wall),
+             "messages and the parent": (sum(wall) - sum(slowest)) / sum(wall)}
+    print("bare lockstep, share of its time: " + " | ".join(f"{k} {v:.2f}" for k, v in split.items()))
     with open(args.out, "w") as f:
-        json.dump({"machine": machine(), "cores": cores, "envs_per_core": g, "rounds": rows, "median": medians},
-                  f, indent=2)
+        json.dump({"machine": machine(), "cores": cores, "envs_per_core": g, "rounds": rows, "median": medians,
+                   "bare_time_split": split}, f, indent=2)
 
 
 if __name__ == "__main__":
