@@ -8,6 +8,7 @@ rewards arrive anyway, so they cost no device sync.
 from __future__ import annotations
 
 import math
+import multiprocessing
 from typing import NamedTuple
 
 import gymnasium as gym
@@ -110,8 +111,15 @@ class Collector:
         self.finished_returns, self.finished_lengths = [], []
         return out
 
-    def close(self) -> None:
-        if self._pending:  # e.g. interrupted mid-step: collect it so the workers close cleanly
-            self.envs.step_wait()
+    def close(self, timeout: float = 10.0) -> None:
+        """Closes the envs. A step still in flight (e.g. interrupted by Ctrl-C) is collected
+        first, waiting at most `timeout` seconds: an interrupt inside step_wait() can leave
+        no reply to wait for, and then the workers are terminated instead."""
+        if self._pending:
             self._pending = False
+            try:
+                self.envs.step_wait(timeout=timeout)
+            except multiprocessing.TimeoutError:
+                self.envs.close(terminate=True)
+                return
         self.envs.close()

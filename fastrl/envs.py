@@ -342,8 +342,8 @@ class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
     def step_async(self, actions) -> None:
         self.workers.step_async(np.asarray(actions).reshape(self.num_workers, self.group_size))
 
-    def step_wait(self):
-        _, rewards, terminated, truncated, infos = self.workers.step_wait()
+    def step_wait(self, timeout: float | None = None):
+        _, rewards, terminated, truncated, infos = self.workers.step_wait(timeout)
         n = self.num_envs
         return self._obs, rewards.reshape(n), terminated.reshape(n), truncated.reshape(n), self._unpack(infos)
 
@@ -416,7 +416,7 @@ class EnvPoolVectorEnv(gym.vector.VectorEnv):
     def step_async(self, actions) -> None:
         self.pool.send(np.asarray(actions, dtype=np.int32))
 
-    def step_wait(self):
+    def step_wait(self, timeout: float | None = None):  # EnvPool's recv has no timeout
         return self.pool.recv()
 
     def step(self, actions):

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -181,6 +182,25 @@ def test_a_grouped_worker_closes_cleanly_when_its_close_is_not_waited_for():
     envs.workers.parent_pipes[0].send(("step", np.zeros(2, dtype=np.int64)))  # ends both episodes
     envs.close()
     assert envs.workers.processes[0].exitcode == 0
+
+
+@pytest.mark.parametrize("name", ["async-plain", "async-grouped"])
+def test_closing_after_an_interrupted_step_wait_does_not_hang(name):
+    # Ctrl-C inside step_wait(), after the reply was read but before the step was
+    # recorded, leaves a step "in flight" with nothing left to collect.
+    backend, workers = BACKENDS[name]
+    envs = make_vector_env("CartPole-v1", 4, backend, num_workers=workers)
+    collector = Collector(envs, CPU)
+    collector.reset(seed=0)
+    collector.step_async(torch.zeros(4, dtype=torch.int64))
+    inner = envs.workers if name == "async-grouped" else envs
+    for pipe in inner.parent_pipes:
+        pipe.recv()
+    closer = threading.Thread(target=collector.close, kwargs={"timeout": 0.5}, daemon=True)
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive(), "close() hangs"
+    assert not any(p.is_alive() for p in inner.processes)
 
 
 @pytest.mark.parametrize("name", ["sync", "async-grouped"])
