@@ -115,11 +115,11 @@ class Collector:
         """Closes the envs. A step still in flight (e.g. interrupted by Ctrl-C) is collected
         first, waiting at most `timeout` seconds: an interrupt inside step_wait() can leave
         no reply to wait for, and then the workers are terminated instead."""
+        terminate = False
         if self._pending:
             self._pending = False
             try:
                 self.envs.step_wait(timeout=timeout)
             except multiprocessing.TimeoutError:
-                self.envs.close(terminate=True)
-                return
-        self.envs.close()
+                terminate = True
+        self.envs.close(terminate=terminate)

@@ -161,8 +161,7 @@ class EnvGroup:
             if self._early[j] is not None and seeds[j] is None and options is None:
                 self.obs[j], info = self._take_early(j)
             else:
-                if self._early[j] is not None:
-                    (_, env.np_random.bit_generator.state), self._early[j] = self._early[j], None
+                self._undo_early(j)
                 self.obs[j], info = env.reset(seed=seeds[j], options=options)
             if info:
                 infos.append((j, info))
@@ -186,6 +185,12 @@ class EnvGroup:
         if isinstance(result, Exception):
             raise result
         return result
+
+    def _undo_early(self, j: int) -> None:
+        # Forgets env j's early reset, if any, and puts its RNG back to the state before it.
+        if self._early[j] is not None:
+            (_, rng_state), self._early[j] = self._early[j], None
+            self.envs[j].np_random.bit_generator.state = rng_state
 
     def step(self, actions: np.ndarray) -> list[tuple[int, dict]]:
         """Steps env j with actions[j] (or resets it, if its episode ended last step);
