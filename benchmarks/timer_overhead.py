@@ -57,9 +57,9 @@ def main() -> None:
     ratios = [a / b for a, b in zip(sps[True], sps[False])]
     cost = timer_cost_s()
     # Timer uses per vector step of the DDQN loop: act twice (choose, copy out), env twice (send,
-    # wait), h2d, ring_write, and per update: update, target_update.
+    # wait), h2d, ring_write, and per update: update (the target update runs inside it).
     config = fastrl.make_config(**base)
-    phase_uses = 6 + 2 * config.num_envs * config.replay_ratio
+    phase_uses = 6 + config.num_envs * config.replay_ratio
     step_s = config.num_envs / off
     result = {"machine": machine(), "config": {k: str(v) for k, v in base.items()},
               "sps_timers_on": sps[True], "sps_timers_off": sps[False],

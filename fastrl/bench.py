@@ -275,13 +275,13 @@ def bench_learn(env_id: str, modes: list[str], batch_sizes: list[int], seconds: 
             q = QNetwork(spec.obs_shape, spec.n_actions, config.hidden, config.dueling).to(device)
             q_target = copy.deepcopy(q).requires_grad_(False)
             learn = ddqn.make_learn_step(ring.sampler(batch_size), q, q_target,
-                                         Adam(q, config.lr, config.max_grad_norm), mode)
+                                         Adam(q, config.lr, config.max_grad_norm), config.tau,
+                                         config.target_update_interval, mode)
             stats = DeviceMeans(("loss", "q_mean", "grad_norm"), device)
 
-            def updates(n: int, learn=learn, stats=stats, q=q, q_target=q_target) -> None:
+            def updates(n: int, learn=learn, stats=stats) -> None:
                 for _ in range(n):  # the training loop's learner body
                     stats.add(learn())
-                    ddqn.update_target(q_target, q, config.tau)
                 stats.read()  # one host read, which also waits for the device
 
             start = time.perf_counter()

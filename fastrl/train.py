@@ -81,8 +81,8 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
     optimizer = Adam(q, c.lr, c.max_grad_norm)
     # Sampling and the update run as one compiled step (or CUDA graph); profiling
     # times their stages one by one instead.
-    learn = ddqn.make_learn_step(ring.sampler(c.batch_size), q, q_target, optimizer, c.learner,
-                                 phases if c.profile else None)
+    learn = ddqn.make_learn_step(ring.sampler(c.batch_size), q, q_target, optimizer, c.tau,
+                                 c.target_update_interval, c.learner, phases if c.profile else None)
     act = ddqn.make_act(q)
     run.watch(q)
     learner_stats = DeviceMeans(("losses/td_loss", "losses/q_mean", "losses/grad_norm"), device)
@@ -104,9 +104,6 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
                     learner_stats.add(learn())
                 run.updates += 1
                 update_credit -= 1.0
-                if run.updates % c.target_update_interval == 0:
-                    with phases("target_update"):
-                        ddqn.update_target(q_target, q, c.tau)
 
         obs = store_step(collector, ring, actions, run)
         eps_now = linear_schedule(run.env_steps, c.eps_start, c.eps_end, c.eps_decay_steps)

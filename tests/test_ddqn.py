@@ -73,15 +73,41 @@ def test_update_moves_q_towards_target_and_target_update_rules():
     torch.manual_seed(0)
     q = Table([[0.0, 0.0], [0.0, 0.0]])
     q_t = copy.deepcopy(q).requires_grad_(False)
-    update = ddqn.make_learn_step(lambda: b, q, q_t, Adam(q, lr=0.1, max_grad_norm=10.0))
+    update = ddqn.make_learn_step(lambda: b, q, q_t, Adam(q, lr=0.1, max_grad_norm=10.0), tau=0.5,
+                                  target_update_interval=1)
     b = batch([[1.0, 0.0]], returns=[1.0], discount=[0.0], obs=[[1.0, 0.0]], actions=[0])
     stats = update()
     assert stats.loss.item() == 0.5  # Huber(0 - 1) = 0.5
     assert q.w[0, 0].item() > 0 and q.w[1, 0].item() == 0  # only the taken action moved
-    ddqn.update_target(q_t, q, tau=0.5)
-    assert torch.allclose(q_t.w, 0.5 * q.w.detach())
+    assert torch.allclose(q_t.w, 0.5 * q.w.detach())  # the step ends with the Polyak update
     ddqn.update_target(q_t, q, tau=1.0)
     assert torch.equal(q_t.w, q.w.detach())
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_learn_step_updates_the_target_on_schedule(mode):
+    """Polyak every step, or a hard copy every 3rd step: inside the (compiled) step, by the
+    optimizer's device-side step count, as the naive host-side loop would."""
+    gen = torch.Generator().manual_seed(0)
+    fixed = Transitions(obs=torch.randn(16, 2, generator=gen), actions=torch.randint(0, 2, (16,), generator=gen),
+                        returns=torch.randn(16, generator=gen), next_obs=torch.randn(16, 2, generator=gen),
+                        discount=torch.full((16,), 0.9), weight=torch.ones(16))
+    for tau, interval in ((0.1, 1), (1.0, 3)):
+        torch.manual_seed(0)
+        q = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2))
+        q_t = copy.deepcopy(q).requires_grad_(False)
+        expected = [p.detach().clone() for p in q_t.parameters()]
+        learn = ddqn.make_learn_step(lambda: fixed, q, q_t, Adam(q, 1e-2), tau, interval, mode)
+        for update in range(1, 8):
+            learn()
+            if update % interval == 0:  # the naive loop
+                expected = [(1 - tau) * e + tau * p.detach() for e, p in zip(expected, q.parameters())]
+            for e, t in zip(expected, q_t.parameters()):
+                assert torch.allclose(t, e, rtol=1e-6, atol=1e-7), (tau, interval, update)
+            if interval > 1:  # lerp by 0 and 1 is exact: untouched between copies, then equal
+                online = list(q.parameters())
+                assert all(torch.equal(t, e) for t, e in zip(q_t.parameters(), expected))
+                assert all(torch.equal(t, p) for t, p in zip(q_t.parameters(), online)) == (update % interval == 0)
 
 
 def test_epsilon_greedy_and_schedule():
@@ -126,9 +152,9 @@ def _learner_after_updates(mode, device, updates=6):
                         returns=torch.randn(64, generator=gen), next_obs=torch.randn(64, 4, generator=gen),
                         discount=torch.full((64,), 0.9), weight=torch.ones(64))
     fixed = Transitions(*(t.to(device) for t in fixed))
-    learn = ddqn.make_learn_step(lambda: fixed, q, q_t, optimizer, learner=mode)
+    learn = ddqn.make_learn_step(lambda: fixed, q, q_t, optimizer, 0.05, 1, mode)
     losses = [learn().loss.item() for _ in range(updates)]
-    return [p.detach().cpu() for p in q.parameters()], losses
+    return [p.detach().cpu() for p in (*q.parameters(), *q_t.parameters())], losses
 
 
 def test_learner_modes_change_speed_not_maths():
@@ -159,7 +185,7 @@ def test_cuda_graph_learner_replays_the_same_updates_without_host_syncs():
     optimizer = Adam(q, 1e-3, max_grad_norm=10.0)
     stats = DeviceMeans(("loss", "q", "g"), cuda)
     for mode in ("compile", "cudagraphs"):
-        learn = ddqn.make_learn_step(ring.sampler(32), q, q_t, optimizer, mode)
+        learn = ddqn.make_learn_step(ring.sampler(32), q, q_t, optimizer, 0.005, 2, mode)
         for _ in range(5):  # compile and record first
             stats.add(learn())
         torch.cuda.synchronize()
@@ -167,7 +193,6 @@ def test_cuda_graph_learner_replays_the_same_updates_without_host_syncs():
         try:
             for _ in range(20):
                 stats.add(learn())
-                ddqn.update_target(q_t, q, 0.005)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert np.isfinite(stats.read()["loss"])

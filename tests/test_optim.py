@@ -64,7 +64,8 @@ def test_ddqn_learn_step_is_one_graph():
         ring.add(torch.randint(0, 3, (2,)), torch.randn(2), torch.rand(2) < 0.1, torch.zeros(2, dtype=torch.bool),
                  torch.randn(2, 4))
     q = QNetwork((4,), 3, (16, 16))
-    learn = ddqn.make_learn_step(ring.sampler(8), q, copy.deepcopy(q).requires_grad_(False), Adam(q, 1e-3, 10.0))
+    learn = ddqn.make_learn_step(ring.sampler(8), q, copy.deepcopy(q).requires_grad_(False), Adam(q, 1e-3, 10.0),
+                                 tau=0.005, target_update_interval=2)
     explanation = torch._dynamo.explain(learn)()
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1

@@ -39,15 +39,17 @@ def td_loss(q: Callable[[torch.Tensor], torch.Tensor], batch: Transitions,
 
 
 def make_learn_step(sample: Callable[[], Transitions], q: nn.Module, q_target: nn.Module, optimizer: Adam,
-                    learner: str = "eager", phases: Phases | None = None) -> Callable[[], UpdateStats]:
+                    tau: float, target_update_interval: int, learner: str = "eager",
+                    phases: Phases | None = None) -> Callable[[], UpdateStats]:
     """One gradient step on a fresh batch from `sample` (e.g. `ReplayRing.sampler(B)`):
-    Double-DQN targets, Huber TD loss, gradients, clipped Adam step on `q` in place.
+    Double-DQN targets, Huber TD loss, gradients, clipped Adam step on `q` in place,
+    then the target-network update (rate `tau`) on every `target_update_interval`-th step.
 
     Argument-free and fixed-shape, so the whole step compiles into one graph
     (learner="compile") and can be recorded as one CUDA graph (learner="cudagraphs").
     With `phases` (profiling) its stages (sample, targets, forward_backward,
-    optimizer_step) are timed one by one instead: compiled one by one, forward_backward
-    eager, slower in all than the one graph.
+    optimizer_step, target_update) are timed one by one instead: compiled one by one,
+    forward_backward eager, slower in all than the one graph.
     """
 
     def targets(batch: Transitions) -> torch.Tensor:
@@ -59,18 +61,24 @@ def make_learn_step(sample: Callable[[], Transitions], q: nn.Module, q_target: n
 
         return gradients(loss_fn, optimizer.params)
 
+    def target_update() -> None:
+        # Counted by the optimizer's device-side step count: no host branch in the step.
+        update_target(q_target, q, target_update_rate(tau, target_update_interval, optimizer.steps))
+
     if phases is None:
         def learn_step() -> UpdateStats:
             batch = sample()
             grads, loss, q_mean = forward_backward(batch, targets(batch))
-            return UpdateStats(loss, q_mean, optimizer.step(grads))
+            grad_norm = optimizer.step(grads)
+            target_update()
+            return UpdateStats(loss, q_mean, grad_norm)
 
         return accel.learner_fn(learn_step, learner)
 
     # forward_backward stays eager here: compiled on its own (torch.func, gradients as
     # graph outputs) it runs twice as slowly as autograd, unlike inside the one graph.
-    sample, targets, optimizer_step = (
-        accel.compile_fn(f, learner != "eager") for f in (sample, targets, optimizer.step))
+    sample, targets, optimizer_step, target_update = (
+        accel.compile_fn(f, learner != "eager") for f in (sample, targets, optimizer.step, target_update))
 
     def timed_learn_step() -> UpdateStats:
         with phases("sample"):
@@ -81,16 +89,28 @@ def make_learn_step(sample: Callable[[], Transitions], q: nn.Module, q_target: n
             grads, loss, q_mean = forward_backward(batch, y)
         with phases("optimizer_step"):
             grad_norm = optimizer_step(grads)
+        with phases("target_update"):
+            target_update()
         return UpdateStats(loss, q_mean, grad_norm)
 
     return timed_learn_step
 
 
+def target_update_rate(tau: float, interval: int, updates: torch.Tensor) -> float | torch.Tensor:
+    """The target update's rate after update number `updates` (a device tensor): tau on
+    every `interval`-th update, else 0, which leaves the target exactly as it is
+    (lerp by 0 and by 1 are exact). The schedule as tensor maths, so it runs inside
+    a compiled step or a CUDA graph."""
+    if interval == 1:
+        return tau
+    return torch.where(torch.remainder(updates, interval) == 0, tau, 0.0).float()
+
+
 @torch.no_grad()
-def update_target(q_target: nn.Module, q: nn.Module, tau: float) -> None:
+def update_target(q_target: nn.Module, q: nn.Module, tau: float | torch.Tensor) -> None:
     """Polyak update in place: target <- (1 - tau) target + tau online (tau=1: hard copy)."""
     target_params, online_params = list(q_target.parameters()), list(q.parameters())
-    if tau >= 1.0:
+    if isinstance(tau, float) and tau >= 1.0:
         torch._foreach_copy_(target_params, online_params)
     else:
         torch._foreach_lerp_(target_params, online_params, tau)
