@@ -79,8 +79,8 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
     q = QNetwork(spec.obs_shape, spec.n_actions, c.hidden, c.dueling).to(device)
     q_target = copy.deepcopy(q).requires_grad_(False)
     optimizer = Adam(q, c.lr, c.max_grad_norm)
-    # Sampling and the update run as one compiled step (or CUDA graph); profiling
-    # times their stages one by one instead.
+    # Sampling, the update and the target-network update run as one compiled step (or
+    # CUDA graph); profiling times their stages one by one instead.
     learn = ddqn.make_learn_step(ring.sampler(c.batch_size), q, q_target, optimizer, c.tau,
                                  c.target_update_interval, c.learner, phases if c.profile else None)
     act = ddqn.make_act(q)
