@@ -2,8 +2,9 @@
 
 Per vector step: one device->host copy of the actions, and one host->device copy
 of a staging row that packs [obs | reward | terminated | truncated] for all envs
-(pinned memory on CUDA). Episode statistics are kept on the host, where the
-rewards arrive anyway, so they cost no device sync.
+(pinned memory on CUDA; on the CPU the staging row is the device row). Episode
+statistics are kept on the host, where the rewards arrive anyway, so they cost no
+device sync.
 """
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ class Collector:
         self._host = torch.zeros((self.num_envs, width), dtype=torch.float32,
                                  pin_memory=device.type == "cuda")
         self._host_np = self._host.numpy()
-        self._device_row = torch.zeros((self.num_envs, width), dtype=torch.float32, device=device)
+        # On the CPU the staging row is the device row: nothing to copy.
+        self._device_row = (self._host if device.type == "cpu" else
+                            torch.zeros((self.num_envs, width), dtype=torch.float32, device=device))
         self.obs = self._device_row[:, :self.obs_size].view(self.num_envs, *self.obs_shape)
         self._actions_np: np.ndarray | None = None
         self._can_async = hasattr(envs, "step_async")
@@ -58,7 +61,7 @@ class Collector:
         obs, _ = self.envs.reset(seed=seed)
         self._host_np[:, :self.obs_size] = np.asarray(obs).reshape(self.num_envs, -1)
         self._host_np[:, self.obs_size:] = 0.0
-        self._device_row.copy_(self._host, non_blocking=True)
+        self._upload()
         self._ep_return[:] = 0.0
         self._ep_length[:] = 0
         self._prev_done[:] = False
@@ -88,9 +91,13 @@ class Collector:
             host[:, d] = reward
             host[:, d + 1] = terminated
             host[:, d + 2] = truncated
-            self._device_row.copy_(self._host, non_blocking=True)
+            self._upload()
         row = self._device_row
         return Step(self.obs, row[:, d], row[:, d + 1] > 0.5, row[:, d + 2] > 0.5)
+
+    def _upload(self) -> None:
+        if self._device_row is not self._host:
+            self._device_row.copy_(self._host, non_blocking=True)
 
     def _track_episodes(self, reward: np.ndarray, done: np.ndarray) -> None:
         active = ~self._prev_done

@@ -10,8 +10,8 @@ Backends, all with that rule:
   async    gymnasium's AsyncVectorEnv. With fewer workers than envs (the default:
            one worker per CPU core but the trainer's) each worker process steps a group
            of envs per message, so the pipe round trip is paid once per group, not once
-           per env, and runs the autoresets of ended episodes right after replying,
-           while the trainer works.
+           per env; step messages are raw bytes, not pickles; and each worker runs the
+           autoresets of ended episodes right after replying, while the trainer works.
   sync     every env in this process, stepped by the same loop as each async worker
            (`EnvGroup`): leaner than gymnasium's SyncVectorEnv, with its semantics.
   envpool  EnvPool's C++ envs (optional extra), whose own autoreset is NEXT_STEP.
@@ -22,8 +22,10 @@ import contextlib
 import math
 import multiprocessing
 import os
+import pickle
 import signal
 import sys
+import time
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -252,6 +254,45 @@ def _merge_infos(vector_env: gym.vector.VectorEnv, pairs, infos: dict, offset: i
 
 _GROUP_INFOS = "fastrl_group_infos"  # carries a group's per-env infos through AsyncVectorEnv
 
+# A step travels as raw bytes, not pickled: it is the hot path (one round trip per worker
+# per vector step), and pickling its small arrays costs more than the pipe's own round
+# trip. Out: [_STEP | actions int64[G]]; back: [_STEP | rewards float64[G] | terminated
+# bool[G] | truncated bool[G]]. A reply with infos or an error, and every other command
+# (reset, close, ...), is AsyncVectorEnv's usual pickled message, which never starts
+# with _STEP (a pickle starts with its PROTO opcode, 0x80).
+_STEP = b"fastrl-step\0\0\0\0\0"  # 16 bytes: the arrays after it stay 8-byte aligned
+
+
+class _StepRequest:
+    """One group's step message, preallocated: `actions` is a view into `buffer`."""
+
+    def __init__(self, group_size: int):
+        self.buffer = bytearray(_STEP + bytes(8 * group_size))
+        self.actions = np.frombuffer(self.buffer, np.int64, group_size, len(_STEP))
+
+
+class _StepReply:
+    """One group's step results, preallocated: the arrays are views into `buffer`."""
+
+    def __init__(self, group_size: int):
+        G, o = group_size, len(_STEP)
+        self.buffer = bytearray(_STEP + bytes(10 * G))
+        self.rewards = np.frombuffer(self.buffer, np.float64, G, o)
+        self.terminated = np.frombuffer(self.buffer, np.bool_, G, o + 8 * G)
+        self.truncated = np.frombuffer(self.buffer, np.bool_, G, o + 9 * G)
+
+
+def _receive(pipe, raw: bytearray) -> Any:
+    """The next message on `pipe`: None for a raw step message (now in `raw`), else the
+    unpickled object."""
+    try:
+        size = pipe.recv_bytes_into(raw)
+    except multiprocessing.BufferTooShort as exc:  # a pickled message longer than a step
+        return pickle.loads(exc.args[0])
+    if size == len(raw) and raw.startswith(_STEP):
+        return None
+    return pickle.loads(raw[:size])
+
 
 def _make_group(env_fns: list[Callable[[], gym.Env]], core: int | None) -> InProcessVectorEnv:
     # AsyncVectorEnv builds one of these in the parent as a probe for spaces and metadata;
@@ -262,21 +303,29 @@ def _make_group(env_fns: list[Callable[[], gym.Env]], core: int | None) -> InPro
 
 
 def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, autoreset_mode, semaphore):
-    """An AsyncVectorEnv worker (same signature and protocol as gymnasium's own) that
-    steps a group of envs per message."""
+    """An AsyncVectorEnv worker (same signature and protocol as gymnasium's own, but for
+    raw step messages) that steps a group of envs per message."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # see _make_one
     local = env_fn()
     parent_pipe.close()
     group, space = local.group, local.observation_space
+    request, reply = _StepRequest(local.num_envs), _StepReply(local.num_envs)
     try:
         while True:
-            command, data = pipe.recv()
-            if command == "step":
-                infos = group.step(data)
+            message = _receive(pipe, request.buffer)
+            if message is None:  # a step
+                infos = group.step(request.actions)
                 write_to_shared_memory(space, index, group.obs, shared_memory)
-                pipe.send(((None, group.rewards, group.terminated, group.truncated, _pack(infos)), True))
+                if infos:
+                    pipe.send(((None, group.rewards, group.terminated, group.truncated, _pack(infos)), True))
+                else:
+                    reply.rewards[:], reply.terminated[:], reply.truncated[:] = (
+                        group.rewards, group.terminated, group.truncated)
+                    pipe.send_bytes(reply.buffer)
                 group.reset_ended()  # while the trainer works
-            elif command == "reset":
+                continue
+            command, data = message
+            if command == "reset":
                 infos = group.reset(data["seed"], data["options"])
                 write_to_shared_memory(space, index, group.obs, shared_memory)
                 pipe.send(((None, _pack(infos)), True))
@@ -284,8 +333,7 @@ def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, 
                 _, single_obs_space, single_action_space = data
                 pipe.send(((single_obs_space == space, single_action_space == local.action_space), True))
             elif command == "close":
-                # The trainer may not wait for this: after a Ctrl-C between sending a step
-                # and recording it, close() takes that step's reply for the acknowledgement.
+                # The trainer may be gone by now (killed): exit quietly all the same.
                 with contextlib.suppress(BrokenPipeError):
                     pipe.send((None, True))
                 break
@@ -317,7 +365,10 @@ def _pack(infos: list[tuple[int, dict]]) -> dict:
 class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
     """`len(env_fns)` envs in `num_workers` AsyncVectorEnv worker processes, an equal
     group per worker. Env i is env i % G of worker i // G; it gets seed `seed + i`, as
-    in plain AsyncVectorEnv, so both give identical transitions."""
+    in plain AsyncVectorEnv, so both give identical transitions.
+
+    AsyncVectorEnv starts, resets and closes the workers and reports their errors; steps
+    go over its pipes as raw step messages (see _STEP)."""
 
     def __init__(self, env_fns: list[Callable[[], gym.Env]], num_workers: int, pin_workers: bool = True):
         self.num_envs = len(env_fns)
@@ -335,33 +386,78 @@ class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
         self.workers = gym.vector.AsyncVectorEnv(groups, shared_memory=True, copy=False, worker=_group_worker)
         # [W, G, *obs] in shared memory, seen as [N, *obs] without a copy.
         self._obs = self.workers.observations.reshape(self.num_envs, *self.single_observation_space.shape)
+        self._requests = [_StepRequest(G) for _ in range(num_workers)]
+        self._replies = [_StepReply(G) for _ in range(num_workers)]
+        self._pending = [False] * num_workers  # worker w owes a step reply
 
     def reset(self, *, seed: int | list | None = None, options: dict | None = None):
+        if any(self._pending):
+            raise gym.error.AlreadyPendingCallError("Calling `reset` while waiting for a pending call to `step`",
+                                                    "step")
         if seed is None or isinstance(seed, int):
             seed = [None if seed is None else seed + i for i in range(self.num_envs)]
         G = self.group_size
         _, infos = self.workers.reset(seed=[seed[w * G:(w + 1) * G] for w in range(self.num_workers)],
                                       options=options)
-        return self._obs, self._unpack(infos)
+        infos_by_worker = infos.get(_GROUP_INFOS, [None] * self.num_workers)
+        return self._obs, self._merge_group_infos(enumerate(infos_by_worker), {})
 
     def step_async(self, actions) -> None:
-        self.workers.step_async(np.asarray(actions).reshape(self.num_workers, self.group_size))
+        if self.closed:
+            raise gym.error.ClosedEnvironmentError("GroupedAsyncVectorEnv.step_async after close()")
+        if any(self._pending):
+            raise gym.error.AlreadyPendingCallError("Calling `step_async` while waiting for a pending call to "
+                                                    "`step`", "step")
+        actions = np.asarray(actions).reshape(self.num_workers, self.group_size)
+        for w, (pipe, request) in enumerate(zip(self.workers.parent_pipes, self._requests)):
+            request.actions[:] = actions[w]
+            pipe.send_bytes(request.buffer)
+            self._pending[w] = True
 
     def step_wait(self, timeout: float | None = None):
-        _, rewards, terminated, truncated, infos = self.workers.step_wait(timeout)
-        n = self.num_envs
-        return self._obs, rewards.reshape(n), terminated.reshape(n), truncated.reshape(n), self._unpack(infos)
+        if not any(self._pending):
+            raise gym.error.NoAsyncCallError("Calling `step_wait` without any prior call to `step_async`", "step")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        successes, infos = [], {}
+        for w, (pipe, reply) in enumerate(zip(self.workers.parent_pipes, self._replies)):
+            if not self._pending[w]:
+                continue
+            if deadline is not None and not pipe.poll(max(0.0, deadline - time.monotonic())):
+                raise multiprocessing.TimeoutError(f"The call to `step_wait` has timed out after {timeout} second(s).")
+            message = _receive(pipe, reply.buffer)
+            self._pending[w] = False
+            if message is None:  # a raw reply, already in `reply`
+                successes.append(True)
+                continue
+            result, success = message  # pickled: with infos, or a worker's error
+            successes.append(success)
+            if success:
+                _, reply.rewards[:], reply.terminated[:], reply.truncated[:], group_infos = result
+                infos = self._merge_group_infos([(w, group_infos[_GROUP_INFOS])], infos)
+        self.workers._raise_if_errors(successes)  # closes a failed worker and raises its error
+        replies = self._replies
+        return (self._obs, np.concatenate([r.rewards for r in replies]),
+                np.concatenate([r.terminated for r in replies]), np.concatenate([r.truncated for r in replies]),
+                infos)
 
     def step(self, actions):
         self.step_async(actions)
         return self.step_wait()
 
-    def close_extras(self, **kwargs: Any) -> None:
-        self.workers.close(**kwargs)
+    def close_extras(self, timeout: float | None = None, terminate: bool = False) -> None:
+        try:
+            if any(self._pending) and not terminate:
+                # Collects the step in flight, so that the pipes carry only close messages.
+                try:
+                    self.step_wait(timeout)
+                except multiprocessing.TimeoutError:
+                    terminate = True
+        finally:
+            self.workers.close(timeout=timeout, terminate=terminate)
 
-    def _unpack(self, group_infos: dict) -> dict:
-        infos: dict = {}
-        for w, pairs in enumerate(group_infos.get(_GROUP_INFOS, ())):
+    def _merge_group_infos(self, pairs_by_worker, infos: dict) -> dict:
+        # (worker w, its (env-in-group, info) pairs or None) -> gymnasium's batched infos.
+        for w, pairs in pairs_by_worker:
             infos = _merge_infos(self, pairs or (), infos, w * self.group_size)
         return infos
 

@@ -1,5 +1,6 @@
 """Autoreset, truncation and termination through the real vector envs into the ring."""
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import torch
 from fastrl.buffer import ReplayRing, transitions_at
 from fastrl.collector import Collector
 from fastrl.config import ConfigError
-from fastrl.envs import make_vector_env
+from fastrl.envs import _receive, _StepRequest, make_vector_env
 
 CPU = torch.device("cpu")
 
@@ -170,16 +171,30 @@ def test_a_failing_autoreset_fails_only_the_step_that_runs_it(name):
         envs.close(terminate=True)
 
 
-def test_a_grouped_worker_closes_cleanly_when_its_close_is_not_waited_for():
-    # Ctrl-C between sending a step and recording it leaves that step's reply unread;
-    # AsyncVectorEnv.close() then takes it for the close acknowledgement and closes the
-    # pipe while the worker is still running its early resets. The worker must exit
-    # cleanly all the same, without a traceback.
+def test_raw_step_messages_and_pickled_commands_share_a_pipe():
+    # Grouped workers' steps travel as raw bytes; every other message is a pickle, shorter
+    # or longer than a step message. Each must come out as it went in.
+    sender, receiver = multiprocessing.Pipe()
+    sent, got = _StepRequest(4), _StepRequest(4)
+    sent.actions[:] = [0, 3, 128, 2**40]
+    short, long = ("reset", {"seed": [1]}), ("reset", {"seed": list(range(100)), "options": None})
+    sender.send_bytes(sent.buffer)
+    sender.send(short)
+    sender.send(long)
+    assert _receive(receiver, got.buffer) is None and got.actions.tolist() == [0, 3, 128, 2**40]
+    assert _receive(receiver, got.buffer) == short
+    assert _receive(receiver, got.buffer) == long
+
+
+def test_a_grouped_worker_closes_cleanly_with_a_step_in_flight():
+    # Ctrl-C between sending a step and recording it leaves that step's reply unread.
+    # close() must collect it before the close messages (it is no close acknowledgement),
+    # and the worker, still running its early resets, must exit cleanly.
     envs = make_vector_env("fastrl-test/SlowReset-v0", 2, "async", num_workers=1)
     envs.reset(seed=0)
     for _ in range(2):
         envs.step(np.zeros(2, dtype=np.int64))
-    envs.workers.parent_pipes[0].send(("step", np.zeros(2, dtype=np.int64)))  # ends both episodes
+    envs.step_async(np.zeros(2, dtype=np.int64))  # ends both episodes
     envs.close()
     assert envs.workers.processes[0].exitcode == 0
 
@@ -195,7 +210,7 @@ def test_closing_after_an_interrupted_step_wait_does_not_hang(name):
     collector.step_async(torch.zeros(4, dtype=torch.int64))
     inner = envs.workers if name == "async-grouped" else envs
     for pipe in inner.parent_pipes:
-        pipe.recv()
+        pipe.recv_bytes()
     closer = threading.Thread(target=collector.close, kwargs={"timeout": 0.5}, daemon=True)
     closer.start()
     closer.join(10)
