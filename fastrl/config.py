@@ -89,7 +89,7 @@ class TrainConfig:
     stop_on_solve: bool = _f(True, "stop once the greedy eval mean reaches the solve threshold")
     solve_threshold: float = _f(math.nan, "eval mean that counts as solved (nan = the env's reward_threshold)")
     log_interval: float = _f(2.0, "seconds between TensorBoard flushes / progress updates")
-    progress: bool = _f(True, "show the live progress line")
+    progress: bool = _f(True, "show the live progress line (eval results and the final summary print either way)")
     timers: bool = _f(True, "time the training phases (TensorBoard time/*); off = no timer calls at all")
 
     # --- profiling (set by `fastrl profile`) ---------------------------------------------

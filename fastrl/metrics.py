@@ -96,9 +96,8 @@ class Progress:
             self._last_print = time.monotonic()
 
     def message(self, text: str) -> None:
-        """A line that stays (e.g. an evaluation result), above the progress line."""
-        if not self.enabled:
-            return
+        """A line that stays (e.g. an evaluation result), above the progress line;
+        printed with the progress line off as well."""
         if self.tty and self._width:
             self.stream.write("\r" + " " * self._width + "\r")
             self._width = 0

@@ -199,8 +199,7 @@ class Run:
         self.writer.close()
         if self._evaluator is not None:
             self._evaluator.close()
-        if self.config.progress:
-            self._print_summary(summary)
+        self._print_summary(summary)
         return summary
 
     def _print_summary(self, s: dict) -> None:

@@ -50,6 +50,13 @@ def test_train_writes_summary_checkpoint_and_progress(tiny_run):
     assert "steps" in proc.stdout and "final eval" in proc.stdout and "run dir" in proc.stdout
 
 
+def test_no_progress_hides_only_the_live_line(tmp_path, capsys):
+    assert call_main(["train", *TINY, "--no-progress", "--run-dir", str(tmp_path / "quiet")]) == 0
+    out = capsys.readouterr().out
+    assert "sps |" not in out  # the live progress line
+    assert "eval @ 600 steps" in out and "final eval" in out and "run dir" in out
+
+
 def test_tensorboard_event_file_holds_the_scalars(tiny_run):
     run_dir, _ = tiny_run
     acc = EventAccumulator(str(run_dir))
