@@ -310,6 +310,8 @@ def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, 
     parent_pipe.close()
     group, space = local.group, local.observation_space
     request, reply = _StepRequest(local.num_envs), _StepReply(local.num_envs)
+    # The group writes its step results straight into the reply message.
+    group.rewards, group.terminated, group.truncated = reply.rewards, reply.terminated, reply.truncated
     try:
         while True:
             message = _receive(pipe, request.buffer)
@@ -319,8 +321,6 @@ def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, 
                 if infos:
                     pipe.send(((None, group.rewards, group.terminated, group.truncated, _pack(infos)), True))
                 else:
-                    reply.rewards[:], reply.terminated[:], reply.truncated[:] = (
-                        group.rewards, group.terminated, group.truncated)
                     pipe.send_bytes(reply.buffer)
                 group.reset_ended()  # while the trainer works
                 continue
