@@ -8,6 +8,7 @@ torch.profiler), done (the run stops).
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -53,6 +54,17 @@ class ProfileSession:
         self._timed: dict | None = None
         self._profiler = None
         self._cycles = 0
+        self._cycle_steps = self._steps_at_last_cycle = 0  # env steps per collection cycle
+
+    def planned_steps(self) -> int:
+        """Env steps the whole session takes: the progress line's total. Warm-up lasts until
+        the first updates (for DDQN, learning_starts steps and a cycle or two): an estimate
+        until it is over, then exact."""
+        c = self.run.config
+        if self.state == "warmup":
+            return (c.learning_starts if c.algo == "ddqn" else 0) + c.profile_steps
+        cycle = self._cycle_steps
+        return self._start[1] + (math.ceil(c.profile_steps / cycle) + c.trace_cycles) * cycle
 
     @property
     def done(self) -> bool:
@@ -60,10 +72,12 @@ class ProfileSession:
 
     def end_cycle(self) -> None:
         run, c = self.run, self.run.config
+        self._cycle_steps, self._steps_at_last_cycle = run.env_steps - self._steps_at_last_cycle, run.env_steps
         if self.state == "warmup" and run.updates >= WARMUP_UPDATES:
             run.phases.reset()
             self._start = (time.perf_counter(), run.env_steps, run.updates)
             self.state = "timing"
+            run.progress.total = self.planned_steps()
         elif self.state == "timing" and run.env_steps - self._start[1] >= c.profile_steps:
             t0, steps0, updates0 = self._start
             self._timed = {"wall_s": time.perf_counter() - t0, "env_steps": run.env_steps - steps0,

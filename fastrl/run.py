@@ -34,10 +34,11 @@ class Run:
         checkpoint.save_json(self.dir / "config.json", config.to_dict())
         self.writer = Writer(str(self.dir))
         self.writer.config(config.to_dict())
-        self.progress = Progress(config.profile_steps if config.profile else config.total_steps, config.progress)
         sync = torch.cuda.synchronize if config.profile and device.type == "cuda" else None
         self.phases = Phases(enabled=config.timers or config.profile, sync=sync)
         self.profiler = ProfileSession(self) if config.profile else None
+        self.progress = Progress(self.profiler.planned_steps() if self.profiler else config.total_steps,
+                                 config.progress)
         self.threshold = (config.solve_threshold if not math.isnan(config.solve_threshold)
                           else spec.reward_threshold)
         self.env_steps = 0

@@ -2,8 +2,11 @@
 import json
 import time
 
+import pytest
+
 import fastrl
 from fastrl.cli import main
+from fastrl.metrics import Progress
 from fastrl.optim import Adam
 from fastrl.timing import Phases
 
@@ -55,6 +58,19 @@ def test_profile_command_prints_table_and_writes_trace(tmp_path, capsys):
     assert (tmp_path / "cli" / "top_ops.txt").read_text().strip()
     summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert summary["profile"]["bottleneck"] in out
+
+
+@pytest.mark.parametrize("algo", ["ddqn", "reinforce"])
+def test_progress_total_is_the_steps_the_profile_takes(tmp_path, monkeypatch, algo):
+    # Warm-up, timed steps and traced cycles: the line must not read "5,008/3,000 steps".
+    totals = []
+    monkeypatch.setattr(Progress, "close", lambda self: totals.append(self.total))
+    overrides = dict(algo="reinforce", rollout_steps=16, learning_starts=0) if algo == "reinforce" else {}
+    config = fastrl.make_config(**{**SMALL, "env_id": "CartPole-v1", "num_envs": 4, "profile_steps": 301,
+                                   "run_dir": str(tmp_path / algo), **overrides})
+    summary = fastrl.train(config)
+    assert summary["profile"] is not None
+    assert totals == [summary["env_steps"]]
 
 
 def test_nested_phases_are_exclusive_and_disabled_timers_do_nothing():
