@@ -1,7 +1,11 @@
-"""Vectorized greedy evaluation on env seeds disjoint from training."""
+"""Vectorized greedy evaluation on env seeds disjoint from training, in this process
+(`Evaluator`) or in a process of its own while training goes on (`BackgroundEvaluator`)."""
 from __future__ import annotations
 
 import math
+import multiprocessing
+import signal
+import traceback
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -9,7 +13,7 @@ import torch
 
 from fastrl import checkpoint
 from fastrl.config import TrainConfig
-from fastrl.envs import make_vector_env
+from fastrl.envs import EnvSpec, make_vector_env
 from fastrl.nets import PolicyNetwork, QNetwork, greedy_policy
 
 # Training envs are seeded seed + i (i < num_envs); evaluation starts far above.
@@ -74,16 +78,106 @@ class Evaluator:
         self.envs.close()
 
 
+class BackgroundEvaluator:
+    """Greedy evaluations in a process of their own, so that training goes on meanwhile
+    (on a machine whose env workers leave a core mostly idle, evaluation is then free).
+
+    The process is started with the env workers, before any compilation or CUDA state,
+    and owns an `Evaluator` on the CPU. `submit()` sends host copies of the weights and
+    returns at once; `result()` waits for that evaluation. One evaluation is in flight at
+    a time, so they run in order, each on exactly the weights it was given: the same
+    results as `Evaluator.run` in the trainer.
+    """
+
+    def __init__(self, config: TrainConfig, spec: EnvSpec):
+        context = multiprocessing.get_context()  # the env workers' (fork on Linux)
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_evaluation_worker, args=(child, config, spec), daemon=True,
+                                        name="fastrl-eval")
+        self._process.start()
+        child.close()
+        self.in_flight = False
+
+    def submit(self, weights: dict[str, torch.Tensor], episodes: int, screen_below: float = math.nan) -> None:
+        """Starts evaluating a network with these weights (a state dict the trainer must
+        not change in place until result())."""
+        assert not self.in_flight, "one evaluation at a time: collect result() first"
+        try:
+            self._conn.send(({k: v.cpu().numpy() for k, v in weights.items()}, episodes, screen_below))
+        except OSError:
+            raise self._died() from None
+        self.in_flight = True
+
+    def ready(self) -> bool:
+        """True when the evaluation in flight has finished (result() will not wait)."""
+        return self.in_flight and self._conn.poll()
+
+    def result(self) -> EvalResult:
+        try:
+            reply = self._conn.recv()
+        except (EOFError, OSError):
+            raise self._died() from None
+        finally:
+            self.in_flight = False
+        if isinstance(reply, str):
+            raise RuntimeError(f"evaluation failed in its process:\n{reply}")
+        return reply
+
+    def _died(self) -> RuntimeError:
+        self._process.join(timeout=1.0)
+        return RuntimeError(f"the evaluation process exited unexpectedly (exit code {self._process.exitcode})")
+
+    def close(self) -> None:
+        """Stops the process; an evaluation in flight is abandoned."""
+        if self._process.is_alive():
+            try:
+                if self.in_flight:
+                    self._process.terminate()
+                else:
+                    self._conn.send(None)
+            except OSError:
+                pass
+            self._process.join(timeout=5.0)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
+        self._conn.close()
+        self.in_flight = False
+
+
+def _evaluation_worker(conn, config: TrainConfig, spec: EnvSpec) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle (see envs._make_one)
+    torch.set_num_threads(1)
+    model = build_network(config, spec.obs_shape, spec.n_actions).eval()
+    greedy = greedy_policy(model)
+    evaluator = Evaluator(config.env_id, config.env_kwargs, config.eval_envs, config.seed, torch.device("cpu"))
+    try:
+        while (request := conn.recv()) is not None:
+            weights, episodes, screen_below = request
+            try:
+                model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+                conn.send(evaluator.run(greedy, episodes, screen_below))
+            except Exception:
+                conn.send(traceback.format_exc(limit=4))
+    except (EOFError, OSError):  # the trainer is gone
+        pass
+    finally:
+        evaluator.close()
+
+
+def build_network(config: TrainConfig, obs_shape: tuple, n_actions: int) -> torch.nn.Module:
+    """The network `config` trains (weights freshly initialised)."""
+    if config.algo == "ddqn":
+        return QNetwork(obs_shape, n_actions, config.hidden, config.dueling)
+    return PolicyNetwork(obs_shape, n_actions, config.hidden, value_head=config.baseline == "value")
+
+
 def load_policy(path: str, device: torch.device | str = "cpu"):
     """Rebuilds a trained network from a checkpoint. Returns (config, model, greedy_fn)."""
     payload = checkpoint.load(path)
     config = TrainConfig.from_dict(payload["config"])
     meta = payload["meta"]
-    obs_shape, n_actions = tuple(meta["obs_shape"]), int(meta["n_actions"])
-    if config.algo == "ddqn":
-        model = QNetwork(obs_shape, n_actions, config.hidden, config.dueling)
-    else:
-        model = PolicyNetwork(obs_shape, n_actions, config.hidden, value_head=config.baseline == "value")
+    model = build_network(config, tuple(meta["obs_shape"]), int(meta["n_actions"]))
     model.load_state_dict(payload["model"])
     model.to(device).eval()
     return config, model, greedy_policy(model)

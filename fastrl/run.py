@@ -6,7 +6,6 @@ import math
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -14,9 +13,8 @@ from fastrl import checkpoint
 from fastrl.collector import Collector
 from fastrl.config import TrainConfig
 from fastrl.envs import EnvSpec
-from fastrl.evaluate import EvalResult, Evaluator
+from fastrl.evaluate import BackgroundEvaluator, EvalResult
 from fastrl.metrics import DeviceMeans, Progress, Writer
-from fastrl.nets import greedy_policy
 from fastrl.profile import ProfileSession
 from fastrl.timing import Phases, process_uptime
 
@@ -29,6 +27,8 @@ def default_run_dir(config: TrainConfig) -> str:
 class Run:
     def __init__(self, config: TrainConfig, spec: EnvSpec, device: torch.device):
         self.config, self.spec, self.device = config, spec, device
+        # Started first, like the env workers: before any thread, compilation or CUDA state.
+        self._evals = BackgroundEvaluator(config, spec)
         self.dir = Path(config.run_dir or default_run_dir(config))
         self.dir.mkdir(parents=True, exist_ok=True)
         checkpoint.save_json(self.dir / "config.json", config.to_dict())
@@ -48,18 +48,19 @@ class Run:
         self.solve_env_steps: int | None = None
         self.last_eval: EvalResult | None = None
         self.best_eval_mean: float | None = None  # over full-size evaluations
-        self._last_eval_full_at: int | None = None
+        self._last_eval_full_at: int | None = None  # the env steps of the weights it evaluated
+        self._evaluating: tuple[tuple, dict] | None = None  # ((env steps, updates), weights) in flight
+        self._rolled_back_to: tuple[int, int] | None = None  # the model's (env steps, updates), once rolled back
+        self._stop = False  # solved, with stop-on-solve
         self.recent_returns: deque = deque(maxlen=100)
         self.model: torch.nn.Module | None = None
-        self.greedy: Callable | None = None
-        self._evaluator: Evaluator | None = None
         self._next_eval = config.eval_interval if config.eval_interval > 0 else math.inf
         self._t0 = time.perf_counter()
         self._last_log: tuple | None = None  # (time, env_steps, updates) at the last log
 
     def watch(self, model: torch.nn.Module) -> None:
         """The network to checkpoint and to evaluate greedily (argmax of its outputs)."""
-        self.model, self.greedy = model, greedy_policy(model)
+        self.model = model
 
     @property
     def wall_s(self) -> float:
@@ -110,67 +111,95 @@ class Run:
                                  self.last_eval.mean if self.last_eval else None)
 
     # --- evaluation ----------------------------------------------------------------------
-    def _evaluate(self, screen: bool) -> EvalResult:
-        if self._evaluator is None:
-            c = self.config
-            self._evaluator = Evaluator(c.env_id, c.env_kwargs, c.eval_envs, c.seed, self.device)
-        screen_below = self.threshold if screen and not math.isnan(self.threshold) else math.nan
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            result = self._evaluator.run(self.greedy, self.config.eval_episodes, screen_below)
-        finally:
-            self.model.train(was_training)
-        self.last_eval = result
-        if result.episodes == self.config.eval_episodes:
-            self._last_eval_full_at = self.env_steps
-            self.best_eval_mean = max(result.mean, self.best_eval_mean or -math.inf)
-        self.writer.scalars({"eval/return_mean": result.mean, "eval/return_std": result.std,
-                             "eval/episodes": result.episodes}, self.env_steps)
-        self.writer.flush()
-        return result
-
     def eval_due(self) -> bool:
-        return self.env_steps >= self._next_eval
+        """An evaluation is due, or the one in flight has finished."""
+        return self.env_steps >= self._next_eval or self._evals.ready()
 
     def evaluate(self) -> bool:
         """Periodic greedy evaluation and checkpoint; True when training should stop (solved).
+
+        Evaluations run in their own process on a copy of the weights while training goes
+        on: this collects a finished one and, when one is due, submits the current weights
+        (waiting first for an evaluation still in flight, so that every due evaluation runs,
+        in order: the same evaluations as in the trainer). Once one solves with
+        stop-on-solve, the model rolls back to the weights it evaluated.
 
         With stop-on-solve, a first round of one episode per eval env screens out
         clearly unsolved policies; only a full `eval_episodes` mean can count as solved.
         """
         c = self.config
-        self._next_eval = self.env_steps + c.eval_interval
         with self.phases("eval"):
-            result = self._evaluate(screen=c.stop_on_solve)
-            self.save_checkpoint()
-        full = result.episodes == c.eval_episodes
+            if self._evals.ready():
+                self._collect_evaluation()
+            if self.env_steps >= self._next_eval and not self._stop:
+                self._next_eval = self.env_steps + c.eval_interval
+                if self._evals.in_flight:
+                    self._collect_evaluation()
+                if not self._stop:
+                    self._submit_evaluation(screen=c.stop_on_solve)
+                    self.save_checkpoint()
+        return self._stop
+
+    def _submit_evaluation(self, screen: bool) -> None:
+        screen_below = self.threshold if screen and not math.isnan(self.threshold) else math.nan
+        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self._evals.submit(weights, self.config.eval_episodes, screen_below)
+        self._evaluating = ((self.env_steps, self.updates), weights)
+
+    def _collect_evaluation(self) -> EvalResult:
+        """Waits for the evaluation in flight; logs it and checks it for a solve."""
+        (at, weights), self._evaluating = self._evaluating, None
+        steps = at[0]
+        result = self._evals.result()
+        self.last_eval = result
+        full = result.episodes == self.config.eval_episodes
+        if full:
+            self._last_eval_full_at = steps
+            self.best_eval_mean = max(result.mean, self.best_eval_mean or -math.inf)
+        self.writer.scalars({"eval/return_mean": result.mean, "eval/return_std": result.std,
+                             "eval/episodes": result.episodes}, steps)
+        self.writer.flush()
         note = "" if full else f" (screened after {result.episodes})"
-        self.progress.message(f"eval @ {self.env_steps:,} steps: {result.mean:.1f} ± {result.std:.1f} "
+        self.progress.message(f"eval @ {steps:,} steps: {result.mean:.1f} ± {result.std:.1f} "
                               f"over {result.episodes} episodes{note}")
         if full and not self.solved and not math.isnan(self.threshold) and result.mean >= self.threshold:
             self.solved = True
             self.solve_wall_s = process_uptime()
-            self.solve_env_steps = self.env_steps
+            self.solve_env_steps = steps
             self.progress.message(f"solved: {result.mean:.1f} >= {self.threshold:g} after "
-                                  f"{self.env_steps:,} env steps, {self.solve_wall_s:.1f} s")
-        return self.solved and c.stop_on_solve
+                                  f"{steps:,} env steps, {self.solve_wall_s:.1f} s")
+            if self.config.stop_on_solve:
+                self._stop = True
+                self.model.load_state_dict(weights)  # the policy that solved, not the one trained since
+                self._rolled_back_to = at
+        return result
 
     # --- the end -------------------------------------------------------------------------
+    def _weights_at(self) -> tuple[int, int]:
+        """(env steps, updates) after which the model held its current weights."""
+        return self._rolled_back_to or (self.env_steps, self.updates)
+
     def save_checkpoint(self) -> str:
         path = self.dir / "checkpoint.pt"
+        env_steps, updates = self._weights_at()
         checkpoint.save(path, self.config.to_dict(), self.model,
-                        meta={"env_steps": self.env_steps, "updates": self.updates,
+                        meta={"env_steps": env_steps, "updates": updates,
                               "obs_shape": list(self.spec.obs_shape), "n_actions": self.spec.n_actions})
         return str(path)
 
     def finish(self, interrupted: bool = False, error: str | None = None) -> dict:
         """Final evaluation (unless interrupted), checkpoint, summary.json; returns the summary."""
         self.progress.close()
-        if self.model is not None and not interrupted and error is None and not self.config.profile \
-                and self._last_eval_full_at != self.env_steps:
-            with self.phases("eval"):
-                self._evaluate(screen=False)
+        try:
+            if self.model is not None and not interrupted and error is None and not self.config.profile:
+                with self.phases("eval"):
+                    if self._evals.in_flight:  # its result belongs in the log
+                        self._collect_evaluation()
+                    if self._last_eval_full_at != self._weights_at()[0]:  # no full evaluation of these weights
+                        self._submit_evaluation(screen=False)
+                        self._collect_evaluation()
+        finally:
+            self._evals.close()
         ckpt = self.save_checkpoint() if self.model is not None else None
         wall = self.wall_s
         summary = {
@@ -198,8 +227,6 @@ class Run:
         }
         checkpoint.save_json(self.dir / "summary.json", summary)
         self.writer.close()
-        if self._evaluator is not None:
-            self._evaluator.close()
         self._print_summary(summary)
         return summary
 

@@ -1,4 +1,5 @@
 """Autoreset, truncation and termination through the real vector envs into the ring."""
+import contextlib
 import json
 import multiprocessing
 import os
@@ -261,10 +262,14 @@ def test_making_async_envs_leaves_ctrl_c_to_the_trainer(workers):
         envs.close()
 
 
-def test_ctrl_c_stops_an_async_training_run_and_saves(tmp_path):
+@pytest.mark.parametrize("evaluation", ["none", "in flight"])
+def test_ctrl_c_stops_an_async_training_run_and_saves(tmp_path, evaluation):
+    # "in flight": an evaluation that never ends (a million episodes, no screening) is running
+    # in its process, and the trainer soon waits for it to submit the next one.
+    evals = ["--eval-interval", "0"] if evaluation == "none" else [
+        "--eval-interval", "400", "--eval-episodes", "1000000", "--no-stop-on-solve", "--learning-starts", "100"]
     cmd = [sys.executable, "-m", "fastrl", "train", "--env", "CartPole-v1", "--learner", "eager", "--num-envs", "4",
-           "--total-steps", "10000000", "--no-progress", "--eval-interval", "0", "--log-interval", "0.2",
-           "--run-dir", str(tmp_path)]
+           "--total-steps", "10000000", "--no-progress", "--log-interval", "0.2", *evals, "--run-dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         def event_bytes():
@@ -273,15 +278,23 @@ def test_ctrl_c_stops_an_async_training_run_and_saves(tmp_path):
         deadline = time.time() + 60
         while event_bytes() == 0 and time.time() < deadline:
             time.sleep(0.1)
-        first = event_bytes()
-        while event_bytes() == first and time.time() < deadline:  # the loop has logged: it is training
-            time.sleep(0.1)
+        if evaluation == "none":
+            first = event_bytes()
+            while event_bytes() == first and time.time() < deadline:  # the loop has logged: it is training
+                time.sleep(0.1)
+        else:
+            while not (tmp_path / "checkpoint.pt").exists() and time.time() < deadline:  # saved at the submission
+                time.sleep(0.1)
+            time.sleep(1.0)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
         _, err = proc.communicate(timeout=60)
+        time.sleep(0.5)
+        with pytest.raises(ProcessLookupError):  # no env worker or evaluation process is left behind
+            os.killpg(proc.pid, 0)
     finally:
-        if proc.poll() is None:  # it ignored Ctrl-C: do not leave it training
+        with contextlib.suppress(ProcessLookupError):  # Ctrl-C ignored: do not leave anything running
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        proc.wait()
     assert proc.returncode == 130, err
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["interrupted"] and summary["env_steps"] > 0

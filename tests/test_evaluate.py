@@ -1,6 +1,14 @@
+import math
+import time
+
+import pytest
 import torch
 
-from fastrl.evaluate import EVAL_SEED_OFFSET, Evaluator
+import fastrl
+from fastrl import checkpoint
+from fastrl.envs import inspect_env
+from fastrl.evaluate import EVAL_SEED_OFFSET, BackgroundEvaluator, Evaluator, build_network
+from fastrl.nets import greedy_policy
 
 
 def zeros(obs):
@@ -25,3 +33,66 @@ def test_evaluator_runs_exact_episode_counts_and_screens():
 def test_eval_seeds_are_disjoint_from_training_seeds():
     # Training envs use seed + i for i < num_envs; seeds are validated below 2**31.
     assert EVAL_SEED_OFFSET > 2**31 + 10_000
+
+
+def _cartpole_config(**overrides):
+    return fastrl.make_config(env_id="CartPole-v1", hidden=(16,), eval_envs=3, seed=4, **overrides)
+
+
+def test_background_evaluations_equal_in_process_ones_in_order():
+    config = _cartpole_config()
+    spec = inspect_env("CartPole-v1", {})
+    nets = [build_network(config, spec.obs_shape, spec.n_actions) for _ in range(3)]  # three random policies
+    here = Evaluator("CartPole-v1", {}, config.eval_envs, config.seed, torch.device("cpu"))
+    there = BackgroundEvaluator(config, spec)
+    try:
+        counts = []
+        for net, episodes, screen in [(nets[0], 7, math.nan), (nets[1], 9, 1e9), (nets[2], 5, math.nan)]:
+            there.submit(net.state_dict(), episodes, screen)
+            expected = here.run(greedy_policy(net), episodes, screen)  # meanwhile, in this process
+            got = there.result()
+            assert got == expected and not there.in_flight
+            counts.append(got.episodes)
+        assert counts == [7, 3, 5]  # the second was screened after one round of 3 envs
+    finally:
+        here.close()
+        there.close()
+
+
+def test_a_dead_evaluation_process_is_a_clear_error():
+    evaluator = BackgroundEvaluator(_cartpole_config(), inspect_env("CartPole-v1", {}))
+    evaluator._process.kill()
+    evaluator._process.join()
+    with pytest.raises(RuntimeError, match="evaluation process exited unexpectedly"):
+        net = build_network(_cartpole_config(), (4,), 2)
+        evaluator.submit(net.state_dict(), 3)
+        evaluator.result()
+    evaluator.close()
+
+
+def test_training_goes_on_during_evaluation_and_keeps_the_policy_that_solved(tmp_path, monkeypatch):
+    # Evaluation takes 0.5 s here (the process is forked with this patch), so training runs
+    # on past the evaluated weights; once they solve, the run must report, save and keep them.
+    real_run = Evaluator.run
+
+    def slow_run(self, *args, **kwargs):
+        time.sleep(0.5)
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Evaluator, "run", slow_run)
+    common = dict(learning_starts=200, learner="eager", backend="sync", num_envs=2, eval_episodes=3,
+                  progress=False)
+    solving = _cartpole_config(**common, eval_interval=1_000, solve_threshold=0.0, total_steps=100_000,
+                               run_dir=str(tmp_path / "solve"))
+    s = fastrl.train(solving)
+    assert s["solved"] and s["solve_env_steps"] == 1_000
+    assert s["env_steps"] > s["solve_env_steps"]  # trained on while the evaluation ran
+    assert s["final_eval_episodes"] == 3  # the solving evaluation is the final one: no other ran
+    # The same seed trained for exactly those steps gives the weights that were saved.
+    reference = _cartpole_config(**common, eval_interval=0, stop_on_solve=False, total_steps=1_000,
+                                 run_dir=str(tmp_path / "ref"))
+    r = fastrl.train(reference)
+    saved, expected = checkpoint.load(s["checkpoint"]), checkpoint.load(r["checkpoint"])
+    assert saved["meta"]["env_steps"] == 1_000
+    assert all(torch.equal(saved["model"][k], expected["model"][k]) for k in expected["model"])
+    assert s["final_eval_mean"] == r["final_eval_mean"]  # the same weights, the same eval seeds
