@@ -99,8 +99,8 @@ class BackgroundEvaluator:
         self.in_flight = False
 
     def submit(self, weights: dict[str, torch.Tensor], episodes: int, screen_below: float = math.nan) -> None:
-        """Starts evaluating a network with these weights (a state dict the trainer must
-        not change in place until result())."""
+        """Starts evaluating a network with these weights (a state dict, copied as it is sent:
+        training may change it at once)."""
         assert not self.in_flight, "one evaluation at a time: collect result() first"
         try:
             self._conn.send(({k: v.cpu().numpy() for k, v in weights.items()}, episodes, screen_below))
