@@ -31,7 +31,7 @@ from fastrl.collector import Collector
 from fastrl.config import ConfigError, TrainConfig, make_config
 from fastrl.envs import EnvSpec, cpu_cores, default_workers, inspect_env, make_vector_env
 from fastrl.metrics import DeviceMeans
-from fastrl.nets import QNetwork
+from fastrl.nets import build_network
 from fastrl.optim import Adam
 
 PLAIN_MAX_ENVS = 32  # one process per env beyond this only measures the scheduler
@@ -272,7 +272,7 @@ def bench_learn(env_id: str, modes: list[str], batch_sizes: list[int], seconds: 
     for mode in modes:
         for batch_size in batch_sizes:
             torch.manual_seed(seed)
-            q = QNetwork(spec.obs_shape, spec.n_actions, config.hidden, config.dueling).to(device)
+            q = build_network(config, spec.obs_shape, spec.n_actions).to(device)
             q_target = copy.deepcopy(q).requires_grad_(False)
             learn = ddqn.make_learn_step(ring.sampler(batch_size), q, q_target,
                                          Adam(q, config.lr, config.max_grad_norm), config.tau,

@@ -14,7 +14,7 @@ import torch
 from fastrl import checkpoint
 from fastrl.config import TrainConfig
 from fastrl.envs import EnvSpec, make_vector_env
-from fastrl.nets import PolicyNetwork, QNetwork, greedy_policy
+from fastrl.nets import build_network, greedy_policy
 
 # Training envs are seeded seed + i (i < num_envs); evaluation starts far above.
 EVAL_SEED_OFFSET = 3_000_000_019
@@ -163,13 +163,6 @@ def _evaluation_worker(conn, config: TrainConfig, spec: EnvSpec) -> None:
         pass
     finally:
         evaluator.close()
-
-
-def build_network(config: TrainConfig, obs_shape: tuple, n_actions: int) -> torch.nn.Module:
-    """The network `config` trains (weights freshly initialised)."""
-    if config.algo == "ddqn":
-        return QNetwork(obs_shape, n_actions, config.hidden, config.dueling)
-    return PolicyNetwork(obs_shape, n_actions, config.hidden, value_head=config.baseline == "value")
 
 
 def load_policy(path: str, device: torch.device | str = "cpu"):

@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fastrl.config import TrainConfig
+
 
 def mlp(in_dim: int, hidden: tuple, activation=nn.ReLU) -> nn.Sequential:
     layers, width = [], in_dim
@@ -62,3 +64,11 @@ def greedy_policy(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         return model(obs).argmax(dim=1)
 
     return greedy
+
+
+def build_network(config: TrainConfig, obs_shape: tuple, n_actions: int) -> torch.nn.Module:
+    """The network `config` trains, freshly initialised: training, evaluation and
+    checkpoint loading all build it here."""
+    if config.algo == "ddqn":
+        return QNetwork(obs_shape, n_actions, config.hidden, config.dueling)
+    return PolicyNetwork(obs_shape, n_actions, config.hidden, value_head=config.baseline == "value")

@@ -51,7 +51,6 @@ class Run:
         self._last_eval_full_at: int | None = None  # the env steps of the weights it evaluated
         self._evaluating: tuple[tuple, dict] | None = None  # ((env steps, updates), weights) in flight
         self._rolled_back_to: tuple[int, int] | None = None  # the model's (env steps, updates), once rolled back
-        self._stop = False  # solved, with stop-on-solve
         self.recent_returns: deque = deque(maxlen=100)
         self.model: torch.nn.Module | None = None
         self._next_eval = config.eval_interval if config.eval_interval > 0 else math.inf
@@ -131,14 +130,17 @@ class Run:
         with self.phases("eval"):
             if self._evals.ready():
                 self._collect_evaluation()
-            if self.env_steps >= self._next_eval and not self._stop:
+            if self.env_steps >= self._next_eval and not self._stopping():
                 self._next_eval = self.env_steps + c.eval_interval
                 if self._evals.in_flight:
                     self._collect_evaluation()
-                if not self._stop:
+                if not self._stopping():
                     self._submit_evaluation(screen=c.stop_on_solve)
                     self.save_checkpoint()
-        return self._stop
+        return self._stopping()
+
+    def _stopping(self) -> bool:
+        return self.solved and self.config.stop_on_solve
 
     def _submit_evaluation(self, screen: bool) -> None:
         screen_below = self.threshold if screen and not math.isnan(self.threshold) else math.nan
@@ -146,10 +148,9 @@ class Run:
         self._evals.submit(weights, self.config.eval_episodes, screen_below)
         self._evaluating = ((self.env_steps, self.updates), weights)
 
-    def _collect_evaluation(self) -> EvalResult:
+    def _collect_evaluation(self) -> None:
         """Waits for the evaluation in flight; logs it and checks it for a solve."""
-        (at, weights), self._evaluating = self._evaluating, None
-        steps = at[0]
+        ((steps, updates), weights), self._evaluating = self._evaluating, None
         result = self._evals.result()
         self.last_eval = result
         full = result.episodes == self.config.eval_episodes
@@ -169,10 +170,8 @@ class Run:
             self.progress.message(f"solved: {result.mean:.1f} >= {self.threshold:g} after "
                                   f"{steps:,} env steps, {self.solve_wall_s:.1f} s")
             if self.config.stop_on_solve:
-                self._stop = True
                 self.model.load_state_dict(weights)  # the policy that solved, not the one trained since
-                self._rolled_back_to = at
-        return result
+                self._rolled_back_to = (steps, updates)
 
     # --- the end -------------------------------------------------------------------------
     def _weights_at(self) -> tuple[int, int]:

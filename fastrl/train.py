@@ -15,7 +15,7 @@ from fastrl.collector import Collector
 from fastrl.config import ConfigError, TrainConfig, validate
 from fastrl.envs import EnvSpec, inspect_env, make_vector_env
 from fastrl.metrics import DeviceMeans
-from fastrl.nets import PolicyNetwork, QNetwork
+from fastrl.nets import build_network
 from fastrl.optim import Adam
 from fastrl.run import Run
 from fastrl.schedules import learning_rate, linear_schedule
@@ -76,7 +76,7 @@ def store_step(collector: Collector, ring: ReplayRing, actions: torch.Tensor, ru
 def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Run) -> None:
     c, device, phases = config, run.device, run.phases
     ring = ReplayRing(c.buffer_size, c.num_envs, spec.obs_shape, device, c.n_step, c.gamma)
-    q = QNetwork(spec.obs_shape, spec.n_actions, c.hidden, c.dueling).to(device)
+    q = build_network(c, spec.obs_shape, spec.n_actions).to(device)  # a QNetwork
     q_target = copy.deepcopy(q).requires_grad_(False)
     optimizer = Adam(q, c.lr, c.max_grad_norm)
     # Sampling, the update and the target-network update run as one compiled step (or
@@ -122,7 +122,7 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
     c, device, phases = config, run.device, run.phases
     # Room for the longest episode plus one rollout: unfinished episodes wait in the ring.
     buffer = RolloutBuffer(c.rollout_steps + spec.max_episode_steps + 2, c.num_envs, spec.obs_shape, device)
-    policy = PolicyNetwork(spec.obs_shape, spec.n_actions, c.hidden, value_head=c.baseline == "value").to(device)
+    policy = build_network(c, spec.obs_shape, spec.n_actions).to(device)  # a PolicyNetwork
     optimizer = Adam(policy, c.lr, c.max_grad_norm)
     running_mean = torch.zeros((), device=device)
     update = reinforce.make_update(policy, optimizer, c.baseline, c.normalize_returns, c.entropy_coef,

@@ -7,8 +7,8 @@ import torch
 import fastrl
 from fastrl import checkpoint
 from fastrl.envs import inspect_env
-from fastrl.evaluate import EVAL_SEED_OFFSET, BackgroundEvaluator, Evaluator, build_network
-from fastrl.nets import greedy_policy
+from fastrl.evaluate import EVAL_SEED_OFFSET, BackgroundEvaluator, Evaluator
+from fastrl.nets import build_network, greedy_policy
 
 
 def zeros(obs):
