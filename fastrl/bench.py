@@ -25,6 +25,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from fastrl import checkpoint
 from fastrl.algos import ddqn
 from fastrl.buffer import ReplayRing
 from fastrl.collector import Collector
@@ -332,8 +333,7 @@ def run_bench(what: str, env_id: str, num_envs: list[int], batch_sizes: list[int
         raise ConfigError(f"invalid mode 'cudagraphs' on {device.type}: CUDA graphs need a CUDA device")
     inspect_env(env_id, {})
     torch.set_num_threads(threads)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = checkpoint.make_dir(out_dir, "--out")
     result: dict = {"machine": machine(), "command": what}
     if what in ("collect", "all"):
         print(f"fastrl bench collect: {env_id}, envs {num_envs}, {rounds} rounds", flush=True)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from fastrl.config import ConfigError
+
 FORMAT = "fastrl-checkpoint-v1"
 
 
@@ -26,6 +28,18 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
+def make_dir(path: str | os.PathLike, option: str) -> Path:
+    """Creates directory `path` (and its parents) and checks it can be written; an
+    unusable path raises ConfigError with a one-line reason that names `option`."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as exc:
+        raise ConfigError(f"invalid {option}={str(path)!r}: cannot write there ({exc.strerror or exc})") from None
+    return path
+
+
 def save(path: str | os.PathLike, config: dict, model: torch.nn.Module, meta: dict | None = None) -> None:
     """Weights plus the config that rebuilds the network (plain types only)."""
     payload = {
@@ -42,7 +56,12 @@ def save_json(path: str | os.PathLike, data: dict) -> None:
 
 
 def load(path: str | os.PathLike) -> dict:
-    """Loads with weights_only=True; raises ValueError with a one-line reason."""
+    """Loads with weights_only=True; raises ValueError with a one-line reason.
+    `path` may also be a run directory holding a checkpoint.pt."""
+    if os.path.isdir(path) and os.path.isfile(Path(path) / "checkpoint.pt"):
+        path = Path(path) / "checkpoint.pt"
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {str(path)!r} is a directory without a checkpoint.pt")
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
     try:

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import sys
 
-from fastrl.config import LEARNERS, PRESETS, ConfigError, TrainConfig, make_config
+from fastrl.config import DEVICES, LEARNERS, PRESETS, ConfigError, TrainConfig, make_config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_p.add_argument("--seed", type=int, default=0,
                         help="evaluation seed; env seeds stay disjoint from training (default: 0)")
     eval_p.add_argument("--envs", type=int, default=20, help="vectorized eval envs (default: 20)")
-    eval_p.add_argument("--device", default="cpu", help="device for the network: cpu | cuda (default: cpu)")
+    eval_p.add_argument("--device", default="cpu", help="device for the network: auto | cpu | cuda (default: cpu)")
     bench_p = sub.add_parser(
         "bench", help="throughput: collector steps/s per backend and env count, learner updates/s per mode",
         description="collect: env steps/s into the replay ring per backend and env count, next to the raw env "
@@ -149,15 +149,17 @@ def _profile(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from fastrl.evaluate import evaluate_checkpoint
+    from fastrl.train import resolve_device
 
     if args.episodes < 1:
         raise ConfigError(f"invalid --episodes={args.episodes}: must be a positive integer")
     if args.envs < 1:
         raise ConfigError(f"invalid --envs={args.envs}: must be a positive integer")
-    if args.device not in ("cpu", "cuda"):
-        raise ConfigError(f"invalid --device={args.device!r}: must be cpu or cuda")
+    if args.device not in DEVICES:
+        raise ConfigError(f"invalid --device={args.device!r}: must be {' or '.join(DEVICES)}")
+    device = resolve_device(args.device)  # cuda with no CUDA device: a ConfigError
     try:
-        result = evaluate_checkpoint(args.checkpoint, args.episodes, args.seed, args.device, args.envs)
+        result = evaluate_checkpoint(args.checkpoint, args.episodes, args.seed, device, args.envs)
     except ValueError as exc:  # unreadable checkpoint
         raise ConfigError(str(exc)) from None
     print(f"{result.mean:.2f} ± {result.std:.2f} over {result.episodes} episodes")
@@ -168,7 +170,6 @@ def _bench(args: argparse.Namespace) -> int:
     import time
 
     from fastrl.bench import run_bench
-    from fastrl.config import DEVICES
 
     def positive(name: str, values: list) -> None:
         bad = [v for v in values if v <= 0]

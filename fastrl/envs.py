@@ -68,8 +68,12 @@ def inspect_env(env_id: str, env_kwargs: dict) -> EnvSpec:
         raise ConfigError(f"invalid env_id={env_id!r}: {str(exc).splitlines()[0]}") from None
     try:
         env = _make_one(env_id, env_kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"invalid env_kwargs={env_kwargs!r} for {env_id}: {exc}") from None
+    except (TypeError, ValueError, AssertionError) as exc:
+        # Unknown or bad keyword values: gymnasium and the envs raise all three.
+        if not env_kwargs:
+            raise
+        raise ConfigError(f"invalid env_kwargs={env_kwargs!r} for {env_id}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     except gym.error.DependencyNotInstalled as exc:
         raise ConfigError(f"env {env_id!r} needs a missing dependency: {str(exc).splitlines()[0]}") from None
     try:

@@ -166,7 +166,8 @@ def _evaluation_worker(conn, config: TrainConfig, spec: EnvSpec) -> None:
 
 
 def load_policy(path: str, device: torch.device | str = "cpu"):
-    """Rebuilds a trained network from a checkpoint. Returns (config, model, greedy_fn)."""
+    """Rebuilds a trained network from a checkpoint (or a run directory holding one).
+    Returns (config, model, greedy_fn)."""
     payload = checkpoint.load(path)
     config = TrainConfig.from_dict(payload["config"])
     meta = payload["meta"]
@@ -176,7 +177,7 @@ def load_policy(path: str, device: torch.device | str = "cpu"):
     return config, model, greedy_policy(model)
 
 
-def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, device: str = "cpu",
+def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, device: torch.device | str = "cpu",
                         num_envs: int = 20) -> EvalResult:
     """Greedy evaluation of a saved policy on env seeds disjoint from training."""
     device = torch.device(device)

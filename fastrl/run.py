@@ -24,16 +24,25 @@ def default_run_dir(config: TrainConfig) -> str:
     return str(Path("runs") / f"{config.env_id}__{config.algo}__{config.seed}__{stamp}")
 
 
+def create_run_dir(config: TrainConfig) -> Path:
+    """Creates the run directory with its config.json; an unusable path is a ConfigError.
+    Called before any worker process starts, so a bad path leaves nothing running."""
+    path = checkpoint.make_dir(config.run_dir or default_run_dir(config), "run_dir")
+    checkpoint.save_json(path / "config.json", config.to_dict())
+    return path
+
+
 class Run:
-    def __init__(self, config: TrainConfig, spec: EnvSpec, device: torch.device):
-        self.config, self.spec, self.device = config, spec, device
+    def __init__(self, config: TrainConfig, spec: EnvSpec, device: torch.device, run_dir: Path):
+        self.config, self.spec, self.device, self.dir = config, spec, device, run_dir
         # Started first, like the env workers: before any thread, compilation or CUDA state.
         self._evals = BackgroundEvaluator(config, spec)
-        self.dir = Path(config.run_dir or default_run_dir(config))
-        self.dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.save_json(self.dir / "config.json", config.to_dict())
-        self.writer = Writer(str(self.dir))
-        self.writer.config(config.to_dict())
+        try:
+            self.writer = Writer(str(self.dir))
+            self.writer.config(config.to_dict())
+        except BaseException:
+            self._evals.close()
+            raise
         sync = torch.cuda.synchronize if config.profile and device.type == "cuda" else None
         self.phases = Phases(enabled=config.timers or config.profile, sync=sync)
         self.profiler = ProfileSession(self) if config.profile else None

@@ -17,7 +17,7 @@ from fastrl.envs import EnvSpec, inspect_env, make_vector_env
 from fastrl.metrics import DeviceMeans
 from fastrl.nets import build_network
 from fastrl.optim import Adam
-from fastrl.run import Run
+from fastrl.run import Run, create_run_dir
 from fastrl.schedules import learning_rate, linear_schedule
 
 
@@ -46,10 +46,15 @@ def train(config: TrainConfig) -> dict:
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     loop = {"ddqn": train_ddqn, "reinforce": train_reinforce}[config.algo]
+    run_dir = create_run_dir(config)
     # Worker processes are forked before any CUDA state exists.
     envs = make_vector_env(config.env_id, config.num_envs, config.backend, config.env_kwargs, config.num_workers,
                            config.pin_workers)
-    run = Run(config, spec, device)
+    try:
+        run = Run(config, spec, device, run_dir)
+    except BaseException:
+        envs.close()
+        raise
     collector = Collector(envs, device, run.phases)
     try:
         loop(config, spec, collector, run)

@@ -1,5 +1,7 @@
 """CLI smoke runs, the TensorBoard event file, checkpoints and bad input."""
+import importlib
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -108,6 +110,8 @@ BAD = [
     (["--env", "Pendulum-v1"], "Pendulum-v1"),
     (["--env-kwargs", "no_such_kwarg=1"], "no_such_kwarg"),
     (["--env-kwargs", "novalue"], "novalue"),
+    (["--env-kwargs", "max_episode_steps=-5"], "max_episode_steps"),  # a ValueError in gymnasium
+    (["--env", "LunarLander-v3", "--env-kwargs", "gravity=-20"], "gravity"),  # an assert in the env
     (["--num-envs", "many"], "many"),
 ]
 
@@ -128,6 +132,46 @@ def test_bad_input_exit_code_and_no_traceback_from_the_console_script(tmp_path):
     assert proc.stderr.strip() == "fastrl train: error: invalid gamma=2.0: must be in (0, 1]"
     proc = run_cli("eval", str(tmp_path / "missing.pt"))
     assert proc.returncode == 2 and "missing.pt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", [["train", *TINY, "--run-dir"], ["profile", *TINY, "--run-dir"],
+                                     ["bench", "collect", "--num-envs", "2", "--seconds", "0.1", "--out"]],
+                         ids=["train", "profile", "bench"])
+def test_an_unwritable_output_directory_is_one_line_and_starts_no_process(command, capsys, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    assert call_main([*command, str(tmp_path / "a_file" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "a_file" in err and "cannot write there" in err
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("broken", [("fastrl.train", "Run"), ("fastrl.run", "Writer")], ids=["run", "writer"])
+def test_a_failure_setting_up_the_run_leaves_no_process(broken, monkeypatch, tmp_path):
+    def fails(*args, **kwargs):
+        raise RuntimeError("cannot set up the run")
+
+    module, name = broken
+    monkeypatch.setattr(importlib.import_module(module), name, fails)
+    with pytest.raises(RuntimeError, match="cannot set up the run"):
+        main(["train", *TINY, "--run-dir", str(tmp_path / "run")])
+    assert multiprocessing.active_children() == []
+
+
+def test_eval_takes_a_run_directory_and_rejects_bad_paths_and_devices(tiny_run, capsys, tmp_path):
+    run_dir, _ = tiny_run
+    assert call_main(["eval", str(run_dir / "checkpoint.pt"), "--episodes", "3", "--seed", "4"]) == 0
+    from_file = capsys.readouterr().out
+    assert call_main(["eval", str(run_dir), "--episodes", "3", "--seed", "4"]) == 0
+    assert capsys.readouterr().out == from_file and "over 3 episodes" in from_file
+    bad = [([str(tmp_path)], "is a directory without a checkpoint.pt"),
+           ([str(run_dir), "--device", "tpu"], "--device='tpu'")]
+    if not torch.cuda.is_available():
+        bad.append(([str(run_dir), "--device", "cuda"], "device='cuda'"))
+    for args, named in bad:
+        assert call_main(["eval", *args]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and named in err and "Traceback" not in err, err
 
 
 def test_cuda_request_without_cuda_is_a_clear_error(capsys, tmp_path):
