@@ -5,10 +5,12 @@
     result = fastrl.evaluate(summary["checkpoint"], episodes=100)
 """
 from fastrl.config import PRESETS, ConfigError, TrainConfig, make_config
+from fastrl.envs import WorkerDied
 from fastrl.evaluate import EvalResult
 from fastrl.evaluate import evaluate_checkpoint as evaluate
 from fastrl.evaluate import load_policy as load
 from fastrl.train import train
 
-__all__ = ["train", "evaluate", "load", "make_config", "TrainConfig", "ConfigError", "EvalResult", "PRESETS"]
+__all__ = ["train", "evaluate", "load", "make_config", "TrainConfig", "ConfigError", "WorkerDied", "EvalResult",
+           "PRESETS"]
 __version__ = "0.1.0"

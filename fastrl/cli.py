@@ -13,6 +13,7 @@ import json
 import sys
 
 from fastrl.config import DEVICES, LEARNERS, PRESETS, ConfigError, TrainConfig, make_config
+from fastrl.envs import WorkerDied
 
 
 class _Parser(argparse.ArgumentParser):
@@ -205,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fastrl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except WorkerDied as exc:  # the run has saved its summary and checkpoint
+        print(f"fastrl {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

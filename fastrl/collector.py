@@ -8,6 +8,7 @@ device sync.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 from typing import NamedTuple
@@ -16,6 +17,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from fastrl.envs import worker_died, worker_processes
 from fastrl.timing import Phases
 
 
@@ -58,7 +60,8 @@ class Collector:
 
     def reset(self, seed: int | None = None) -> torch.Tensor:
         """Resets every env (env i gets seed + i) and returns the first obs [N, *obs] on the device."""
-        obs, _ = self.envs.reset(seed=seed)
+        with self._workers():
+            obs, _ = self.envs.reset(seed=seed)
         self._host_np[:, :self.obs_size] = np.asarray(obs).reshape(self.num_envs, -1)
         self._host_np[:, self.obs_size:] = 0.0
         self._upload()
@@ -72,14 +75,15 @@ class Collector:
         with self.phases("act"):  # the device->host copy waits for the action computation
             self._actions_np = actions.cpu().numpy()
         if self._can_async:
-            with self.phases("env"):
+            with self.phases("env"), self._workers():
                 self.envs.step_async(self._actions_np)
             self._pending = True
 
     def step_wait(self) -> Step:
         with self.phases("env"):
             if self._can_async:
-                obs, reward, terminated, truncated, _ = self.envs.step_wait()
+                with self._workers():
+                    obs, reward, terminated, truncated, _ = self.envs.step_wait()
                 self._pending = False
             else:
                 obs, reward, terminated, truncated, _ = self.envs.step(self._actions_np)
@@ -94,6 +98,15 @@ class Collector:
             self._upload()
         row = self._device_row
         return Step(self.obs, row[:, d], row[:, d + 1] > 0.5, row[:, d + 2] > 0.5)
+
+    @contextlib.contextmanager
+    def _workers(self):
+        """Turns a broken pipe to an env worker into an error that names the dead process."""
+        try:
+            yield
+        except (EOFError, ConnectionError):
+            self._pending = False  # nothing more will come
+            raise worker_died("an env worker process", worker_processes(self.envs)) from None
 
     def _upload(self) -> None:
         if self._device_row is not self._host:
@@ -122,8 +135,8 @@ class Collector:
         """Closes the envs. A step still in flight (e.g. interrupted by Ctrl-C) is collected
         first, waiting at most `timeout` seconds: an interrupt inside step_wait() can leave
         no reply to wait for, and then the workers are terminated instead."""
-        terminate = False
-        if self._pending:
+        terminate = any(not p.is_alive() for p in worker_processes(self.envs))  # a worker died
+        if self._pending and not terminate:
             self._pending = False
             try:
                 self.envs.step_wait(timeout=timeout)

@@ -105,6 +105,29 @@ def default_workers(num_envs: int, cores: int = 0) -> int:
     return max(w for w in range(1, min(num_envs, cores) + 1) if num_envs % w == 0)
 
 
+class WorkerDied(RuntimeError):
+    """A worker process (env or evaluation) ended while the trainer relied on it."""
+
+
+def worker_died(what: str, processes: list) -> WorkerDied:
+    """The error naming the first of `processes` found dead. Waits up to a second for
+    the death to show: a pipe can read as closed before its process is reaped."""
+    deadline = time.monotonic() + 1.0
+    while (dead := next((p for p in processes if not p.is_alive()), None)) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if dead is None:
+        return WorkerDied(f"{what} closed its pipe unexpectedly")
+    how = f"killed by signal {-dead.exitcode}" if dead.exitcode < 0 else f"exit code {dead.exitcode}"
+    return WorkerDied(f"{what} (pid {dead.pid}) ended unexpectedly ({how})")
+
+
+def worker_processes(envs: gym.vector.VectorEnv) -> list:
+    """The processes stepping `envs`: none for the in-process backends and EnvPool."""
+    if isinstance(envs, GroupedAsyncVectorEnv):
+        return envs.workers.processes
+    return list(getattr(envs, "processes", []))  # gymnasium's AsyncVectorEnv
+
+
 def make_vector_env(env_id: str, num_envs: int, backend: str = "async", env_kwargs: dict | None = None,
                     num_workers: int = 0, pin_workers: bool = True) -> gym.vector.VectorEnv:
     """N copies of `env_id` with NEXT_STEP autoreset.

@@ -13,7 +13,7 @@ import torch
 
 from fastrl import checkpoint
 from fastrl.config import TrainConfig
-from fastrl.envs import EnvSpec, make_vector_env
+from fastrl.envs import EnvSpec, WorkerDied, make_vector_env, worker_died
 from fastrl.nets import build_network, greedy_policy
 
 # Training envs are seeded seed + i (i < num_envs); evaluation starts far above.
@@ -123,9 +123,8 @@ class BackgroundEvaluator:
             raise RuntimeError(f"evaluation failed in its process:\n{reply}")
         return reply
 
-    def _died(self) -> RuntimeError:
-        self._process.join(timeout=1.0)
-        return RuntimeError(f"the evaluation process exited unexpectedly (exit code {self._process.exitcode})")
+    def _died(self) -> WorkerDied:
+        return worker_died("the evaluation process", [self._process])
 
     def close(self) -> None:
         """Stops the process; an evaluation in flight is abandoned."""

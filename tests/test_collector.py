@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import torch
 from fastrl.buffer import ReplayRing, transitions_at
 from fastrl.collector import Collector
 from fastrl.config import ConfigError
-from fastrl.envs import _receive, _StepRequest, make_vector_env
+from fastrl.envs import WorkerDied, _receive, _StepRequest, make_vector_env, worker_processes
 
 CPU = torch.device("cpu")
 
@@ -300,6 +301,58 @@ def test_ctrl_c_stops_an_async_training_run_and_saves(tmp_path, evaluation):
     assert summary["interrupted"] and summary["env_steps"] > 0
     assert (tmp_path / "checkpoint.pt").exists()
     assert "Traceback" not in err
+
+
+@pytest.mark.filterwarnings("ignore:.*Calling `close` while waiting")  # gymnasium's, plain AsyncVectorEnv
+@pytest.mark.parametrize("when", ["between steps", "step in flight"])
+@pytest.mark.parametrize("name", ["async-plain", "async-grouped"])
+def test_a_dead_env_worker_is_an_error_naming_it_and_close_still_works(name, when):
+    backend, workers = BACKENDS[name]
+    envs = make_vector_env("CartPole-v1", 4, backend, None, workers)
+    collector = Collector(envs, CPU)
+    collector.reset(seed=0)
+    actions = torch.zeros(4, dtype=torch.int64)
+    collector.step_async(actions)
+    collector.step_wait()
+    victim = worker_processes(envs)[-1]
+    if when == "step in flight":
+        collector.step_async(actions)
+    os.kill(victim.pid, signal.SIGKILL)
+    with pytest.raises(WorkerDied, match=rf"env worker process \(pid {victim.pid}\) ended unexpectedly "
+                                         rf"\(killed by signal {int(signal.SIGKILL)}\)"):
+        if when == "between steps":
+            victim.join()
+            collector.step_async(actions)
+        collector.step_wait()
+    collector.close()
+    assert multiprocessing.active_children() == []
+
+
+def test_a_training_run_whose_worker_dies_saves_and_says_so_in_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "fastrl", "train", "--env", "CartPole-v1", "--learner", "eager", "--num-envs", "4",
+           "--total-steps", "10000000", "--no-progress", "--log-interval", "0.2", "--eval-interval", "0",
+           "--run-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not list(tmp_path.glob("events.out.tfevents.*")) and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # training
+        children = (Path("/proc") / str(proc.pid) / "task" / str(proc.pid) / "children").read_text().split()
+        assert children  # the env worker and the evaluation process
+        for pid in children:
+            os.kill(int(pid), signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 1, err
+    assert err.strip().splitlines()[-1].startswith("fastrl train: error: ") and "ended unexpectedly" in err
+    assert "Traceback" not in err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "ended unexpectedly" in summary["error"] and summary["env_steps"] > 0
+    assert (tmp_path / "checkpoint.pt").exists()
 
 
 def test_episode_statistics_skip_reset_steps():

@@ -1,4 +1,5 @@
 import math
+import signal
 import time
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 import fastrl
 from fastrl import checkpoint
-from fastrl.envs import inspect_env
+from fastrl.envs import WorkerDied, inspect_env
 from fastrl.evaluate import EVAL_SEED_OFFSET, BackgroundEvaluator, Evaluator
 from fastrl.nets import build_network, greedy_policy
 
@@ -63,7 +64,8 @@ def test_a_dead_evaluation_process_is_a_clear_error():
     evaluator = BackgroundEvaluator(_cartpole_config(), inspect_env("CartPole-v1", {}))
     evaluator._process.kill()
     evaluator._process.join()
-    with pytest.raises(RuntimeError, match="evaluation process exited unexpectedly"):
+    with pytest.raises(WorkerDied, match=rf"evaluation process \(pid {evaluator._process.pid}\) ended "
+                                         rf"unexpectedly \(killed by signal {int(signal.SIGKILL)}\)"):
         net = build_network(_cartpole_config(), (4,), 2)
         evaluator.submit(net.state_dict(), 3)
         evaluator.result()
