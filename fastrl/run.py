@@ -11,7 +11,7 @@ import torch
 
 from fastrl import checkpoint
 from fastrl.collector import Collector
-from fastrl.config import TrainConfig
+from fastrl.config import ConfigError, TrainConfig
 from fastrl.envs import EnvSpec
 from fastrl.evaluate import BackgroundEvaluator, EvalResult
 from fastrl.metrics import DeviceMeans, Progress, Writer
@@ -25,9 +25,14 @@ def default_run_dir(config: TrainConfig) -> str:
 
 
 def create_run_dir(config: TrainConfig) -> Path:
-    """Creates the run directory with its config.json; an unusable path is a ConfigError.
-    Called before any worker process starts, so a bad path leaves nothing running."""
-    path = checkpoint.make_dir(config.run_dir or default_run_dir(config), "run_dir")
+    """Creates the run directory with its config.json; an unusable path, or one that holds
+    a run already (whose checkpoint and curves a new run would overwrite or mix with), is
+    a ConfigError. Called before any worker process starts: a bad path leaves nothing running."""
+    path = Path(config.run_dir or default_run_dir(config))
+    if (path / "config.json").exists():
+        raise ConfigError(f"invalid run_dir={str(path)!r}: it holds a run already (config.json); "
+                          f"pass a new --run-dir")
+    checkpoint.make_dir(path, "run_dir")
     checkpoint.save_json(path / "config.json", config.to_dict())
     return path
 

@@ -146,6 +146,16 @@ def test_an_unwritable_output_directory_is_one_line_and_starts_no_process(comman
     assert multiprocessing.active_children() == []
 
 
+def test_a_run_dir_that_holds_a_run_is_refused_and_left_as_it_was(tiny_run, capsys):
+    run_dir, _ = tiny_run
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    assert call_main(["train", *TINY, "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "holds a run already" in err and str(run_dir) in err
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+    assert multiprocessing.active_children() == []
+
+
 @pytest.mark.parametrize("broken", [("fastrl.train", "Run"), ("fastrl.run", "Writer")], ids=["run", "writer"])
 def test_a_failure_setting_up_the_run_leaves_no_process(broken, monkeypatch, tmp_path):
     def fails(*args, **kwargs):

@@ -310,21 +310,24 @@ def test_a_dead_env_worker_is_an_error_naming_it_and_close_still_works(name, whe
     backend, workers = BACKENDS[name]
     envs = make_vector_env("CartPole-v1", 4, backend, None, workers)
     collector = Collector(envs, CPU)
-    collector.reset(seed=0)
-    actions = torch.zeros(4, dtype=torch.int64)
-    collector.step_async(actions)
-    collector.step_wait()
-    victim = worker_processes(envs)[-1]
-    if when == "step in flight":
+    try:
+        collector.reset(seed=0)
+        actions = torch.zeros(4, dtype=torch.int64)
         collector.step_async(actions)
-    os.kill(victim.pid, signal.SIGKILL)
-    with pytest.raises(WorkerDied, match=rf"env worker process \(pid {victim.pid}\) ended unexpectedly "
-                                         rf"\(killed by signal {int(signal.SIGKILL)}\)"):
-        if when == "between steps":
-            victim.join()
-            collector.step_async(actions)
         collector.step_wait()
-    collector.close()
+        victim = worker_processes(envs)[-1]
+        if when == "step in flight":
+            collector.step_async(actions)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join()
+        with pytest.raises(WorkerDied, match=rf"env worker process \(pid {victim.pid}\) ended unexpectedly "
+                                             rf"\(killed by signal {int(signal.SIGKILL)}\)"):
+            if when == "step in flight":
+                collector.step_wait()  # the reply may have left before the kill: then the next step fails
+            collector.step_async(actions)
+            collector.step_wait()
+    finally:
+        collector.close()
     assert multiprocessing.active_children() == []
 
 
