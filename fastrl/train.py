@@ -4,7 +4,10 @@ Shared parts (collector, ring, learner pieces, Run bookkeeping) are imported.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import signal
+import threading
 import traceback
 
 import torch
@@ -57,7 +60,8 @@ def train(config: TrainConfig) -> dict:
         raise
     collector = Collector(envs, device, run.phases)
     try:
-        loop(config, spec, collector, run)
+        with _sigterm_as_ctrl_c():
+            loop(config, spec, collector, run)
     except KeyboardInterrupt:
         return run.finish(interrupted=True)
     except Exception:
@@ -66,6 +70,24 @@ def train(config: TrainConfig) -> dict:
     finally:
         collector.close()
     return run.finish()
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """SIGTERM (`kill`, a scheduler's preemption) stops training as Ctrl-C does: the
+    summary and checkpoint are written. Only the main thread can set signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def store_step(collector: Collector, ring: ReplayRing, actions: torch.Tensor, run: Run) -> torch.Tensor:

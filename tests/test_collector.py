@@ -263,8 +263,8 @@ def test_making_async_envs_leaves_ctrl_c_to_the_trainer(workers):
         envs.close()
 
 
-@pytest.mark.parametrize("evaluation", ["none", "in flight"])
-def test_ctrl_c_stops_an_async_training_run_and_saves(tmp_path, evaluation):
+@pytest.mark.parametrize("evaluation, stop", [("none", "ctrl-c"), ("in flight", "ctrl-c"), ("none", "sigterm")])
+def test_ctrl_c_or_sigterm_stops_an_async_training_run_and_saves(tmp_path, evaluation, stop):
     # "in flight": an evaluation that never ends (a million episodes, no screening) is running
     # in its process, and the trainer soon waits for it to submit the next one.
     evals = ["--eval-interval", "0"] if evaluation == "none" else [
@@ -287,7 +287,10 @@ def test_ctrl_c_stops_an_async_training_run_and_saves(tmp_path, evaluation):
             while not (tmp_path / "checkpoint.pt").exists() and time.time() < deadline:  # saved at the submission
                 time.sleep(0.1)
             time.sleep(1.0)
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+        if stop == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+        else:
+            os.kill(proc.pid, signal.SIGTERM)  # `kill PID`, a scheduler's preemption: the trainer only
         _, err = proc.communicate(timeout=60)
         time.sleep(0.5)
         with pytest.raises(ProcessLookupError):  # no env worker or evaluation process is left behind
