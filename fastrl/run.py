@@ -25,16 +25,15 @@ def default_run_dir(config: TrainConfig) -> str:
 
 
 def create_run_dir(config: TrainConfig) -> Path:
-    """Creates the run directory with its config.json; an unusable path, or one that holds
-    a run already (whose checkpoint and curves a new run would overwrite or mix with), is
-    a ConfigError. Called before any worker process starts: a bad path leaves nothing running."""
+    """Creates the run directory; an unusable path, or one that holds a run already (whose
+    checkpoint and curves a new run would overwrite or mix with: its config.json, written
+    once the run has started), is a ConfigError. Called before any worker process starts:
+    a bad path leaves nothing running."""
     path = Path(config.run_dir or default_run_dir(config))
     if (path / "config.json").exists():
         raise ConfigError(f"invalid run_dir={str(path)!r}: it holds a run already (config.json); "
                           f"pass a new --run-dir")
-    checkpoint.make_dir(path, "run_dir")
-    checkpoint.save_json(path / "config.json", config.to_dict())
-    return path
+    return checkpoint.make_dir(path, "run_dir")
 
 
 class Run:
@@ -43,6 +42,7 @@ class Run:
         # Started first, like the env workers: before any thread, compilation or CUDA state.
         self._evals = BackgroundEvaluator(config, spec)
         try:
+            checkpoint.save_json(self.dir / "config.json", config.to_dict())
             self.writer = Writer(str(self.dir))
             self.writer.config(config.to_dict())
         except BaseException:
