@@ -8,7 +8,6 @@ device sync.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import multiprocessing
 from typing import NamedTuple
@@ -17,8 +16,10 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from fastrl.envs import worker_died, worker_processes
+from fastrl.envs import WorkerDied, worker_died
 from fastrl.timing import Phases
+
+_WORKER_GONE = (EOFError, ConnectionError)  # how a pipe to a dead env worker fails
 
 
 class Step(NamedTuple):
@@ -60,8 +61,10 @@ class Collector:
 
     def reset(self, seed: int | None = None) -> torch.Tensor:
         """Resets every env (env i gets seed + i) and returns the first obs [N, *obs] on the device."""
-        with self._workers():
+        try:
             obs, _ = self.envs.reset(seed=seed)
+        except _WORKER_GONE:
+            raise self._worker_lost() from None
         self._host_np[:, :self.obs_size] = np.asarray(obs).reshape(self.num_envs, -1)
         self._host_np[:, self.obs_size:] = 0.0
         self._upload()
@@ -75,15 +78,20 @@ class Collector:
         with self.phases("act"):  # the device->host copy waits for the action computation
             self._actions_np = actions.cpu().numpy()
         if self._can_async:
-            with self.phases("env"), self._workers():
-                self.envs.step_async(self._actions_np)
+            with self.phases("env"):
+                try:
+                    self.envs.step_async(self._actions_np)
+                except _WORKER_GONE:
+                    raise self._worker_lost() from None
             self._pending = True
 
     def step_wait(self) -> Step:
         with self.phases("env"):
             if self._can_async:
-                with self._workers():
+                try:
                     obs, reward, terminated, truncated, _ = self.envs.step_wait()
+                except _WORKER_GONE:
+                    raise self._worker_lost() from None
                 self._pending = False
             else:
                 obs, reward, terminated, truncated, _ = self.envs.step(self._actions_np)
@@ -99,14 +107,10 @@ class Collector:
         row = self._device_row
         return Step(self.obs, row[:, d], row[:, d + 1] > 0.5, row[:, d + 2] > 0.5)
 
-    @contextlib.contextmanager
-    def _workers(self):
-        """Turns a broken pipe to an env worker into an error that names the dead process."""
-        try:
-            yield
-        except (EOFError, ConnectionError):
-            self._pending = False  # nothing more will come
-            raise worker_died("an env worker process", worker_processes(self.envs)) from None
+    def _worker_lost(self) -> WorkerDied:
+        """The error for a broken pipe to an env worker: it names the dead process."""
+        self._pending = False  # nothing more will come
+        return worker_died("an env worker process", getattr(self.envs, "processes", []))
 
     def _upload(self) -> None:
         if self._device_row is not self._host:
@@ -135,7 +139,7 @@ class Collector:
         """Closes the envs. A step still in flight (e.g. interrupted by Ctrl-C) is collected
         first, waiting at most `timeout` seconds: an interrupt inside step_wait() can leave
         no reply to wait for, and then the workers are terminated instead."""
-        terminate = any(not p.is_alive() for p in worker_processes(self.envs))  # a worker died
+        terminate = any(not p.is_alive() for p in getattr(self.envs, "processes", []))  # a worker died
         if self._pending and not terminate:
             self._pending = False
             try:

@@ -121,13 +121,6 @@ def worker_died(what: str, processes: list) -> WorkerDied:
     return WorkerDied(f"{what} (pid {dead.pid}) ended unexpectedly ({how})")
 
 
-def worker_processes(envs: gym.vector.VectorEnv) -> list:
-    """The processes stepping `envs`: none for the in-process backends and EnvPool."""
-    if isinstance(envs, GroupedAsyncVectorEnv):
-        return envs.workers.processes
-    return list(getattr(envs, "processes", []))  # gymnasium's AsyncVectorEnv
-
-
 def make_vector_env(env_id: str, num_envs: int, backend: str = "async", env_kwargs: dict | None = None,
                     num_workers: int = 0, pin_workers: bool = True) -> gym.vector.VectorEnv:
     """N copies of `env_id` with NEXT_STEP autoreset.
@@ -470,6 +463,11 @@ class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
     def step(self, actions):
         self.step_async(actions)
         return self.step_wait()
+
+    @property
+    def processes(self) -> list:
+        """The worker processes, as on gymnasium's AsyncVectorEnv."""
+        return self.workers.processes
 
     def close_extras(self, timeout: float | None = None, terminate: bool = False) -> None:
         try:

@@ -17,7 +17,7 @@ import torch
 from fastrl.buffer import ReplayRing, transitions_at
 from fastrl.collector import Collector
 from fastrl.config import ConfigError
-from fastrl.envs import WorkerDied, _receive, _StepRequest, make_vector_env, worker_processes
+from fastrl.envs import WorkerDied, _receive, _StepRequest, make_vector_env
 
 CPU = torch.device("cpu")
 
@@ -318,7 +318,7 @@ def test_a_dead_env_worker_is_an_error_naming_it_and_close_still_works(name, whe
         actions = torch.zeros(4, dtype=torch.int64)
         collector.step_async(actions)
         collector.step_wait()
-        victim = worker_processes(envs)[-1]
+        victim = envs.processes[-1]
         if when == "step in flight":
             collector.step_async(actions)
         os.kill(victim.pid, signal.SIGKILL)
