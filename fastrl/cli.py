@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerDied as exc:  # the run has saved its summary and checkpoint
         print(f"fastrl {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before or after a training loop (which stops on request: see StopRequest)
+        print(f"fastrl {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -50,6 +50,7 @@ class Collector:
         self._actions_np: np.ndarray | None = None
         self._can_async = hasattr(envs, "step_async")
         self._pending = False  # an async step was sent and not yet collected
+        self._torn = False  # step_wait() was interrupted: close() terminates the workers
         # Host-side episode statistics. `_prev_done` marks NEXT_STEP reset steps,
         # which belong to no episode.
         self._ep_return = np.zeros(self.num_envs, dtype=np.float64)
@@ -92,6 +93,9 @@ class Collector:
                     obs, reward, terminated, truncated, _ = self.envs.step_wait()
                 except _WORKER_GONE:
                     raise self._worker_lost() from None
+                except KeyboardInterrupt:  # maybe in the middle of a reply: the pipes can no longer be read
+                    self._torn = True
+                    raise
                 self._pending = False
             else:
                 obs, reward, terminated, truncated, _ = self.envs.step(self._actions_np)
@@ -136,10 +140,13 @@ class Collector:
         return out
 
     def close(self, timeout: float = 10.0) -> None:
-        """Closes the envs. A step still in flight (e.g. interrupted by Ctrl-C) is collected
-        first, waiting at most `timeout` seconds: an interrupt inside step_wait() can leave
-        no reply to wait for, and then the workers are terminated instead."""
-        terminate = any(not p.is_alive() for p in getattr(self.envs, "processes", []))  # a worker died
+        """Closes the envs. A step still in flight (e.g. sent before an exception) is collected
+        first, waiting at most `timeout` seconds. The workers are terminated instead when one
+        died, or when an interrupt inside step_wait() may have left a reply half read."""
+        if self._torn:  # gymnasium's close would read them even when terminating
+            for pipe in getattr(self.envs, "parent_pipes", []):
+                pipe.close()
+        terminate = self._torn or any(not p.is_alive() for p in getattr(self.envs, "processes", []))
         if self._pending and not terminate:
             self._pending = False
             try:

@@ -469,6 +469,11 @@ class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
         """The worker processes, as on gymnasium's AsyncVectorEnv."""
         return self.workers.processes
 
+    @property
+    def parent_pipes(self) -> list:
+        """The trainer's ends of the workers' pipes, as on gymnasium's AsyncVectorEnv."""
+        return self.workers.parent_pipes
+
     def close_extras(self, timeout: float | None = None, terminate: bool = False) -> None:
         try:
             if any(self._pending) and not terminate:

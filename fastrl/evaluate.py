@@ -112,13 +112,18 @@ class BackgroundEvaluator:
         """True when the evaluation in flight has finished (result() will not wait)."""
         return self.in_flight and self._conn.poll()
 
-    def result(self) -> EvalResult:
+    def result(self, give_up: Callable[[], bool] = lambda: False) -> EvalResult:
+        """Waits for the evaluation in flight. If `give_up()` turns true meanwhile (checked
+        every 0.1 s), raises KeyboardInterrupt and leaves the evaluation to close()."""
         try:
+            while not self._conn.poll(0.1):
+                if give_up():
+                    raise KeyboardInterrupt
             reply = self._conn.recv()
         except (EOFError, OSError):
-            raise self._died() from None
-        finally:
             self.in_flight = False
+            raise self._died() from None
+        self.in_flight = False
         if isinstance(reply, str):
             raise RuntimeError(f"evaluation failed in its process:\n{reply}")
         return reply

@@ -2,7 +2,10 @@
 line, periodic evaluation with stop-on-solve, checkpoints and summary.json."""
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -36,6 +39,36 @@ def create_run_dir(config: TrainConfig) -> Path:
     return checkpoint.make_dir(path, "run_dir")
 
 
+class StopRequest:
+    """While installed, Ctrl-C (SIGINT) or SIGTERM (`kill`, a scheduler's preemption) asks
+    the training loop to stop at the end of its cycle, where nothing is half done: no env
+    step in flight, no half-read reply, no half-written log record. A wait on an evaluation
+    gives up on it. A second signal stops at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        # Only the main thread may set handlers; a signal this process ignores stays ignored.
+        signals = [s for s in self.SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+        if threading.current_thread() is not threading.main_thread():
+            signals = []
+        previous = {s: signal.signal(s, self._handle) for s in signals}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
 class Run:
     def __init__(self, config: TrainConfig, spec: EnvSpec, device: torch.device, run_dir: Path):
         self.config, self.spec, self.device, self.dir = config, spec, device, run_dir
@@ -55,6 +88,7 @@ class Run:
                                  config.progress)
         self.threshold = (config.solve_threshold if not math.isnan(config.solve_threshold)
                           else spec.reward_threshold)
+        self.stop = StopRequest()  # installed by train() around the loop and the final evaluation
         self.env_steps = 0
         self.updates = 0
         self.solved = False
@@ -80,9 +114,10 @@ class Run:
         return time.perf_counter() - self._t0
 
     def budget_left(self) -> bool:
-        """False once the env-step or wall-clock budget is spent, or a profile is complete."""
+        """False once the env-step or wall-clock budget is spent, a profile is complete or
+        a stop is requested."""
         c = self.config
-        if self.profiler is not None and self.profiler.done:
+        if self.stop.requested or (self.profiler is not None and self.profiler.done):
             return False
         return self.env_steps < c.total_steps and not (0 < c.time_limit_s <= self.wall_s)
 
@@ -165,7 +200,7 @@ class Run:
     def _collect_evaluation(self) -> None:
         """Waits for the evaluation in flight; logs it and checks it for a solve."""
         ((steps, updates), weights), self._evaluating = self._evaluating, None
-        result = self._evals.result()
+        result = self._evals.result(give_up=lambda: self.stop.requested)
         self.last_eval = result
         full = result.episodes == self.config.eval_episodes
         if full:
@@ -200,19 +235,24 @@ class Run:
                               "obs_shape": list(self.spec.obs_shape), "n_actions": self.spec.n_actions})
         return str(path)
 
-    def finish(self, interrupted: bool = False, error: str | None = None) -> dict:
-        """Final evaluation (unless interrupted), checkpoint, summary.json; returns the summary."""
+    def finish(self, error: str | None = None) -> dict:
+        """Final evaluation (unless the loop stopped on request or failed), checkpoint,
+        summary.json; returns the summary. A stop requested meanwhile abandons the final
+        evaluation, and the summary says the run was interrupted."""
         self.progress.close()
         try:
-            if self.model is not None and not interrupted and error is None and not self.config.profile:
+            if self.model is not None and not self.stop.requested and error is None and not self.config.profile:
                 with self.phases("eval"):
                     if self._evals.in_flight:  # its result belongs in the log
                         self._collect_evaluation()
                     if self._last_eval_full_at != self._weights_at()[0]:  # no full evaluation of these weights
                         self._submit_evaluation(screen=False)
                         self._collect_evaluation()
+        except KeyboardInterrupt:  # a stop request gave up the wait, or a signal came while none was installed
+            self.stop.requested = True
         finally:
             self._evals.close()
+        interrupted = self.stop.requested
         ckpt = self.save_checkpoint() if self.model is not None else None
         wall = self.wall_s
         summary = {

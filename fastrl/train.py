@@ -4,10 +4,7 @@ Shared parts (collector, ring, learner pieces, Run bookkeeping) are imported.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import signal
-import threading
 import traceback
 
 import torch
@@ -59,35 +56,17 @@ def train(config: TrainConfig) -> dict:
         envs.close()
         raise
     collector = Collector(envs, device, run.phases)
-    try:
-        with _sigterm_as_ctrl_c():
+    with run.stop.installed():  # Ctrl-C, SIGTERM: stop at the end of a cycle (see StopRequest)
+        try:
             loop(config, spec, collector, run)
-    except KeyboardInterrupt:
-        return run.finish(interrupted=True)
-    except Exception:
-        run.finish(error=traceback.format_exc(limit=3))
-        raise
-    finally:
-        collector.close()
-    return run.finish()
-
-
-@contextlib.contextmanager
-def _sigterm_as_ctrl_c():
-    """SIGTERM (`kill`, a scheduler's preemption) stops training as Ctrl-C does: the
-    summary and checkpoint are written. Only the main thread can set signal handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        except KeyboardInterrupt:  # a second signal, or a stop that gave up waiting for an evaluation
+            run.stop.requested = True
+        except Exception:
+            run.finish(error=traceback.format_exc(limit=3))
+            raise
+        finally:
+            collector.close()
+        return run.finish()
 
 
 def store_step(collector: Collector, ring: ReplayRing, actions: torch.Tensor, run: Run) -> torch.Tensor:

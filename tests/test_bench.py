@@ -1,6 +1,12 @@
 """`fastrl bench`: the table, bench.json and collect.png from a short real run."""
+import contextlib
 import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -48,3 +54,22 @@ def test_bench_bad_input_is_one_line_exit_2(args, named, capsys, tmp_path):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and named in err and "Traceback" not in err
     assert not (tmp_path / "never").exists()
+
+
+def test_ctrl_c_during_a_bench_is_one_line_exit_130_and_leaves_no_process(tmp_path):
+    cmd = [sys.executable, "-m", "fastrl", "bench", "collect", "--env", "CartPole-v1", "--num-envs", "4",
+           "--seconds", "30", "--rounds", "1", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("fastrl bench collect:")  # measuring from here on
+        time.sleep(2.0)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
+        _, err = proc.communicate(timeout=60)
+        time.sleep(0.5)
+        with pytest.raises(ProcessLookupError):  # no env worker is left behind
+            os.killpg(proc.pid, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 130 and err.strip() == "fastrl bench: interrupted", err

@@ -18,6 +18,7 @@ from fastrl.buffer import ReplayRing, transitions_at
 from fastrl.collector import Collector
 from fastrl.config import ConfigError
 from fastrl.envs import WorkerDied, _receive, _StepRequest, make_vector_env
+from fastrl.run import StopRequest
 
 CPU = torch.device("cpu")
 
@@ -220,6 +221,36 @@ def test_closing_after_an_interrupted_step_wait_does_not_hang(name):
     assert not any(p.is_alive() for p in inner.processes)
 
 
+@pytest.mark.filterwarnings("ignore:.*Calling `close` while waiting")  # gymnasium's, plain AsyncVectorEnv
+@pytest.mark.parametrize("name", ["async-plain", "async-grouped"])
+def test_closing_after_an_interrupt_in_the_middle_of_a_reply_does_not_hang(name):
+    # A second Ctrl-C can land inside step_wait() between a reply's length header and its
+    # body. Reading that pipe again would take the body's first bytes for a length and wait
+    # for a message that never comes, so close() must terminate the workers instead.
+    backend, workers = BACKENDS[name]
+    envs = make_vector_env("CartPole-v1", 4, backend, num_workers=workers)
+    inner = envs.workers if name == "async-grouped" else envs
+    collector = Collector(envs, CPU)
+    collector.reset(seed=0)
+    collector.step_async(torch.zeros(4, dtype=torch.int64))
+
+    def step_wait_interrupted_mid_reply(timeout=None):
+        pipe = inner.parent_pipes[0]
+        assert pipe.poll(10)
+        os.read(pipe.fileno(), 4)  # the length header only
+        raise KeyboardInterrupt
+
+    envs.step_wait = step_wait_interrupted_mid_reply
+    with pytest.raises(KeyboardInterrupt):
+        collector.step_wait()
+    del envs.step_wait
+    closer = threading.Thread(target=collector.close, kwargs={"timeout": 2.0}, daemon=True)
+    closer.start()
+    closer.join(15)
+    assert not closer.is_alive(), "close() hangs"
+    assert not any(p.is_alive() for p in inner.processes)
+
+
 @pytest.mark.parametrize("name", ["sync", "async-grouped"])
 def test_infos_match_plain_async(name):
     # Info-v0 reports {"t": t} on even steps only, so the `_t` masks matter.
@@ -263,6 +294,25 @@ def test_making_async_envs_leaves_ctrl_c_to_the_trainer(workers):
         envs.close()
 
 
+def test_a_stop_request_is_a_flag_until_the_second_signal_and_then_handlers_are_restored():
+    before = {s: signal.getsignal(s) for s in StopRequest.SIGNALS}
+    for first, second in [(signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)]:
+        with StopRequest().installed() as stop:
+            os.kill(os.getpid(), first)  # handled before os.kill returns: no exception, a flag
+            assert stop.requested
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), second)
+                time.sleep(1)  # not reached
+        assert {s: signal.getsignal(s) for s in StopRequest.SIGNALS} == before
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with StopRequest().installed() as stop:  # an ignored signal stays ignored
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert not stop.requested and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.mark.parametrize("evaluation, stop", [("none", "ctrl-c"), ("in flight", "ctrl-c"), ("none", "sigterm")])
 def test_ctrl_c_or_sigterm_stops_an_async_training_run_and_saves(tmp_path, evaluation, stop):
     # "in flight": an evaluation that never ends (a million episodes, no screening) is running
@@ -303,6 +353,30 @@ def test_ctrl_c_or_sigterm_stops_an_async_training_run_and_saves(tmp_path, evalu
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["interrupted"] and summary["env_steps"] > 0
     assert (tmp_path / "checkpoint.pt").exists()
+    assert "Traceback" not in err
+
+
+def test_ctrl_c_during_the_final_evaluation_gives_it_up_and_saves(tmp_path):
+    # The loop ends within a second; the final evaluation (a million episodes) would never end.
+    cmd = [sys.executable, "-m", "fastrl", "train", "--env", "CartPole-v1", "--learner", "eager", "--num-envs", "4",
+           "--total-steps", "2000", "--eval-interval", "0", "--eval-episodes", "1000000", "--no-progress",
+           "--run-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not list(tmp_path.glob("events.out.tfevents.*")) and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(5.0)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 130, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["interrupted"] and summary["env_steps"] == 2000  # the loop had finished
+    assert summary["final_eval_episodes"] == 0 and (tmp_path / "checkpoint.pt").exists()
     assert "Traceback" not in err
 
 
