@@ -180,11 +180,13 @@ def bench_collect(env_id: str, num_envs: list[int], seconds: float, rounds: int,
     limit = n_cores * single_sps
     rows = []
     for case, per_round in zip(cases, case_rounds):
-        # Ratios per round (against that round's single-process rate), then the median.
-        ratio = statistics.median(s / (n_cores * one) for s, one in zip(per_round, single_rounds))
+        # Ratios per round (against that round's single-process rate), then the median;
+        # their range shows how much the machine moved from round to round.
+        ratios = [s / (n_cores * one) for s, one in zip(per_round, single_rounds)]
         rows.append({"backend": case.backend, "series": case.series, "label": case.label, "num_envs": case.num_envs,
                      "num_workers": case.num_workers, "steps_per_s": statistics.median(per_round),
-                     "ratio_to_limit": ratio, "rounds": per_round})
+                     "ratio_to_limit": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
+                     "rounds": per_round})
     plain = [r for r in rows if r["series"].startswith("async, plain")]
     grouped = [r for r in rows if r["series"] == "async, grouped"]
     best_plain = max(plain, key=lambda r: r["steps_per_s"]) if plain else None
@@ -206,11 +208,12 @@ def format_collect(result: dict) -> str:
              f"single process (raw env): {result['single_process_steps_per_s']:,.0f} steps/s x "
              f"{result['cores']} cores = limit {result['limit_steps_per_s']:,.0f} steps/s",
              "",
-             f"| {'backend':<32} | {'envs':>5} | {'env steps/s':>11} | {'x limit':>7} |",
-             f"|{'-' * 34}|{'-' * 7}:|{'-' * 12}:|{'-' * 8}:|"]
+             f"| {'backend':<32} | {'envs':>5} | {'env steps/s':>11} | {'x limit':>7} | {'rounds':>9} |",
+             f"|{'-' * 34}|{'-' * 7}:|{'-' * 12}:|{'-' * 8}:|{'-' * 10}:|"]
     for r in result["rows"]:
+        low, high = r["ratio_range"]
         lines.append(f"| {r['label']:<32} | {r['num_envs']:>5} | {r['steps_per_s']:>11,.0f} | "
-                     f"{r['ratio_to_limit']:>7.2f} |")
+                     f"{r['ratio_to_limit']:>7.2f} | {low:.2f}–{high:.2f} |")
     if result["grouped_over_plain"]:
         g, p = result["best_grouped"], result["best_plain"]
         lines += ["", f"best grouped async: {g['steps_per_s']:,.0f} steps/s ({g['num_envs']} envs) = "

@@ -32,6 +32,9 @@ def test_bench_all_prints_tables_and_writes_json_and_png(tmp_path):
         assert len(row["rounds"]) == 2 and row["steps_per_s"] == statistics.median(row["rounds"]) > 0
         ratios = [s / (collect["cores"] * one) for s, one in zip(row["rounds"], collect["single_rounds"])]
         assert row["ratio_to_limit"] == pytest.approx(statistics.median(ratios))
+        assert row["ratio_range"] == pytest.approx([min(ratios), max(ratios)])
+        low, high = row["ratio_range"]
+        assert f"| {row['ratio_to_limit']:7.2f} | {low:.2f}–{high:.2f} |" in proc.stdout
     assert collect["grouped_over_plain"] > 0
 
     (learn,) = result["learn"]["rows"]
