@@ -313,23 +313,48 @@ def test_a_stop_request_is_a_flag_until_the_second_signal_and_then_handlers_are_
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def training_process(tmp_path: Path, *args: str):
+    """`fastrl train` on CartPole (eager learner, 4 envs, `args`) in a process group of its
+    own, as a terminal runs it; yields the process once its event file exists (the run has
+    started). Whatever is left of the group is killed on the way out."""
+    cmd = [sys.executable, "-m", "fastrl", "train", "--env", "CartPole-v1", "--learner", "eager", "--num-envs", "4",
+           "--no-progress", *args, "--run-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not list(tmp_path.glob("events.out.tfevents.*")) and time.time() < deadline:
+            time.sleep(0.1)
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # e.g. Ctrl-C ignored: leave nothing running
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def no_process_left(proc: subprocess.Popen) -> bool:
+    time.sleep(0.5)
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 @pytest.mark.parametrize("evaluation, stop", [("none", "ctrl-c"), ("in flight", "ctrl-c"), ("none", "sigterm")])
 def test_ctrl_c_or_sigterm_stops_an_async_training_run_and_saves(tmp_path, evaluation, stop):
     # "in flight": an evaluation that never ends (a million episodes, no screening) is running
     # in its process, and the trainer soon waits for it to submit the next one.
     evals = ["--eval-interval", "0"] if evaluation == "none" else [
         "--eval-interval", "400", "--eval-episodes", "1000000", "--no-stop-on-solve", "--learning-starts", "100"]
-    cmd = [sys.executable, "-m", "fastrl", "train", "--env", "CartPole-v1", "--learner", "eager", "--num-envs", "4",
-           "--total-steps", "10000000", "--no-progress", "--log-interval", "0.2", *evals, "--run-dir", str(tmp_path)]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with training_process(tmp_path, "--total-steps", "10000000", "--log-interval", "0.2", *evals) as proc:
         def event_bytes():
             return sum(f.stat().st_size for f in tmp_path.glob("events.out.tfevents.*"))
 
         deadline = time.time() + 60
-        while event_bytes() == 0 and time.time() < deadline:
-            time.sleep(0.1)
         if evaluation == "none":
+            while event_bytes() == 0 and time.time() < deadline:
+                time.sleep(0.1)
             first = event_bytes()
             while event_bytes() == first and time.time() < deadline:  # the loop has logged: it is training
                 time.sleep(0.1)
@@ -342,13 +367,7 @@ def test_ctrl_c_or_sigterm_stops_an_async_training_run_and_saves(tmp_path, evalu
         else:
             os.kill(proc.pid, signal.SIGTERM)  # `kill PID`, a scheduler's preemption: the trainer only
         _, err = proc.communicate(timeout=60)
-        time.sleep(0.5)
-        with pytest.raises(ProcessLookupError):  # no env worker or evaluation process is left behind
-            os.killpg(proc.pid, 0)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # Ctrl-C ignored: do not leave anything running
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        assert no_process_left(proc)  # no env worker or evaluation process is left behind
     assert proc.returncode == 130, err
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["interrupted"] and summary["env_steps"] > 0
@@ -358,21 +377,12 @@ def test_ctrl_c_or_sigterm_stops_an_async_training_run_and_saves(tmp_path, evalu
 
 def test_ctrl_c_during_the_final_evaluation_gives_it_up_and_saves(tmp_path):
     # The loop ends within a second; the final evaluation (a million episodes) would never end.
-    cmd = [sys.executable, "-m", "fastrl", "train", "--env", "CartPole-v1", "--learner", "eager", "--num-envs", "4",
-           "--total-steps", "2000", "--eval-interval", "0", "--eval-episodes", "1000000", "--no-progress",
-           "--run-dir", str(tmp_path)]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 60
-        while not list(tmp_path.glob("events.out.tfevents.*")) and time.time() < deadline:
-            time.sleep(0.1)
+    with training_process(tmp_path, "--total-steps", "2000", "--eval-interval", "0",
+                          "--eval-episodes", "1000000") as proc:
         time.sleep(5.0)
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=60)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        assert no_process_left(proc)
     assert proc.returncode == 130, err
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["interrupted"] and summary["env_steps"] == 2000  # the loop had finished
@@ -409,24 +419,15 @@ def test_a_dead_env_worker_is_an_error_naming_it_and_close_still_works(name, whe
 
 
 def test_a_training_run_whose_worker_dies_saves_and_says_so_in_one_line(tmp_path):
-    cmd = [sys.executable, "-m", "fastrl", "train", "--env", "CartPole-v1", "--learner", "eager", "--num-envs", "4",
-           "--total-steps", "10000000", "--no-progress", "--log-interval", "0.2", "--eval-interval", "0",
-           "--run-dir", str(tmp_path)]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 60
-        while not list(tmp_path.glob("events.out.tfevents.*")) and time.time() < deadline:
-            time.sleep(0.1)
+    with training_process(tmp_path, "--total-steps", "10000000", "--log-interval", "0.2",
+                          "--eval-interval", "0") as proc:
         time.sleep(1.0)  # training
         children = (Path("/proc") / str(proc.pid) / "task" / str(proc.pid) / "children").read_text().split()
         assert children  # the env worker and the evaluation process
         for pid in children:
             os.kill(int(pid), signal.SIGKILL)
         _, err = proc.communicate(timeout=60)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        assert no_process_left(proc)
     assert proc.returncode == 1, err
     assert err.strip().splitlines()[-1].startswith("fastrl train: error: ") and "ended unexpectedly" in err
     assert "Traceback" not in err
