@@ -375,11 +375,27 @@ def test_ctrl_c_or_sigterm_stops_an_async_training_run_and_saves(tmp_path, evalu
     assert "Traceback" not in err
 
 
+def children(proc: subprocess.Popen) -> list[int]:
+    """The trainer's child processes, oldest first (the env worker, then the evaluation process)."""
+    return sorted(int(pid) for pid in (Path("/proc") / str(proc.pid) / "task" / str(proc.pid) / "children")
+                  .read_text().split())
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def test_ctrl_c_during_the_final_evaluation_gives_it_up_and_saves(tmp_path):
-    # The loop ends within a second; the final evaluation (a million episodes) would never end.
+    # No evaluation during the loop, which ends within seconds; the final evaluation
+    # (a million episodes) would never end. The evaluation process, idle until then,
+    # burning CPU shows that the final evaluation is under way.
     with training_process(tmp_path, "--total-steps", "2000", "--eval-interval", "0",
                           "--eval-episodes", "1000000") as proc:
-        time.sleep(5.0)
+        evaluation = children(proc)[-1]
+        deadline = time.time() + 60
+        while cpu_seconds(evaluation) < 1.0 and time.time() < deadline:
+            time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=60)
         assert no_process_left(proc)
@@ -422,10 +438,10 @@ def test_a_training_run_whose_worker_dies_saves_and_says_so_in_one_line(tmp_path
     with training_process(tmp_path, "--total-steps", "10000000", "--log-interval", "0.2",
                           "--eval-interval", "0") as proc:
         time.sleep(1.0)  # training
-        children = (Path("/proc") / str(proc.pid) / "task" / str(proc.pid) / "children").read_text().split()
-        assert children  # the env worker and the evaluation process
-        for pid in children:
-            os.kill(int(pid), signal.SIGKILL)
+        pids = children(proc)
+        assert pids  # the env worker and the evaluation process
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
         _, err = proc.communicate(timeout=60)
         assert no_process_left(proc)
     assert proc.returncode == 1, err
