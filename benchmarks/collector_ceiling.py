@@ -9,9 +9,10 @@ Interleaves, per round, on LunarLander-v3 with random actions:
                step carrying only actions and a reply array (no observations, no ring);
                the workers time their stepping, which splits bare's step time into
                stepping, waiting for the slower worker, and messages
-  1 apart      the bare workers out of lockstep: each is sent its next step as soon as it
-               replies, so long as it stays at most one step ahead of the slowest (what
-               a collector that acts per worker group could reach; fastrl does not)
+  K apart      the bare workers out of lockstep: each is sent its next step as soon as it
+               replies, so long as it stays at most K steps (--ahead) ahead of the
+               slowest (what a collector that acts per worker group could reach; fastrl
+               does not)
   fastrl       fastrl's collector into the replay ring (grouped workers, G envs each)
 and prints each as a ratio to that round's limit; medians over rounds.
 
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--envs-per-core", type=int, default=64)
     parser.add_argument("--steps", type=int, default=300, help="vector steps per measurement")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--ahead", type=int, default=1, help="steps a worker may run ahead of the slowest")
     parser.add_argument("--out", default="collector_ceiling.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -113,7 +115,8 @@ def main() -> None:
     fastrl = CollectorLoop(CollectCase("async", g * cores, cores), ENV, torch.device("cpu"), 0)
     actions = np.random.default_rng(0).integers(0, 4, (args.steps, g)).tolist()
     total = args.steps * g * cores
-    rows = {"raw x cores": [], "independent": [], "bare": [], "1 apart": [], "fastrl": []}
+    apart = f"{args.ahead} apart"
+    rows = {"raw x cores": [], "independent": [], "bare": [], apart: [], "fastrl": []}
     busy, slowest, wall = [], [], []  # bare, per step: mean and max worker stepping time, wall time
     print(f"{machine()}\n{ENV}, {cores} cores x {g} envs; ratio to that round's cores x single process")
     for r in range(args.rounds):
@@ -138,8 +141,8 @@ def main() -> None:
             slowest.append(max(seconds))
         rows["bare"].append(total / (time.perf_counter() - start) / limit)
         start = time.perf_counter()
-        drift_apart(conns, actions, ahead=1)
-        rows["1 apart"].append(total / (time.perf_counter() - start) / limit)
+        drift_apart(conns, actions, args.ahead)
+        rows[apart].append(total / (time.perf_counter() - start) / limit)
         rows["fastrl"].append(fastrl.measure(2.0) / limit)
         print(f"round {r + 1}: limit {limit:,.0f} steps/s | "
               + " | ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
