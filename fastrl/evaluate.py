@@ -115,15 +115,15 @@ class BackgroundEvaluator:
     def result(self, give_up: Callable[[], bool] = lambda: False) -> EvalResult:
         """Waits for the evaluation in flight. If `give_up()` turns true meanwhile (checked
         every 0.1 s), raises KeyboardInterrupt and leaves the evaluation to close()."""
+        while not self._conn.poll(0.1):  # a dead process reads as ready: recv() then fails
+            if give_up():
+                raise KeyboardInterrupt  # still in flight: close() ends it
         try:
-            while not self._conn.poll(0.1):
-                if give_up():
-                    raise KeyboardInterrupt
             reply = self._conn.recv()
         except (EOFError, OSError):
-            self.in_flight = False
             raise self._died() from None
-        self.in_flight = False
+        finally:
+            self.in_flight = False
         if isinstance(reply, str):
             raise RuntimeError(f"evaluation failed in its process:\n{reply}")
         return reply

@@ -53,10 +53,9 @@ class StopRequest:
     @contextlib.contextmanager
     def installed(self):
         # Only the main thread may set handlers; a signal this process ignores stays ignored.
-        signals = [s for s in self.SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
-        if threading.current_thread() is not threading.main_thread():
-            signals = []
-        previous = {s: signal.signal(s, self._handle) for s in signals}
+        main = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS
+                    if main and signal.getsignal(s) is not signal.SIG_IGN}
         try:
             yield self
         finally:
