@@ -19,6 +19,7 @@ Backends, all with that rule:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import multiprocessing
 import os
@@ -51,13 +52,34 @@ class EnvSpec:
     max_episode_steps: int | None  # the time limit, if any
 
 
-def _make_one(env_id: str, env_kwargs: dict) -> gym.Env:
-    # Ctrl-C goes to the whole process group; the trainer handles it and closes the
-    # workers, which must not die mid-step with a traceback of their own. (The main
-    # process also builds one env here, as AsyncVectorEnv's probe: it keeps its handler.)
-    if multiprocessing.parent_process() is not None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _make_one(env_id: str, env_kwargs: dict, trainer: int | None = None) -> gym.Env:
+    # With `trainer` (its pid), the env of a plain AsyncVectorEnv worker process, which
+    # AsyncVectorEnv also builds once in the trainer itself, as a probe for the spaces.
+    if trainer is not None and os.getpid() != trainer:
+        init_worker()
     return gym.make(env_id, **env_kwargs)
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def init_worker() -> None:
+    """Readies a worker process (env or evaluation) that the trainer started.
+
+    Ctrl-C goes to the whole process group; the trainer handles it and closes the
+    workers, which must not die mid-step with a traceback of their own. And on Linux the
+    worker is killed when the trainer dies, however it dies (`kill -9`, the OOM killer):
+    blocked on its pipe, it would otherwise wait forever, since processes forked after
+    it hold copies of the pipe's other end, so the trainer's death does not close it.
+    (Linux ties the worker to the trainer thread that started it: `train()` ends its
+    workers before it returns.)
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        parent = os.getppid()
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # it died before the request
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def inspect_env(env_id: str, env_kwargs: dict) -> EnvSpec:
@@ -137,6 +159,7 @@ def make_vector_env(env_id: str, num_envs: int, backend: str = "async", env_kwar
         if num_envs % workers:
             raise ConfigError(f"invalid num_workers={workers}: must divide num_envs={num_envs}")
         if workers == num_envs:
+            fns = [partial(_make_one, env_id, env_kwargs, os.getpid()) for _ in range(num_envs)]
             return gym.vector.AsyncVectorEnv(fns, shared_memory=True, copy=False, autoreset_mode=AUTORESET)
         return GroupedAsyncVectorEnv(fns, workers, pin_workers)
     if backend == "sync":
@@ -314,10 +337,10 @@ def _receive(pipe, raw: bytearray) -> Any:
     return pickle.loads(raw[:size])
 
 
-def _make_group(env_fns: list[Callable[[], gym.Env]], core: int | None) -> InProcessVectorEnv:
-    # AsyncVectorEnv builds one of these in the parent as a probe for spaces and metadata;
-    # in a worker, `_group_worker` steps its EnvGroup.
-    if core is not None and multiprocessing.parent_process() is not None:  # a worker, not the probe
+def _make_group(env_fns: list[Callable[[], gym.Env]], core: int | None, trainer: int) -> InProcessVectorEnv:
+    # AsyncVectorEnv builds one of these in the trainer (pid `trainer`) as a probe for
+    # spaces and metadata; in a worker, `_group_worker` steps its EnvGroup.
+    if core is not None and os.getpid() != trainer:
         _pin_to_core(core)
     return InProcessVectorEnv(env_fns)
 
@@ -325,7 +348,7 @@ def _make_group(env_fns: list[Callable[[], gym.Env]], core: int | None) -> InPro
 def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, autoreset_mode, semaphore):
     """An AsyncVectorEnv worker (same signature and protocol as gymnasium's own, but for
     raw step messages) that steps a group of envs per message."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # see _make_one
+    init_worker()
     local = env_fn()
     parent_pipe.close()
     group, space = local.group, local.observation_space
@@ -401,7 +424,7 @@ class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
         probe.close()
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
-        groups = [partial(_make_group, env_fns[w * G:(w + 1) * G], w if pin_workers else None)
+        groups = [partial(_make_group, env_fns[w * G:(w + 1) * G], w if pin_workers else None, os.getpid())
                   for w in range(num_workers)]
         self.workers = gym.vector.AsyncVectorEnv(groups, shared_memory=True, copy=False, worker=_group_worker)
         # [W, G, *obs] in shared memory, seen as [N, *obs] without a copy.

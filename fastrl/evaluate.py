@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import signal
 import traceback
 from typing import Callable, NamedTuple
 
@@ -13,7 +12,7 @@ import torch
 
 from fastrl import checkpoint
 from fastrl.config import TrainConfig
-from fastrl.envs import EnvSpec, WorkerDied, make_vector_env, worker_died
+from fastrl.envs import EnvSpec, WorkerDied, init_worker, make_vector_env, worker_died
 from fastrl.nets import build_network, greedy_policy
 
 # Training envs are seeded seed + i (i < num_envs); evaluation starts far above.
@@ -150,7 +149,7 @@ class BackgroundEvaluator:
 
 
 def _evaluation_worker(conn, config: TrainConfig, spec: EnvSpec) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle (see envs._make_one)
+    init_worker()
     torch.set_num_threads(1)
     model = build_network(config, spec.obs_shape, spec.n_actions).eval()
     greedy = greedy_policy(model)

@@ -1,5 +1,6 @@
 """Autoreset, truncation and termination through the real vector envs into the ring."""
 import contextlib
+import ctypes
 import json
 import multiprocessing
 import os
@@ -285,13 +286,40 @@ def test_grouped_workers_are_pinned_one_per_core_only_when_asked(pin):
         assert all(a == allowed for a in affinities)
 
 
-@pytest.mark.parametrize("workers", [4, 2])
-def test_making_async_envs_leaves_ctrl_c_to_the_trainer(workers):
+def trainer_state_after_making_envs(workers: int, out=None) -> dict:
+    """Makes async envs (AsyncVectorEnv probes an env function in this process) and
+    reports what this process, the trainer, must have kept."""
+    affinity = os.sched_getaffinity(0)
     envs = make_vector_env("CartPole-v1", 4, "async", num_workers=workers)
     try:
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        death_signal = ctypes.c_int()
+        ctypes.CDLL(None).prctl(2, ctypes.byref(death_signal))  # PR_GET_PDEATHSIG
+        state = {"affinity kept": os.sched_getaffinity(0) == affinity,
+                 "ctrl-c kept": signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+                 "death signal": death_signal.value}
     finally:
         envs.close()
+    if out is not None:
+        out.put(state)
+    return state
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl and sched_getaffinity are Linux's")
+@pytest.mark.parametrize("trainer", ["main process", "multiprocessing child"])
+@pytest.mark.parametrize("workers", [4, 2])
+def test_making_async_envs_leaves_the_trainer_as_it_was(workers, trainer):
+    # Only worker processes ignore Ctrl-C, are pinned and die with their parent; the
+    # trainer keeps all that, also when it is itself a multiprocessing child (a sweep's).
+    if trainer == "main process":
+        state = trainer_state_after_making_envs(workers)
+    else:
+        context = multiprocessing.get_context("fork")
+        out = context.Queue()
+        child = context.Process(target=trainer_state_after_making_envs, args=(workers, out))
+        child.start()
+        state = out.get(timeout=60)
+        child.join(timeout=60)
+    assert state == {"affinity kept": True, "ctrl-c kept": True, "death signal": 0}
 
 
 def test_a_stop_request_is_a_flag_until_the_second_signal_and_then_handlers_are_restored():
@@ -450,6 +478,31 @@ def test_a_training_run_whose_worker_dies_saves_and_says_so_in_one_line(tmp_path
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "ended unexpectedly" in summary["error"] and summary["env_steps"] > 0
     assert (tmp_path / "checkpoint.pt").exists()
+
+
+def running(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie (an orphan's reaper may not reap it)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("workers", ["grouped", "plain"])
+def test_a_killed_trainer_leaves_no_worker_behind(tmp_path, workers):
+    # SIGKILL (the OOM killer, `kill -9`) gives the trainer no chance to close anything;
+    # its env workers and evaluation process must not wait for it forever.
+    layout = ["--num-workers", "4"] if workers == "plain" else []
+    with training_process(tmp_path, "--total-steps", "10000000", "--eval-interval", "0", *layout) as proc:
+        time.sleep(1.0)  # training
+        pids = children(proc)
+        assert len(pids) == (5 if workers == "plain" else 2)  # env workers, then the evaluation process
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 10
+        while any(running(pid) for pid in pids) and time.time() < deadline:
+            time.sleep(0.1)
+        assert [pid for pid in pids if running(pid)] == []
 
 
 def test_episode_statistics_skip_reset_steps():
