@@ -8,7 +8,10 @@ torch.profiler), done (the run stops).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -44,6 +47,22 @@ def verdict(phase_seconds: dict[str, float]) -> tuple[str, str]:
     totals = {g: sum(phase_seconds.get(p, 0.0) for p in phases) for g, phases in GROUPS.items()}
     worst = max(totals, key=totals.get)
     return worst, KNOBS[worst]
+
+
+@contextlib.contextmanager
+def native_stderr_muted():
+    """Sends the process's stderr (file descriptor 2) to /dev/null meanwhile. Kineto (the
+    profiler's C++ side) logs a line there as the profiler starts and stops, which no
+    log level silences, and it would break into the progress line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class ProfileSession:
@@ -86,7 +105,8 @@ class ProfileSession:
             if run.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self._profiler = torch.profiler.profile(activities=activities)
-            self._profiler.__enter__()
+            with native_stderr_muted():
+                self._profiler.__enter__()
             self.state = "tracing"
         elif self.state == "tracing":
             self._cycles += 1
@@ -94,7 +114,8 @@ class ProfileSession:
                 self._finish_trace()
 
     def _finish_trace(self) -> None:
-        self._profiler.__exit__(None, None, None)
+        with native_stderr_muted():
+            self._profiler.__exit__(None, None, None)
         trace = Path(self.run.dir) / "trace.json"
         self._profiler.export_chrome_trace(str(trace))
         sort = "self_cuda_time_total" if self.run.device.type == "cuda" else "self_cpu_time_total"

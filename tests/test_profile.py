@@ -44,12 +44,13 @@ def test_verdict_names_the_learner_when_the_update_is_slow(tmp_path, monkeypatch
     assert report["phase_s"]["optimizer_step"] > 0.5 * report["wall_s"]
 
 
-def test_profile_command_prints_table_and_writes_trace(tmp_path, capsys):
+def test_profile_command_prints_table_and_writes_trace(tmp_path, capfd):
     code = main(["profile", "--env", "CartPole-v1", "--steps", "400", "--learner", "eager", "--backend", "sync",
                  "--learning-starts", "100", "--batch-size", "16", "--hidden", "16", "--trace-cycles", "2",
                  "--run-dir", str(tmp_path / "cli")])
-    out = capsys.readouterr().out
+    out, err = capfd.readouterr()
     assert code == 0
+    assert "profiler_start" not in err and "profiler_stop" not in err  # the profiler's native log lines
     for text in ("phase", "share", "env steps/s", "updates/s", "bottleneck:", "forward_backward",
                  "optimizer_step", "top operators", "trace"):
         assert text in out, text
