@@ -5,6 +5,7 @@ Shared parts (collector, ring, learner pieces, Run bookkeeping) are imported.
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import traceback
 
 import torch
@@ -35,6 +36,10 @@ def train(config: TrainConfig) -> dict:
     Everything is validated before any work starts; invalid settings raise ConfigError.
     """
     validate(config)
+    if multiprocessing.current_process().daemon:
+        raise ConfigError(f"fastrl.train() starts env worker and evaluation processes, which a daemonic process "
+                          f"({multiprocessing.current_process().name}, e.g. a multiprocessing.Pool worker) may not "
+                          f"start: run it in a concurrent.futures.ProcessPoolExecutor or a multiprocessing.Process")
     spec = inspect_env(config.env_id, config.env_kwargs)
     if config.algo == "reinforce" and spec.max_episode_steps is None:
         raise ConfigError(f"env {config.env_id!r} has no time limit, and REINFORCE needs episodes that end: "

@@ -1,4 +1,5 @@
 """CLI smoke runs, the TensorBoard event file, checkpoints and bad input."""
+import concurrent.futures
 import importlib
 import json
 import multiprocessing
@@ -10,8 +11,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import fastrl
 from fastrl import checkpoint
 from fastrl.cli import main
+from fastrl.config import ConfigError
 
 TINY = ["--env", "CartPole-v1", "--total-steps", "1200", "--learning-starts", "400", "--num-envs", "4",
         "--eval-episodes", "4", "--eval-envs", "2", "--eval-interval", "600", "--learner", "eager",
@@ -193,6 +196,35 @@ def test_cuda_request_without_cuda_is_a_clear_error(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "learner='cudagraphs'" in err and "CUDA" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def train_here(run_dir: str) -> str:
+    """Trains CartPole briefly in this process, as a sweep would; returns "trained" or the
+    ConfigError's message."""
+    config = fastrl.make_config(env_id="CartPole-v1", total_steps=1200, learning_starts=400, learner="eager",
+                                eval_interval=0, eval_episodes=2, progress=False, run_dir=run_dir)
+    try:
+        fastrl.train(config)
+    except ConfigError as exc:
+        return str(exc)
+    return "trained"
+
+
+@pytest.mark.parametrize("pool", ["multiprocessing.Pool", "ProcessPoolExecutor"])
+def test_a_sweep_trains_in_a_process_pool_or_is_told_which_to_use(pool, tmp_path):
+    # A multiprocessing.Pool worker is daemonic and may not start the env and evaluation
+    # processes: one line that says what to use instead, before any work starts.
+    run_dir = str(tmp_path / "run")
+    context = multiprocessing.get_context("fork")
+    if pool == "multiprocessing.Pool":
+        with context.Pool(1) as workers:
+            message = workers.apply(train_here, (run_dir,))
+        assert "daemonic" in message and "ProcessPoolExecutor" in message and "\n" not in message, message
+        assert not (tmp_path / "run").exists()
+    else:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as workers:
+            assert workers.submit(train_here, run_dir).result() == "trained"
+        assert json.loads((tmp_path / "run" / "summary.json").read_text())["env_steps"] == 1200
 
 
 def test_checkpoint_load_refuses_pickled_code(tmp_path):
