@@ -492,8 +492,9 @@ def running(pid: int) -> bool:
 def test_a_killed_trainer_leaves_no_worker_behind(tmp_path, workers):
     # SIGKILL (the OOM killer, `kill -9`) gives the trainer no chance to close anything;
     # its env workers and evaluation process must not wait for it forever.
-    layout = ["--num-workers", "4"] if workers == "plain" else []
-    with training_process(tmp_path, "--total-steps", "10000000", "--eval-interval", "0", *layout) as proc:
+    num_workers = "4" if workers == "plain" else "1"  # 4 envs
+    with training_process(tmp_path, "--total-steps", "10000000", "--eval-interval", "0",
+                          "--num-workers", num_workers) as proc:
         time.sleep(1.0)  # training
         pids = children(proc)
         assert len(pids) == (5 if workers == "plain" else 2)  # env workers, then the evaluation process
