@@ -12,7 +12,7 @@ import dataclasses
 import json
 import sys
 
-from fastrl.config import DEVICES, LEARNERS, PRESETS, ConfigError, TrainConfig, make_config
+from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, ConfigError, TrainConfig, make_config
 from fastrl.envs import WorkerDied
 
 
@@ -190,8 +190,8 @@ def _bench(args: argparse.Namespace) -> int:
         cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         modes = ["eager", "compile", *(["cudagraphs"] if cuda else [])]
     for mode in modes:
-        if mode not in LEARNERS:
-            raise ConfigError(f"invalid --modes value {mode!r}: must be {' or '.join(LEARNERS)}")
+        if mode not in LEARNER_MODES:
+            raise ConfigError(f"invalid --modes value {mode!r}: must be {' or '.join(LEARNER_MODES)}")
     out = args.out or f"runs/bench__{args.env}__{time.strftime('%Y%m%d-%H%M%S')}"
     run_bench(args.what, args.env, args.num_envs, args.batch_sizes, modes, args.seconds, args.rounds,
               args.device, args.threads, out)

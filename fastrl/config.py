@@ -15,7 +15,8 @@ from typing import Any
 ALGOS = ("ddqn", "reinforce")
 BASELINES = ("none", "mean", "value")
 BACKENDS = ("async", "sync", "envpool")
-LEARNERS = ("eager", "compile", "cudagraphs")
+LEARNER_MODES = ("eager", "compile", "cudagraphs")
+LEARNERS = ("auto", *LEARNER_MODES)
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -39,8 +40,9 @@ class TrainConfig:
     seed: int = _f(0, "seed for torch, the env workers and sampling (eval uses disjoint env seeds)")
     device: str = _f("auto", "training device for the ring and the learner: auto | cpu | cuda")
     threads: int = _f(1, "torch intra-op CPU threads (small nets run fastest on 1; env workers use the rest)")
-    learner: str = _f("compile", "learner update: eager | compile (torch.compile; eager where it cannot) | "
-                                 "cudagraphs (compile, then replay a CUDA graph; CUDA only)")
+    learner: str = _f("auto", "learner update: auto (cudagraphs on CUDA, else compile) | eager | compile "
+                              "(torch.compile; eager where it cannot) | cudagraphs (compile, then replay a CUDA "
+                              "graph; CUDA only)")
     total_steps: int = _f(1_000_000, "env-step budget (all envs together)")
     time_limit_s: float = _f(0.0, "wall-clock budget in seconds for the training loop (0 = none)")
     run_dir: str = _f("", "run directory (default runs/<env>__<algo>__<seed>__<time>)")

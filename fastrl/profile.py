@@ -34,7 +34,7 @@ KNOBS = {
            "(workers: --num-workers, one per core by default), --backend sync for cheap envs, "
            "or --backend envpool where EnvPool has the env",
     "learn": "learning dominates: lower --replay-ratio (fewer updates per env step), a larger --batch-size "
-             "with fewer updates, keep --learner compile (or cudagraphs on CUDA), or a smaller --hidden",
+             "with fewer updates, keep the default --learner (compile; cudagraphs on CUDA), or a smaller --hidden",
     "act": "action selection dominates: raise --num-envs so each forward pass serves more envs",
     "ring": "ring writes dominate: raise --num-envs so each write carries more envs",
     "log": "logging dominates: raise --log-interval",
