@@ -188,7 +188,7 @@ def _bench(args: argparse.Namespace) -> int:
     if modes is None:
         import torch
         cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        modes = ["eager", "compile", *(["cudagraphs"] if cuda else [])]
+        modes = [m for m in LEARNER_MODES if m != "cudagraphs" or cuda]
     for mode in modes:
         if mode not in LEARNER_MODES:
             raise ConfigError(f"invalid --modes value {mode!r}: must be {' or '.join(LEARNER_MODES)}")
