@@ -84,11 +84,14 @@ class CollectCase:
     backend: str      # async | sync | envpool
     num_envs: int
     num_workers: int  # async only; num_envs = plain AsyncVectorEnv
+    ready_first: bool = False  # grouped async: act on each worker's group as soon as it is ready
 
     @property
     def series(self) -> str:
         if self.backend == "async":
-            return "async, plain (1 env/process)" if self.num_workers == self.num_envs else "async, grouped"
+            if self.num_workers == self.num_envs:
+                return "async, plain (1 env/process)"
+            return "async, grouped, ready-first" if self.ready_first else "async, grouped"
         return self.backend
 
     @property
@@ -104,33 +107,40 @@ class CollectorLoop:
     def __init__(self, case: CollectCase, env_id: str, device: torch.device, seed: int):
         self.case = case
         envs = make_vector_env(env_id, case.num_envs, case.backend, num_workers=case.num_workers)
-        self.collector = Collector(envs, device)
+        self.collector = Collector(envs, device, ready_first=case.ready_first)
+        groups = self.collector.groups
         self.n_actions = int(envs.single_action_space.n)
-        self.ring = ReplayRing(100_000, case.num_envs, self.collector.obs_shape, device)
-        self.actions = torch.zeros(case.num_envs, dtype=torch.int64, device=device)
+        self.ring = ReplayRing(100_000, case.num_envs, self.collector.obs_shape, device, groups=len(groups))
+        self.actions = [torch.zeros(envs.stop - envs.start, dtype=torch.int64, device=device) for envs in groups]
         self.device = device
         self.ring.start(self.collector.reset(seed=seed))
-        self.run(20)  # warm-up: first resets, allocator
+        self.ready = range(len(groups))  # the groups to act on next
+        self.env_steps = 0
+        self.run(20 * case.num_envs)  # warm-up: first resets, allocator
 
-    def run(self, steps: int) -> None:
+    def run(self, env_steps: int) -> None:
+        """Collects at least `env_steps` more env steps, as train_ddqn does."""
         collector, ring, actions = self.collector, self.ring, self.actions
-        for _ in range(steps):
-            actions.random_(0, self.n_actions)
-            collector.step_async(actions)
-            step = collector.step_wait()
-            ring.add(actions, step.rewards, step.terminated, step.truncated, step.obs)
+        target = self.env_steps + env_steps
+        while self.env_steps < target:
+            for g in self.ready:
+                actions[g].random_(0, self.n_actions)
+                collector.send(g, actions[g])
+            self.ready = collector.ready()
+            for g in self.ready:
+                step = collector.receive(g)
+                ring.add(actions[g], step.rewards, step.terminated, step.truncated, step.obs, g)
+                self.env_steps += len(step.rewards)
 
     def measure(self, seconds: float) -> float:
-        steps, start = 0, time.perf_counter()
-        chunk = max(1, 2048 // self.case.num_envs)
+        start_steps, start = self.env_steps, time.perf_counter()
         while True:
-            self.run(chunk)
-            steps += chunk
+            self.run(2048)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
             if elapsed >= seconds:
-                return steps * self.case.num_envs / elapsed
+                return (self.env_steps - start_steps) / elapsed
 
     def close(self) -> None:
         self.collector.close()
@@ -144,6 +154,8 @@ def collect_cases(num_envs: list[int], envpool: bool) -> list[CollectCase]:
         workers = default_workers(n, cpu_cores())  # collection alone: every core steps envs
         if workers < n:
             cases.append(CollectCase("async", n, workers))
+            if workers > 1:
+                cases.append(CollectCase("async", n, workers, ready_first=True))
         cases.append(CollectCase("sync", n, 0))
         if envpool:
             cases.append(CollectCase("envpool", n, 0))
@@ -188,14 +200,15 @@ def bench_collect(env_id: str, num_envs: list[int], seconds: float, rounds: int,
                      "ratio_to_limit": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
                      "rounds": per_round})
     plain = [r for r in rows if r["series"].startswith("async, plain")]
-    grouped = [r for r in rows if r["series"] == "async, grouped"]
+    grouped = [r for r in rows if r["series"].startswith("async, grouped")]
     best_plain = max(plain, key=lambda r: r["steps_per_s"]) if plain else None
     best_grouped = max(grouped, key=lambda r: r["steps_per_s"]) if grouped else None
     return {
         "env_id": env_id, "device": str(device), "cores": n_cores, "seconds": seconds, "rounds": rounds,
         "single_process_steps_per_s": single_sps, "single_rounds": single_rounds,
         "limit_steps_per_s": limit, "rows": rows,
-        "best_grouped": best_grouped and {k: best_grouped[k] for k in ("num_envs", "steps_per_s", "ratio_to_limit")},
+        "best_grouped": best_grouped and {k: best_grouped[k] for k in ("label", "num_envs", "steps_per_s",
+                                                                         "ratio_to_limit")},
         "best_plain": best_plain and {k: best_plain[k] for k in ("num_envs", "steps_per_s")},
         "grouped_over_plain": (best_grouped["steps_per_s"] / best_plain["steps_per_s"]
                                if best_plain and best_grouped else None),
@@ -208,15 +221,15 @@ def format_collect(result: dict) -> str:
              f"single process (raw env): {result['single_process_steps_per_s']:,.0f} steps/s x "
              f"{result['cores']} cores = limit {result['limit_steps_per_s']:,.0f} steps/s",
              "",
-             f"| {'backend':<32} | {'envs':>5} | {'env steps/s':>11} | {'x limit':>7} | {'rounds':>9} |",
-             f"|{'-' * 34}|{'-' * 7}:|{'-' * 12}:|{'-' * 8}:|{'-' * 10}:|"]
+             f"| {'backend':<40} | {'envs':>5} | {'env steps/s':>11} | {'x limit':>7} | {'rounds':>9} |",
+             f"|{'-' * 42}|{'-' * 7}:|{'-' * 12}:|{'-' * 8}:|{'-' * 10}:|"]
     for r in result["rows"]:
         low, high = r["ratio_range"]
-        lines.append(f"| {r['label']:<32} | {r['num_envs']:>5} | {r['steps_per_s']:>11,.0f} | "
+        lines.append(f"| {r['label']:<40} | {r['num_envs']:>5} | {r['steps_per_s']:>11,.0f} | "
                      f"{r['ratio_to_limit']:>7.2f} | {low:.2f}–{high:.2f} |")
     if result["grouped_over_plain"]:
         g, p = result["best_grouped"], result["best_plain"]
-        lines += ["", f"best grouped async: {g['steps_per_s']:,.0f} steps/s ({g['num_envs']} envs) = "
+        lines += ["", f"best grouped async: {g['label']}, {g['steps_per_s']:,.0f} steps/s ({g['num_envs']} envs) = "
                       f"{g['ratio_to_limit']:.2f} x limit, {result['grouped_over_plain']:.1f} x the best plain "
                       f"AsyncVectorEnv ({p['steps_per_s']:,.0f} steps/s, {p['num_envs']} envs)"]
     return "\n".join(lines)

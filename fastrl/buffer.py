@@ -65,23 +65,32 @@ def transitions_at(storage: RingStorage, start: torch.Tensor, env: torch.Tensor,
 
 def sample_transitions(storage: RingStorage, head: torch.Tensor, size: torch.Tensor,
                        batch_size: int, n_step: int, gamma: float) -> Transitions:
-    """Uniformly samples `batch_size` start rows among the `size` newest complete rows
-    (ages 1..size behind `head`) and all envs, and builds their n-step targets.
-    Pure and fixed-shape: `head` and `size` are 0-d device tensors, so it compiles once.
+    """Uniformly samples `batch_size` envs and, for each, a start row among the newest
+    complete rows of its group of envs (ages 1..size[g] behind head[g]), and builds their
+    n-step targets. `head` and `size` are [groups] device tensors (groups of equal width,
+    in env order), so it is pure, fixed-shape and compiles once.
     """
     T, N = storage.rewards.shape
     device = storage.rewards.device
-    age = 1 + (torch.rand(batch_size, device=device) * size).long().clamp_(max=size - 1)
+    u = torch.rand(batch_size, device=device)
     env = torch.randint(0, N, (batch_size,), device=device)
-    start = torch.remainder(head - age, T)
+    group = torch.div(env, N // head.shape[0], rounding_mode="floor")
+    group_size = size[group]
+    age = 1 + torch.minimum((u * group_size).long(), group_size - 1)
+    start = torch.remainder(head[group] - age, T)
     return transitions_at(storage, start, env, age, n_step, gamma)
 
 
 class ReplayRing:
-    """Fixed-capacity ring of vector-env steps, allocated once on `device`."""
+    """Fixed-capacity ring of vector-env steps, allocated once on `device`.
+
+    With `groups` > 1 the envs form that many equal groups (env order) that step
+    independently, each with its own write head: a collector acting on each worker's
+    group as soon as it is ready (see `Collector`) writes group rows with `add(..., group)`.
+    """
 
     def __init__(self, capacity: int, num_envs: int, obs_shape: tuple, device: torch.device,
-                 n_step: int = 1, gamma: float = 0.99):
+                 n_step: int = 1, gamma: float = 0.99, groups: int = 1):
         # One row must stay free: the newest next-observation occupies row `head`.
         self.rows = max(2, math.ceil(capacity / num_envs) + 1)
         self.num_envs, self.n_step, self.gamma = num_envs, n_step, gamma
@@ -95,19 +104,30 @@ class ReplayRing:
             valid=torch.zeros((T, N), dtype=torch.bool, device=device),
         )
         self._prev_done = torch.zeros(N, dtype=torch.bool, device=device)
-        self.head = 0            # host-side counter: the row the next step fills
-        self.steps_written = 0   # vector steps written since the start
-        self._head_t = torch.zeros((), dtype=torch.int64, device=device)
-        self._size_t = torch.zeros((), dtype=torch.int64, device=device)
+        self.heads = [0] * groups    # host-side: the row each group's next step fills
+        self.written = [0] * groups  # steps written per group since the start
+        self._head_t = torch.zeros(groups, dtype=torch.int64, device=device)
+        self._size_t = torch.zeros(groups, dtype=torch.int64, device=device)
+        # Per group, views of its envs' columns, made once: add() indexes only the row.
+        G = N // groups
+        self._group_views = [(RingStorage(*(x[:, g * G:(g + 1) * G] for x in self.storage)),
+                              self._prev_done[g * G:(g + 1) * G], self._head_t[g], self._size_t[g])
+                             for g in range(groups)]
+
+    @property
+    def head(self) -> int:
+        """The row the next step fills (of the first group; every group's in lockstep)."""
+        return self.heads[0]
 
     @property
     def size(self) -> int:
-        """Complete rows available as sample starts (per env)."""
-        return min(self.steps_written, self.rows - 1)
+        """Complete rows available as sample starts in every group (per env)."""
+        return min(min(self.written), self.rows - 1)
 
     def __len__(self) -> int:
         """Complete transitions stored (all envs)."""
-        return self.size * self.num_envs
+        per_group = self.num_envs // len(self.heads)
+        return sum(min(w, self.rows - 1) for w in self.written) * per_group
 
     def start(self, obs: torch.Tensor) -> None:
         """Writes the first observation of every env ([N, *obs_shape])."""
@@ -115,20 +135,22 @@ class ReplayRing:
         self._prev_done.zero_()
 
     def add(self, actions: torch.Tensor, rewards: torch.Tensor, terminated: torch.Tensor,
-            truncated: torch.Tensor, next_obs: torch.Tensor) -> None:
-        """Completes row `head` with one vector step ([N] each; next_obs [N, *obs])."""
-        s, t = self.storage, self.head
+            truncated: torch.Tensor, next_obs: torch.Tensor, group: int = 0) -> None:
+        """Completes row `heads[group]` of the group's envs with one of their steps ([G]
+        each; next_obs [G, *obs]; in lockstep G = N)."""
+        s, prev_done, head_t, size_t = self._group_views[group]
+        t = self.heads[group]
         s.actions[t].copy_(actions)
         s.rewards[t].copy_(rewards)
         s.terminated[t].copy_(terminated)
         torch.logical_or(terminated, truncated, out=s.dones[t])
-        torch.logical_not(self._prev_done, out=s.valid[t])
-        self._prev_done.copy_(s.dones[t])
-        self.head = (t + 1) % self.rows
-        self.steps_written += 1
-        s.obs[self.head].copy_(next_obs)
-        self._head_t.fill_(self.head)
-        self._size_t.fill_(self.size)
+        torch.logical_not(prev_done, out=s.valid[t])
+        prev_done.copy_(s.dones[t])
+        head = self.heads[group] = (t + 1) % self.rows
+        written = self.written[group] = self.written[group] + 1
+        s.obs[head].copy_(next_obs)
+        head_t.fill_(head)
+        size_t.fill_(min(written, self.rows - 1))
 
     def sample(self, batch_size: int) -> Transitions:
         if self.size < 1:
@@ -170,9 +192,9 @@ class RolloutBuffer(ReplayRing):
         super().__init__((rows - 1) * num_envs, num_envs, obs_shape, device)
         self.learned = torch.ones((self.rows, num_envs), dtype=torch.bool, device=device)
 
-    def add(self, actions, rewards, terminated, truncated, next_obs) -> None:
-        row = self.head
-        super().add(actions, rewards, terminated, truncated, next_obs)
+    def add(self, actions, rewards, terminated, truncated, next_obs, group: int = 0) -> None:
+        row = self.head  # one group: on-policy rollouts step in lockstep
+        super().add(actions, rewards, terminated, truncated, next_obs, group)
         self.learned[row].fill_(False)
 
     def episodes(self, gamma: float) -> Episodes:

@@ -1,7 +1,7 @@
 """Steps a gymnasium vector env with actions chosen on the training device.
 
-Per vector step: one device->host copy of the actions, and one host->device copy
-of a staging row that packs [obs | reward | terminated | truncated] for all envs
+Per vector step (of each group of envs): one device->host copy of the actions, and one
+host->device copy of a staging row that packs [obs | reward | terminated | truncated]
 (pinned memory on CUDA; on the CPU the staging row is the device row). Episode
 statistics are kept on the host, where the rewards arrive anyway, so they cost no
 device sync.
@@ -23,39 +23,56 @@ _WORKER_GONE = (EOFError, ConnectionError)  # how a pipe to a dead env worker fa
 
 
 class Step(NamedTuple):
-    """One vector step on the device. Views into the collector's staging row:
-    valid until the next step_wait(); copy what must outlive it."""
+    """One step of a group of G envs (all N in lockstep) on the device. Views into the
+    collector's staging: valid until that group's next step; copy what must outlive it."""
 
-    obs: torch.Tensor         # [N, *obs_shape] float32, next state (final obs at episode ends)
-    rewards: torch.Tensor     # [N] float32
-    terminated: torch.Tensor  # [N] bool
-    truncated: torch.Tensor   # [N] bool
+    obs: torch.Tensor         # [G, *obs_shape] float32, next state (final obs at episode ends)
+    rewards: torch.Tensor     # [G] float32
+    terminated: torch.Tensor  # [G] bool
+    truncated: torch.Tensor   # [G] bool
 
 
 class Collector:
-    def __init__(self, envs: gym.vector.VectorEnv, device: torch.device, phases: Phases | None = None):
+    """Steps `envs` with actions from the device, in groups of envs: in lockstep (the
+    default) one group of all envs, stepped together. With `ready_first` and grouped
+    async workers, one group per worker, acted on as soon as that worker has stepped it
+    without waiting for the others, so a worker on a slower core holds no one back;
+    the order of groups then depends on timing. Either way each env steps exactly as in
+    lockstep: the same transitions for the same actions."""
+
+    def __init__(self, envs: gym.vector.VectorEnv, device: torch.device, phases: Phases | None = None,
+                 ready_first: bool = False):
         self.envs = envs
         self.phases = phases or Phases(enabled=False)
-        self.num_envs = envs.num_envs
+        self.num_envs = N = envs.num_envs
         self.obs_shape = tuple(envs.single_observation_space.shape)
         self.obs_size = math.prod(self.obs_shape)
+        self._per_worker = ready_first and hasattr(envs, "send_group")
+        workers = envs.num_workers if self._per_worker else 1
+        G = N // workers
+        self.groups = [slice(g * G, (g + 1) * G) for g in range(workers)]  # env indices of each group
         width = self.obs_size + 3
-        self._host = torch.zeros((self.num_envs, width), dtype=torch.float32,
-                                 pin_memory=device.type == "cuda")
+        self._host = torch.zeros((N, width), dtype=torch.float32, pin_memory=device.type == "cuda")
         self._host_np = self._host.numpy()
         # On the CPU the staging row is the device row: nothing to copy.
         self._device_row = (self._host if device.type == "cpu" else
-                            torch.zeros((self.num_envs, width), dtype=torch.float32, device=device))
-        self.obs = self._device_row[:, :self.obs_size].view(self.num_envs, *self.obs_shape)
-        self._actions_np: np.ndarray | None = None
+                            torch.zeros((N, width), dtype=torch.float32, device=device))
+        self.obs = self._device_row[:, :self.obs_size].view(N, *self.obs_shape)
+        self._flags = torch.zeros((N, 2), dtype=torch.bool, device=device)  # terminated, truncated
+        # Per group, views made once: (host staging, device staging, its flags, the Step it returns).
+        d = self.obs_size
+        self._staging = [(self._host_np[c], self._host[c], self._device_row[c], self._flags[c],
+                          Step(self.obs[c], self._device_row[c, d], self._flags[c, 0], self._flags[c, 1]))
+                         for c in self.groups]
+        self._actions_np: np.ndarray | None = None  # the sync backend steps them in step_wait()
         self._can_async = hasattr(envs, "step_async")
-        self._pending = False  # an async step was sent and not yet collected
+        self._pending = [False] * workers  # a group's step was sent and not yet collected
         self._torn = False  # step_wait() was interrupted: close() terminates the workers
         # Host-side episode statistics. `_prev_done` marks NEXT_STEP reset steps,
         # which belong to no episode.
-        self._ep_return = np.zeros(self.num_envs, dtype=np.float64)
-        self._ep_length = np.zeros(self.num_envs, dtype=np.int64)
-        self._prev_done = np.zeros(self.num_envs, dtype=bool)
+        self._ep_return = np.zeros(N, dtype=np.float64)
+        self._ep_length = np.zeros(N, dtype=np.int64)
+        self._prev_done = np.zeros(N, dtype=bool)
         self.finished_returns: list[float] = []
         self.finished_lengths: list[int] = []
         self.episodes = 0
@@ -68,70 +85,96 @@ class Collector:
             raise self._worker_lost() from None
         self._host_np[:, :self.obs_size] = np.asarray(obs).reshape(self.num_envs, -1)
         self._host_np[:, self.obs_size:] = 0.0
-        self._upload()
+        if self._device_row is not self._host:
+            self._device_row.copy_(self._host, non_blocking=True)
         self._ep_return[:] = 0.0
         self._ep_length[:] = 0
         self._prev_done[:] = False
         return self.obs
 
     def step_async(self, actions: torch.Tensor) -> None:
-        """Sends actions [N] to the envs; with the async backend they step while we learn."""
-        with self.phases("act"):  # the device->host copy waits for the action computation
-            self._actions_np = actions.cpu().numpy()
-        if self._can_async:
-            with self.phases("env"):
-                try:
-                    self.envs.step_async(self._actions_np)
-                except _WORKER_GONE:
-                    raise self._worker_lost() from None
-            self._pending = True
+        """Lockstep: sends actions [N] to the envs; with the async backend they step while we learn."""
+        self.send(0, actions)
 
     def step_wait(self) -> Step:
+        """Lockstep: the step of every env (see `receive`)."""
+        return self.receive(0)
+
+    def send(self, group: int, actions: torch.Tensor) -> None:
+        """Sends actions [G] to the envs of `group` (indices `groups[group]`)."""
+        with self.phases("act"):  # the device->host copy waits for the action computation
+            actions_np = actions.cpu().numpy()
+        if not self._can_async:
+            self._actions_np = actions_np
+            return
         with self.phases("env"):
-            if self._can_async:
-                try:
-                    obs, reward, terminated, truncated, _ = self.envs.step_wait()
-                except _WORKER_GONE:
-                    raise self._worker_lost() from None
-                except KeyboardInterrupt:  # maybe in the middle of a reply: the pipes can no longer be read
-                    self._torn = True
-                    raise
-                self._pending = False
-            else:
-                obs, reward, terminated, truncated, _ = self.envs.step(self._actions_np)
-            self._track_episodes(reward, terminated | truncated)
+            try:
+                if self._per_worker:
+                    self.envs.send_group(group, actions_np)
+                else:
+                    self.envs.step_async(actions_np)
+            except _WORKER_GONE:
+                raise self._worker_lost() from None
+        self._pending[group] = True
+
+    def ready(self) -> list[int]:
+        """The groups whose step has arrived (waiting for one): lockstep, the one group."""
+        if not self._per_worker:
+            return [0]
+        with self.phases("env"):
+            try:
+                return self.envs.ready_groups()
+            except KeyboardInterrupt:
+                self._torn = True
+                raise
+
+    def receive(self, group: int) -> Step:
+        """The step of `group`'s envs on the device, waiting for it if need be."""
+        envs, cols = self.envs, self.groups[group]
+        with self.phases("env"):
+            try:
+                if self._per_worker:
+                    obs, reward, terminated, truncated, _ = envs.recv_group(group)
+                elif self._can_async:
+                    obs, reward, terminated, truncated, _ = envs.step_wait()
+                else:
+                    obs, reward, terminated, truncated, _ = envs.step(self._actions_np)
+            except _WORKER_GONE:
+                raise self._worker_lost() from None
+            except KeyboardInterrupt:  # maybe in the middle of a reply: the pipes can no longer be read
+                self._torn = True
+                raise
+            self._pending[group] = False
+            self._track_episodes(cols, reward, terminated | truncated)
         with self.phases("h2d"):
+            host, host_t, row, flags, step = self._staging[group]
             d = self.obs_size
-            host = self._host_np
-            host[:, :d] = np.asarray(obs).reshape(self.num_envs, -1)
+            host[:, :d] = np.asarray(obs).reshape(len(host), -1)
             host[:, d] = reward
             host[:, d + 1] = terminated
             host[:, d + 2] = truncated
-            self._upload()
-        row = self._device_row
-        return Step(self.obs, row[:, d], row[:, d + 1] > 0.5, row[:, d + 2] > 0.5)
+            if row is not host_t:
+                row.copy_(host_t, non_blocking=True)
+            torch.gt(row[:, d + 1:], 0.5, out=flags)
+        return step
 
     def _worker_lost(self) -> WorkerDied:
         """The error for a broken pipe to an env worker: it names the dead process."""
-        self._pending = False  # nothing more will come
+        self._pending = [False] * len(self._pending)  # nothing more will come
         return worker_died("an env worker process", getattr(self.envs, "processes", []))
 
-    def _upload(self) -> None:
-        if self._device_row is not self._host:
-            self._device_row.copy_(self._host, non_blocking=True)
-
-    def _track_episodes(self, reward: np.ndarray, done: np.ndarray) -> None:
-        active = ~self._prev_done
-        self._ep_return += reward * active
-        self._ep_length += active
+    def _track_episodes(self, cols: slice, reward: np.ndarray, done: np.ndarray) -> None:
+        active = ~self._prev_done[cols]
+        self._ep_return[cols] += reward * active
+        self._ep_length[cols] += active
         if done.any():
-            idx = np.flatnonzero(done)
+            idx = np.flatnonzero(done) + (cols.start or 0)
             self.finished_returns.extend(self._ep_return[idx].tolist())
             self.finished_lengths.extend(self._ep_length[idx].tolist())
             self.episodes += len(idx)
             self._ep_return[idx] = 0.0
             self._ep_length[idx] = 0
-        self._prev_done = done
+        self._prev_done[cols] = done
 
     def pop_episodes(self) -> tuple[list[float], list[int]]:
         """Returns and forgets the (return, length) of episodes finished since the last call."""
@@ -147,8 +190,8 @@ class Collector:
             for pipe in getattr(self.envs, "parent_pipes", []):
                 pipe.close()
         terminate = self._torn or any(not p.is_alive() for p in getattr(self.envs, "processes", []))
-        if self._pending and not terminate:
-            self._pending = False
+        if any(self._pending) and not terminate:
+            self._pending = [False] * len(self._pending)
             try:
                 self.envs.step_wait(timeout=timeout)
             except multiprocessing.TimeoutError:

@@ -15,6 +15,7 @@ from typing import Any
 ALGOS = ("ddqn", "reinforce")
 BASELINES = ("none", "mean", "value")
 BACKENDS = ("async", "sync", "envpool")
+COLLECTIONS = ("lockstep", "ready-first")
 LEARNER_MODES = ("eager", "compile", "cudagraphs")
 LEARNERS = ("auto", *LEARNER_MODES)
 DEVICES = ("auto", "cpu", "cuda")
@@ -53,6 +54,9 @@ class TrainConfig:
                                "envpool (C++ envs, optional extra)")
     num_workers: int = _f(0, "[async] env worker processes, each stepping num_envs / num_workers envs "
                              "(0 = one per CPU core but the trainer's; num_envs = one process per env)")
+    collection: str = _f("lockstep", "[async, ddqn] lockstep: act once every env has stepped | ready-first: act on "
+                                     "each worker's envs as soon as they have stepped (faster with several "
+                                     "workers; the order then depends on timing, so runs do not repeat exactly)")
     pin_workers: bool = _f(True, "[async] pin each env worker process to its own CPU core "
                                  "(turn off when several runs share the machine)")
 
@@ -168,6 +172,13 @@ def validate(c: TrainConfig) -> None:
     need(c.algo in ALGOS, "algo", " or ".join(ALGOS))
     need(c.backend in BACKENDS, "backend", " or ".join(BACKENDS))
     need(c.device in DEVICES, "device", " or ".join(DEVICES))
+    need(c.collection in COLLECTIONS, "collection", " or ".join(COLLECTIONS))
+    if c.collection == "ready-first":
+        need(c.algo == "ddqn", "collection", "lockstep for algo=reinforce (it learns from whole rollouts)")
+        need(c.backend == "async", "collection", f"lockstep for backend={c.backend!r} (ready-first needs async "
+                                                 f"workers)")
+        need(c.num_workers != c.num_envs or c.num_envs == 1, "collection",
+             f"lockstep with num_workers=num_envs={c.num_envs} (ready-first steps groups: num_workers < num_envs)")
     need(c.learner in LEARNERS, "learner", " or ".join(LEARNERS))
     need(isinstance(c.env_id, str) and c.env_id != "", "env_id", "a registered gymnasium env id")
     need(c.num_envs >= 1, "num_envs", "a positive integer")

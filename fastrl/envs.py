@@ -12,6 +12,8 @@ Backends, all with that rule:
            of envs per message, so the pipe round trip is paid once per group, not once
            per env; step messages are raw bytes, not pickles; and each worker runs the
            autoresets of ended episodes right after replying, while the trainer works.
+           A worker's group can also be stepped on its own (`send_group`, `ready_groups`,
+           `recv_group`), for a collector that acts on each group as soon as it is ready.
   sync     every env in this process, stepped by the same loop as each async worker
            (`EnvGroup`): leaner than gymnasium's SyncVectorEnv, with its semantics.
   envpool  EnvPool's C++ envs (optional extra), whose own autoreset is NEXT_STEP.
@@ -22,6 +24,7 @@ import contextlib
 import ctypes
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import signal
@@ -446,42 +449,67 @@ class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
         return self._obs, self._merge_group_infos(enumerate(infos_by_worker), {})
 
     def step_async(self, actions) -> None:
-        if self.closed:
-            raise gym.error.ClosedEnvironmentError("GroupedAsyncVectorEnv.step_async after close()")
         if any(self._pending):
             raise gym.error.AlreadyPendingCallError("Calling `step_async` while waiting for a pending call to "
                                                     "`step`", "step")
         actions = np.asarray(actions).reshape(self.num_workers, self.group_size)
-        for w, (pipe, request) in enumerate(zip(self.workers.parent_pipes, self._requests)):
-            request.actions[:] = actions[w]
-            pipe.send_bytes(request.buffer)
-            self._pending[w] = True
+        for w in range(self.num_workers):
+            self.send_group(w, actions[w])
 
     def step_wait(self, timeout: float | None = None):
         if not any(self._pending):
             raise gym.error.NoAsyncCallError("Calling `step_wait` without any prior call to `step_async`", "step")
         deadline = None if timeout is None else time.monotonic() + timeout
-        successes, infos = [], {}
-        for w, (pipe, reply) in enumerate(zip(self.workers.parent_pipes, self._replies)):
+        infos = {}
+        for w, pipe in enumerate(self.workers.parent_pipes):
             if not self._pending[w]:
                 continue
             if deadline is not None and not pipe.poll(max(0.0, deadline - time.monotonic())):
                 raise multiprocessing.TimeoutError(f"The call to `step_wait` has timed out after {timeout} second(s).")
-            message = _receive(pipe, reply.buffer)
-            self._pending[w] = False
-            if message is None:  # a raw reply, already in `reply`
-                successes.append(True)
-                continue
-            result, success = message  # pickled: with infos, or a worker's error
-            successes.append(success)
-            if success:
-                _, reply.rewards[:], reply.terminated[:], reply.truncated[:], group_infos = result
-                infos = self._merge_group_infos([(w, group_infos[_GROUP_INFOS])], infos)
-        self.workers._raise_if_errors(successes)  # closes a failed worker and raises its error
+            *_, group_infos = self.recv_group(w)
+            infos = self._merge_group_infos([(w, group_infos)], infos)
         replies = self._replies
         return (self._obs, np.concatenate([r.rewards for r in replies]),
                 np.concatenate([r.terminated for r in replies]), np.concatenate([r.truncated for r in replies]),
                 infos)
+
+    # Per worker, for a collector that acts on each group as soon as it has stepped,
+    # without waiting for the others (step_async/step_wait are these for every worker).
+
+    def send_group(self, w: int, actions) -> None:
+        """Sends worker w its group's actions [G] (no step of that worker may be pending)."""
+        if self.closed:
+            raise gym.error.ClosedEnvironmentError("GroupedAsyncVectorEnv.step_async after close()")
+        if self._pending[w]:
+            raise gym.error.AlreadyPendingCallError(f"worker {w} is still stepping", "step")
+        request = self._requests[w]
+        request.actions[:] = actions
+        self.workers.parent_pipes[w].send_bytes(request.buffer)
+        self._pending[w] = True
+
+    def ready_groups(self) -> list[int]:
+        """The workers whose step reply has arrived, waiting until there is at least one."""
+        pending = [pipe for w, pipe in enumerate(self.workers.parent_pipes) if self._pending[w]]
+        if not pending:
+            raise gym.error.NoAsyncCallError("Calling `ready_groups` without any step in flight", "step")
+        ready = multiprocessing.connection.wait(pending)
+        return [w for w, pipe in enumerate(self.workers.parent_pipes) if pipe in ready]
+
+    def recv_group(self, w: int):
+        """Worker w's step: (obs [G, *obs] in shared memory, rewards, terminated, truncated,
+        its (env-in-group, info) pairs); the arrays are reused by its next step. Raises the
+        worker's error, as step_wait() does."""
+        pipe, reply, G = self.workers.parent_pipes[w], self._replies[w], self.group_size
+        message = _receive(pipe, reply.buffer)
+        self._pending[w] = False
+        pairs = ()
+        if message is not None:  # pickled: with infos, or a worker's error
+            result, success = message
+            if not success:  # closes the failed worker and raises its error
+                self.workers._raise_if_errors([v != w for v in range(self.num_workers)])
+            _, reply.rewards[:], reply.terminated[:], reply.truncated[:], group_infos = result
+            pairs = group_infos[_GROUP_INFOS]
+        return self._obs[w * G:(w + 1) * G], reply.rewards, reply.terminated, reply.truncated, pairs
 
     def step(self, actions):
         self.step_async(actions)

@@ -15,7 +15,7 @@ from fastrl.algos import ddqn, reinforce
 from fastrl.buffer import ReplayRing, RolloutBuffer
 from fastrl.collector import Collector
 from fastrl.config import ConfigError, TrainConfig, validate
-from fastrl.envs import EnvSpec, inspect_env, make_vector_env
+from fastrl.envs import EnvSpec, default_workers, inspect_env, make_vector_env
 from fastrl.metrics import DeviceMeans
 from fastrl.nets import build_network
 from fastrl.optim import Adam
@@ -51,6 +51,10 @@ def train(config: TrainConfig) -> dict:
     if config.learner == "cudagraphs" and device.type != "cuda":
         raise ConfigError(f"invalid learner='cudagraphs': CUDA graphs need a CUDA device, and this run trains "
                           f"on {device.type}; use compile or eager")
+    if config.collection == "ready-first" and config.backend == "async" and config.num_envs > 1 \
+            and (config.num_workers or default_workers(config.num_envs)) == config.num_envs:
+        raise ConfigError(f"invalid collection='ready-first' with one env per worker process (num_envs="
+                          f"{config.num_envs} workers here): pass --num-workers W, W < num_envs and dividing it")
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     loop = {"ddqn": train_ddqn, "reinforce": train_reinforce}[config.algo]
@@ -63,7 +67,7 @@ def train(config: TrainConfig) -> dict:
     except BaseException:
         envs.close()
         raise
-    collector = Collector(envs, device, run.phases)
+    collector = Collector(envs, device, run.phases, ready_first=config.collection == "ready-first")
     with run.stop.installed():  # Ctrl-C, SIGTERM: stop at the end of a cycle (see StopRequest)
         try:
             loop(config, spec, collector, run)
@@ -77,19 +81,20 @@ def train(config: TrainConfig) -> dict:
         return run.finish()
 
 
-def store_step(collector: Collector, ring: ReplayRing, actions: torch.Tensor, run: Run) -> torch.Tensor:
-    """Collects the step the envs are taking, writes it into the ring, counts it;
-    returns the next observations [N, *obs] (the collector's staging view)."""
-    step = collector.step_wait()  # times "env" and "h2d"
+def store_step(collector: Collector, ring: ReplayRing, group: int, actions: torch.Tensor, run: Run) -> torch.Tensor:
+    """Collects the step `group`'s envs are taking (waiting for it), writes it into the
+    ring, counts it; returns their next observations [G, *obs] (the collector's staging view)."""
+    step = collector.receive(group)  # times "env" and "h2d"
     with run.phases("ring_write"):
-        ring.add(actions, step.rewards, step.terminated, step.truncated, step.obs)
-    run.env_steps += collector.num_envs
+        ring.add(actions, step.rewards, step.terminated, step.truncated, step.obs, group)
+    run.env_steps += len(step.rewards)
     return step.obs
 
 
 def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Run) -> None:
     c, device, phases = config, run.device, run.phases
-    ring = ReplayRing(c.buffer_size, c.num_envs, spec.obs_shape, device, c.n_step, c.gamma)
+    groups = collector.groups  # one group of all envs in lockstep, else one per env worker
+    ring = ReplayRing(c.buffer_size, c.num_envs, spec.obs_shape, device, c.n_step, c.gamma, len(groups))
     q = build_network(c, spec.obs_shape, spec.n_actions).to(device)  # a QNetwork
     q_target = copy.deepcopy(q).requires_grad_(False)
     optimizer = Adam(q, c.lr, c.max_grad_norm)
@@ -104,22 +109,28 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
 
     obs = collector.reset(seed=c.seed)
     ring.start(obs)
+    obs = [obs[envs] for envs in groups]  # per group
+    actions: list = [None] * len(groups)
+    ready = range(len(groups))  # the groups whose step has arrived: at first, all
     update_credit = 0.0
     while run.budget_left():
-        with phases("act"):
-            actions = act(obs, eps)
-        collector.step_async(actions)
+        for g in ready:
+            with phases("act"):
+                actions[g] = act(obs[g], eps)
+            collector.send(g, actions[g])
 
         # Learn while the env workers step (async backends).
         if run.env_steps >= c.learning_starts and ring.size > 0:
-            update_credit += c.num_envs * c.replay_ratio
+            update_credit += sum(len(obs[g]) for g in ready) * c.replay_ratio
             while update_credit >= 1.0:
                 with phases("update"):
                     learner_stats.add(learn())
                 run.updates += 1
                 update_credit -= 1.0
 
-        obs = store_step(collector, ring, actions, run)
+        ready = collector.ready()  # in lockstep, the one group
+        for g in ready:
+            obs[g] = store_step(collector, ring, g, actions[g], run)
         eps_now = linear_schedule(run.env_steps, c.eps_start, c.eps_end, c.eps_decay_steps)
         eps.fill_(eps_now)
         lr_now = learning_rate(c, run.env_steps)
@@ -154,7 +165,7 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
             with phases("act"):
                 actions = act(obs)
             collector.step_async(actions)
-            obs = store_step(collector, buffer, actions, run)
+            obs = store_step(collector, buffer, 0, actions, run)
 
         # Learn once from every episode that ended since the last update (host-side count).
         if collector.episodes > episodes_learned:

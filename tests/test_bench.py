@@ -28,6 +28,7 @@ def test_bench_all_prints_tables_and_writes_json_and_png(tmp_path):
     for n in (2, 4):
         assert ("async, plain (1 env/process)", n) in series and ("sync", n) in series
     assert ("async, grouped", 4) in series
+    assert (("async, grouped, ready-first", 4) in series) == (collect["cores"] > 1)  # one group per worker
     for row in collect["rows"]:
         assert len(row["rounds"]) == 2 and row["steps_per_s"] == statistics.median(row["rounds"]) > 0
         ratios = [s / (collect["cores"] * one) for s, one in zip(row["rounds"], collect["single_rounds"])]

@@ -116,6 +116,10 @@ BAD = [
     (["--env-kwargs", "max_episode_steps=-5"], "max_episode_steps"),  # a ValueError in gymnasium
     (["--env", "LunarLander-v3", "--env-kwargs", "gravity=-20"], "gravity"),  # an assert in the env
     (["--num-envs", "many"], "many"),
+    (["--collection", "eager"], "collection='eager'"),
+    (["--collection", "ready-first", "--backend", "sync"], "backend='sync'"),
+    (["--collection", "ready-first", "--env", "CartPole-v1", "--algo", "reinforce"], "algo=reinforce"),
+    (["--collection", "ready-first", "--num-workers", "8"], "num_workers=num_envs=8"),
 ]
 
 
@@ -127,6 +131,15 @@ def test_bad_input_is_one_line_exit_2(args, named, capsys, tmp_path):
     assert len(err.strip().splitlines()) == 1, err
     assert named in err and "Traceback" not in err
     assert not (tmp_path / "never").exists()  # stopped before any work
+
+
+def test_ready_first_where_workers_would_step_one_env_each_is_one_line_exit_2(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("fastrl.envs.cpu_cores", lambda: 16)  # 8 envs: 8 workers by default
+    code = call_main(["train", "--collection", "ready-first", "--run-dir", str(tmp_path / "never")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "collection='ready-first' with one env per worker process" in err and "--num-workers" in err
+    assert not (tmp_path / "never").exists()
 
 
 def test_bad_input_exit_code_and_no_traceback_from_the_console_script(tmp_path):

@@ -115,6 +115,62 @@ def test_all_backends_give_identical_transitions_and_episode_statistics(env_id):
             assert collector.pop_episodes() == ref_stats, name
 
 
+def lockstep_and_ready_first(env_id, order, num_envs=4, workers=2, steps=60, seed=5):
+    """The same per-env actions (a table [steps, N]) through plain AsyncVectorEnv in
+    lockstep and through grouped workers acted on group by group: in a scripted `order`
+    (a list of groups, each receiving its next step while the others are in flight), or
+    as the workers get ready (order=None). Every group takes `steps` steps."""
+    table = torch.randint(0, 2, (steps, num_envs), generator=torch.Generator().manual_seed(seed))
+    reference = Collector(make_vector_env(env_id, num_envs, "async", None, num_envs), CPU)
+    ref_ring = ReplayRing((steps + 1) * num_envs, num_envs, reference.obs_shape, CPU, n_step=3, gamma=0.9)
+    ref_ring.start(reference.reset(seed=seed))
+    for actions in table:
+        reference.step_async(actions)
+        step = reference.step_wait()
+        ref_ring.add(actions, *step[1:], step.obs)
+    reference.close()
+
+    collector = Collector(make_vector_env(env_id, num_envs, "async", None, workers), CPU, ready_first=True)
+    groups = collector.groups
+    assert len(groups) == workers
+    ring = ReplayRing((steps + 1) * num_envs, num_envs, collector.obs_shape, CPU, n_step=3, gamma=0.9,
+                      groups=workers)
+    ring.start(collector.reset(seed=seed))
+    taken = [0] * workers
+    for g, envs in enumerate(groups):
+        collector.send(g, table[0, envs])
+    most_apart = 0
+    while min(taken) < steps:
+        for g in ([order.pop(0)] if order is not None else collector.ready()):
+            step = collector.receive(g)
+            ring.add(table[taken[g], groups[g]], *step[1:], step.obs, g)
+            taken[g] += 1
+            if taken[g] < steps:
+                collector.send(g, table[taken[g], groups[g]])
+            most_apart = max(most_apart, max(taken) - min(taken))
+    collector.close()
+    return (reference, ref_ring), (collector, ring), most_apart
+
+
+@pytest.mark.parametrize("env_id", ["fastrl-test/Mixed-v0", "LunarLander-v3"])
+def test_ready_first_groups_give_each_env_the_lockstep_transitions(env_id):
+    # Group 0 runs 30 steps ahead of group 1, then 10 behind it.
+    order = [0, 0, 0, 0, 1] * 10 + [1] * 40 + [0] * 10 + [0, 1] * 10
+    (ref, ref_ring), (got, ring), most_apart = lockstep_and_ready_first(env_id, order, steps=60)
+    assert most_apart >= 30 and ring.heads == [ref_ring.head] * 2
+    for field, x, y in zip(ring.storage._fields, ring.storage, ref_ring.storage):
+        assert torch.equal(x, y), field
+    ref_episodes = sorted(zip(*ref.pop_episodes()))
+    assert ref_episodes and sorted(zip(*got.pop_episodes())) == ref_episodes
+
+
+def test_ready_first_acts_on_the_workers_as_they_get_ready():
+    (ref, ref_ring), (got, ring), _ = lockstep_and_ready_first("LunarLander-v3", None, num_envs=8, steps=100)
+    for field, x, y in zip(ring.storage._fields, ring.storage, ref_ring.storage):
+        assert torch.equal(x, y), field
+    assert sorted(zip(*got.pop_episodes())) == sorted(zip(*ref.pop_episodes()))
+
+
 def step_until_an_episode_ends(envs_by_name, rng, num_envs):
     """Steps every vector env with the same random actions until one of its envs ends an
     episode (so grouped workers hold an early reset); returns each one's last obs."""

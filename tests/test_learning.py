@@ -1,19 +1,23 @@
 """Learning outcomes and reproducibility (the slowest tests in the suite)."""
 import json
 
+import pytest
 import torch
 
 import fastrl
 from fastrl import checkpoint
 
 
-def test_ddqn_cartpole_learns_to_greedy_195(tmp_path):
-    config = fastrl.make_config(env_id="CartPole-v1", total_steps=40_000,
+@pytest.mark.parametrize("collection", [{}, {"collection": "ready-first", "num_workers": 2}],
+                         ids=["lockstep", "ready-first"])
+def test_ddqn_cartpole_learns_to_greedy_195(tmp_path, collection):
+    config = fastrl.make_config(env_id="CartPole-v1", total_steps=40_000, **collection,
                                 eval_episodes=20, progress=False, run_dir=str(tmp_path / "cp"))
     summary = fastrl.train(config)
     # The default learner, auto, ran (and recorded) compile here, CUDA graphs on CUDA.
-    ran = json.loads((tmp_path / "cp" / "config.json").read_text())["learner"]
-    assert ran == ("cudagraphs" if torch.cuda.is_available() else "compile")
+    ran = json.loads((tmp_path / "cp" / "config.json").read_text())
+    assert ran["learner"] == ("cudagraphs" if torch.cuda.is_available() else "compile")
+    assert ran["collection"] == collection.get("collection", "lockstep")
     assert summary["final_eval_episodes"] == 20
     assert summary["final_eval_mean"] >= 195, summary
     # The saved policy reproduces that skill on fresh, disjoint eval seeds.

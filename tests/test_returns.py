@@ -91,3 +91,53 @@ def test_horizon_stops_window_at_write_head():
     out = nstep_targets(r, no, no, torch.tensor([2]), 0.5)
     assert out.steps.item() == 2 and abs(out.returns.item() - 1.5) < 1e-6
     assert abs(out.discount.item() - 0.25) < 1e-6
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(2, 10), groups=st.integers(2, 3), group_size=st.integers(1, 2), n_step=st.integers(1, 4),
+       p_done=st.sampled_from([0.0, 0.3, 1.0]), seed=st.integers(0, 10_000))
+def test_grouped_ring_keeps_a_write_head_per_group(rows, groups, group_size, n_step, p_done, seed):
+    """Groups of envs written out of step (ready-first collection): every group's windows
+    stop at its own head, and sampling draws only complete rows of each group."""
+    rng, gamma, G = np.random.default_rng(seed), 0.9, group_size
+    N = groups * G
+    ring = ReplayRing(capacity=(rows - 1) * N, num_envs=N, obs_shape=(2,), device=torch.device("cpu"),
+                      n_step=n_step, gamma=gamma, groups=groups)
+    first = rng.normal(size=(N, 2)).astype(np.float32)
+    ring.start(torch.from_numpy(first))
+    history = [dict(obs=[first[g * G:(g + 1) * G]], rew=[], term=[], done=[]) for g in range(groups)]
+    order = rng.permutation(np.repeat(np.arange(groups), rng.integers(1, 3 * rows, groups)))
+    for g in order.tolist():
+        h = history[g]
+        r = rng.normal(size=G).astype(np.float32)
+        d = rng.random(G) < p_done
+        te = d & (rng.random(G) < 0.5)
+        o = rng.normal(size=(G, 2)).astype(np.float32)
+        ring.add(torch.from_numpy(rng.integers(0, 3, G)), torch.from_numpy(r), torch.from_numpy(te),
+                 torch.from_numpy(d & ~te), torch.from_numpy(o), group=g)
+        h["obs"].append(o), h["rew"].append(r), h["term"].append(te), h["done"].append(d)
+    assert ring.size == min(min(len(h["rew"]) for h in history), rows - 1)
+
+    expected = {}  # obs of a complete row -> (return, discount, next obs, weight)
+    for g, h in enumerate(history):
+        steps, size = len(h["rew"]), min(len(h["rew"]), rows - 1)
+        obs, rew, term, done = (np.array(h[k]) for k in ("obs", "rew", "term", "done"))
+        ages = torch.arange(1, size + 1).repeat_interleave(G)
+        envs = torch.arange(G).repeat(size)
+        start = torch.remainder(ring.heads[g] - ages, ring.rows)
+        got = transitions_at(ring.storage, start, envs + g * G, ages, n_step, gamma)
+        for j in range(len(ages)):
+            tau, env = steps - int(ages[j]), int(envs[j])
+            G_, disc, next_obs, valid = naive_target(obs, rew, term, done, tau, env, steps, n_step, gamma)
+            assert abs(got.returns[j].item() - G_) < 1e-4 and abs(got.discount[j].item() - disc) < 1e-6
+            np.testing.assert_array_equal(got.next_obs[j].numpy(), next_obs)
+            np.testing.assert_array_equal(got.obs[j].numpy(), obs[tau, env])
+            assert got.weight[j].item() == float(valid)
+            expected[tuple(obs[tau, env].tolist())] = (G_, disc, tuple(next_obs.tolist()), float(valid))
+
+    torch.manual_seed(seed)
+    sample = ring.sample(300)
+    for j in range(300):
+        G_, disc, next_obs, weight = expected[tuple(sample.obs[j].tolist())]  # a complete row, none other
+        assert abs(sample.returns[j].item() - G_) < 1e-4 and abs(sample.discount[j].item() - disc) < 1e-6
+        assert tuple(sample.next_obs[j].tolist()) == next_obs and sample.weight[j].item() == weight
