@@ -51,8 +51,8 @@ def train(config: TrainConfig) -> dict:
     if config.learner == "cudagraphs" and device.type != "cuda":
         raise ConfigError(f"invalid learner='cudagraphs': CUDA graphs need a CUDA device, and this run trains "
                           f"on {device.type}; use compile or eager")
-    if config.collection == "ready-first" and config.backend == "async" and config.num_envs > 1 \
-            and (config.num_workers or default_workers(config.num_envs)) == config.num_envs:
+    if config.collection == "ready-first" and config.num_envs > 1 \
+            and (config.num_workers or default_workers(config.num_envs)) == config.num_envs:  # validated: async
         raise ConfigError(f"invalid collection='ready-first' with one env per worker process (num_envs="
                           f"{config.num_envs} workers here): pass --num-workers W, W < num_envs and dividing it")
     torch.set_num_threads(config.threads)
