@@ -425,13 +425,19 @@ def no_process_left(proc: subprocess.Popen) -> bool:
     return False
 
 
-@pytest.mark.parametrize("evaluation, stop", [("none", "ctrl-c"), ("in flight", "ctrl-c"), ("none", "sigterm")])
-def test_ctrl_c_or_sigterm_stops_an_async_training_run_and_saves(tmp_path, evaluation, stop):
+READY_FIRST = ("--collection", "ready-first", "--num-workers", "2")
+
+
+@pytest.mark.parametrize("evaluation, stop, collection", [
+    ("none", "ctrl-c", ()), ("in flight", "ctrl-c", ()), ("none", "sigterm", ()), ("none", "ctrl-c", READY_FIRST)],
+    ids=["ctrl-c", "ctrl-c during evaluation", "sigterm", "ctrl-c, ready-first"])
+def test_ctrl_c_or_sigterm_stops_an_async_training_run_and_saves(tmp_path, evaluation, stop, collection):
     # "in flight": an evaluation that never ends (a million episodes, no screening) is running
     # in its process, and the trainer soon waits for it to submit the next one.
     evals = ["--eval-interval", "0"] if evaluation == "none" else [
         "--eval-interval", "400", "--eval-episodes", "1000000", "--no-stop-on-solve", "--learning-starts", "100"]
-    with training_process(tmp_path, "--total-steps", "10000000", "--log-interval", "0.2", *evals) as proc:
+    with training_process(tmp_path, "--total-steps", "10000000", "--log-interval", "0.2", *evals,
+                          *collection) as proc:
         def event_bytes():
             return sum(f.stat().st_size for f in tmp_path.glob("events.out.tfevents.*"))
 
@@ -518,9 +524,10 @@ def test_a_dead_env_worker_is_an_error_naming_it_and_close_still_works(name, whe
     assert multiprocessing.active_children() == []
 
 
-def test_a_training_run_whose_worker_dies_saves_and_says_so_in_one_line(tmp_path):
+@pytest.mark.parametrize("collection", [(), READY_FIRST], ids=["lockstep", "ready-first"])
+def test_a_training_run_whose_worker_dies_saves_and_says_so_in_one_line(tmp_path, collection):
     with training_process(tmp_path, "--total-steps", "10000000", "--log-interval", "0.2",
-                          "--eval-interval", "0") as proc:
+                          "--eval-interval", "0", *collection) as proc:
         time.sleep(1.0)  # training
         pids = children(proc)
         assert pids  # the env worker and the evaluation process
