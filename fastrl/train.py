@@ -83,7 +83,7 @@ def train(config: TrainConfig) -> dict:
 
 def store_step(collector: Collector, ring: ReplayRing, group: int, actions: torch.Tensor, run: Run) -> torch.Tensor:
     """Collects the step `group`'s envs are taking (waiting for it), writes it into the
-    ring, counts it; returns their next observations [G, *obs] (the collector's staging view)."""
+    ring, counts it; returns their next observations [G, *obs], a view into `collector.obs`."""
     step = collector.receive(group)  # times "env" and "h2d"
     with run.phases("ring_write"):
         ring.add(actions, step.rewards, step.terminated, step.truncated, step.obs, group)
@@ -107,21 +107,23 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
     learner_stats = DeviceMeans(("losses/td_loss", "losses/q_mean", "losses/grad_norm"), device)
     eps = torch.tensor(c.eps_start, device=device)
 
-    obs = collector.reset(seed=c.seed)
+    obs = collector.reset(seed=c.seed)  # [N, *obs]: each group's rows change when its step arrives
     ring.start(obs)
-    obs = [obs[envs] for envs in groups]  # per group
-    actions: list = [None] * len(groups)
+    actions: list = [None] * len(groups)  # each group's actions in flight
     ready = range(len(groups))  # the groups whose step has arrived: at first, all
     update_credit = 0.0
     while run.budget_left():
+        # One forward pass for all envs, however many groups are ready: the actions of
+        # groups still stepping are discarded.
+        with phases("act"):
+            chosen = act(obs, eps)
         for g in ready:
-            with phases("act"):
-                actions[g] = act(obs[g], eps)
+            actions[g] = chosen[groups[g]]
             collector.send(g, actions[g])
 
         # Learn while the env workers step (async backends).
         if run.env_steps >= c.learning_starts and ring.size > 0:
-            update_credit += sum(len(obs[g]) for g in ready) * c.replay_ratio
+            update_credit += sum(len(actions[g]) for g in ready) * c.replay_ratio
             while update_credit >= 1.0:
                 with phases("update"):
                     learner_stats.add(learn())
@@ -130,7 +132,7 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
 
         ready = collector.ready()  # in lockstep, the one group
         for g in ready:
-            obs[g] = store_step(collector, ring, g, actions[g], run)
+            store_step(collector, ring, g, actions[g], run)
         eps_now = linear_schedule(run.env_steps, c.eps_start, c.eps_end, c.eps_decay_steps)
         eps.fill_(eps_now)
         lr_now = learning_rate(c, run.env_steps)
