@@ -55,8 +55,9 @@ class TrainConfig:
     num_workers: int = _f(0, "[async] env worker processes, each stepping num_envs / num_workers envs "
                              "(0 = one per CPU core but the trainer's; num_envs = one process per env)")
     collection: str = _f("lockstep", "[async, ddqn] lockstep: act once every env has stepped | ready-first: act on "
-                                     "each worker's envs as soon as they have stepped (faster with several "
-                                     "workers; the order then depends on timing, so runs do not repeat exactly)")
+                                     "each worker's envs as soon as they have stepped (faster collection with "
+                                     "large groups, no slower worker to wait for; the order then depends on "
+                                     "timing, so runs do not repeat exactly)")
     pin_workers: bool = _f(True, "[async] pin each env worker process to its own CPU core "
                                  "(turn off when several runs share the machine)")
 
