@@ -104,8 +104,7 @@ class ReplayRing:
             valid=torch.zeros((T, N), dtype=torch.bool, device=device),
         )
         self._prev_done = torch.zeros(N, dtype=torch.bool, device=device)
-        self.heads = [0] * groups    # host-side: the row each group's next step fills
-        self.written = [0] * groups  # steps written per group since the start
+        self.written = [0] * groups  # host-side: steps written per group since the start
         self._head_t = torch.zeros(groups, dtype=torch.int64, device=device)
         self._size_t = torch.zeros(groups, dtype=torch.int64, device=device)
         # Per group, views of its envs' columns, made once: add() indexes only the row.
@@ -115,9 +114,14 @@ class ReplayRing:
                              for g in range(groups)]
 
     @property
+    def heads(self) -> list[int]:
+        """The row each group's next step fills."""
+        return [w % self.rows for w in self.written]
+
+    @property
     def head(self) -> int:
         """The row the next step fills (of the first group; every group's in lockstep)."""
-        return self.heads[0]
+        return self.written[0] % self.rows
 
     @property
     def size(self) -> int:
@@ -126,7 +130,7 @@ class ReplayRing:
 
     def __len__(self) -> int:
         """Complete transitions stored (all envs)."""
-        per_group = self.num_envs // len(self.heads)
+        per_group = self.num_envs // len(self.written)
         return sum(min(w, self.rows - 1) for w in self.written) * per_group
 
     def start(self, obs: torch.Tensor) -> None:
@@ -139,15 +143,15 @@ class ReplayRing:
         """Completes row `heads[group]` of the group's envs with one of their steps ([G]
         each; next_obs [G, *obs]; in lockstep G = N)."""
         s, prev_done, head_t, size_t = self._group_views[group]
-        t = self.heads[group]
+        t = self.written[group] % self.rows
         s.actions[t].copy_(actions)
         s.rewards[t].copy_(rewards)
         s.terminated[t].copy_(terminated)
         torch.logical_or(terminated, truncated, out=s.dones[t])
         torch.logical_not(prev_done, out=s.valid[t])
         prev_done.copy_(s.dones[t])
-        head = self.heads[group] = (t + 1) % self.rows
         written = self.written[group] = self.written[group] + 1
+        head = written % self.rows
         s.obs[head].copy_(next_obs)
         head_t.fill_(head)
         size_t.fill_(min(written, self.rows - 1))

@@ -479,7 +479,7 @@ class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
     def send_group(self, w: int, actions) -> None:
         """Sends worker w its group's actions [G] (no step of that worker may be pending)."""
         if self.closed:
-            raise gym.error.ClosedEnvironmentError("GroupedAsyncVectorEnv.step_async after close()")
+            raise gym.error.ClosedEnvironmentError("GroupedAsyncVectorEnv: a step after close()")
         if self._pending[w]:
             raise gym.error.AlreadyPendingCallError(f"worker {w} is still stepping", "step")
         request = self._requests[w]
