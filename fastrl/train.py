@@ -24,11 +24,14 @@ from fastrl.schedules import learning_rate, linear_schedule
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("invalid device='cuda': no CUDA device is available here; use auto or cpu")
-    return torch.device(name)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and torch.cuda._is_in_bad_fork():  # else "CUDA error: initialization error", deep in torch
+        raise ConfigError(f"invalid device={name!r}: this process was forked from one that had already used CUDA, "
+                          f"which CUDA does not allow; start training processes with the 'spawn' method "
+                          f"(multiprocessing.get_context('spawn')) or pass device='cpu'")
+    return device
 
 
 def train(config: TrainConfig) -> dict:

@@ -28,9 +28,9 @@ def call_main(argv):
         return exc.code
 
 
-def run_cli(*args, timeout=240):
+def run_cli(*args, timeout=240, **popen):
     return subprocess.run([sys.executable, "-m", "fastrl", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, **popen)
 
 
 @pytest.fixture(scope="module")
@@ -228,16 +228,29 @@ def test_a_sweep_trains_in_a_process_pool_or_is_told_which_to_use(pool, tmp_path
     # A multiprocessing.Pool worker is daemonic and may not start the env and evaluation
     # processes: one line that says what to use instead, before any work starts.
     run_dir = str(tmp_path / "run")
-    context = multiprocessing.get_context("fork")
     if pool == "multiprocessing.Pool":
-        with context.Pool(1) as workers:
+        with multiprocessing.get_context("fork").Pool(1) as workers:
             message = workers.apply(train_here, (run_dir,))
         assert "daemonic" in message and "ProcessPoolExecutor" in message and "\n" not in message, message
         assert not (tmp_path / "run").exists()
-    else:
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as workers:
+    else:  # 'spawn': a fork of a process that has used CUDA cannot use CUDA (test below)
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as workers:
             assert workers.submit(train_here, run_dir).result() == "trained"
         assert json.loads((tmp_path / "run" / "summary.json").read_text())["env_steps"] == 1200
+
+
+def test_training_in_a_fork_of_a_process_that_used_cuda_is_a_one_line_error(monkeypatch, tmp_path):
+    # CUDA refuses such a fork, and torch would fail deep inside with "CUDA error:
+    # initialization error". The real thing on a CUDA machine; elsewhere, CUDA as torch sees it there.
+    if torch.cuda.is_available():
+        torch.zeros(1, device="cuda")  # this process uses CUDA: its forks cannot
+    else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as workers:
+        message = workers.submit(train_here, str(tmp_path / "run")).result()
+    assert "device='auto'" in message and "forked" in message and "'spawn'" in message, message
+    assert "\n" not in message and not (tmp_path / "run").exists()
 
 
 def test_checkpoint_load_refuses_pickled_code(tmp_path):
