@@ -11,9 +11,13 @@ Interleaves, per round, on LunarLander-v3 with random actions:
                stepping, waiting for the slower worker, and messages
   K apart      the bare workers out of lockstep: each is sent its next step as soon as it
                replies, so long as it stays at most K steps (--ahead) ahead of the
-               slowest (what a collector that acts per worker group could reach; fastrl
-               does not)
-  fastrl       fastrl's collector into the replay ring (grouped workers, G envs each)
+               slowest (every worker gets the same number of steps, so this cannot show
+               what fastrl's ready-first collection gains, where the faster one runs on)
+  fastrl       fastrl's collector into the replay ring (grouped workers, G envs each, lockstep)
+  messages only   fastrl's grouped workers driven ready-first with fixed actions and
+               nothing else (no staging, ring or episode statistics): ready-first's
+               ceiling, the trainer's work at its least
+  fastrl ready-first   fastrl's collector, ready-first (`--collection ready-first`)
 and prints each as a ratio to that round's limit; medians over rounds.
 
     python benchmarks/collector_ceiling.py --envs-per-core 64 --rounds 5
@@ -33,7 +37,7 @@ import numpy as np
 import torch
 
 from fastrl.bench import CollectCase, CollectorLoop, SingleProcess, machine
-from fastrl.envs import cpu_cores
+from fastrl.envs import cpu_cores, make_vector_env
 
 ENV = "LunarLander-v3"
 
@@ -83,6 +87,29 @@ def drift_apart(conns: list, actions: list, ahead: int) -> None:
             done[conns.index(c)] += 1
 
 
+class MessagesOnly:
+    """fastrl's grouped workers stepped ready-first, as the collector does, by a trainer
+    that only sends fixed actions and receives the replies."""
+
+    def __init__(self, num_envs: int, workers: int):
+        self.envs = make_vector_env(ENV, num_envs, "async", num_workers=workers)
+        self.envs.reset(seed=0)
+        rng = np.random.default_rng(0)
+        self.actions = [rng.integers(0, 4, num_envs // workers) for _ in range(64)]
+        self.ready, self.sent, self.steps = range(workers), 0, 0
+
+    def measure(self, seconds: float) -> float:
+        envs, start_steps, start = self.envs, self.steps, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            for w in self.ready:
+                self.sent += 1
+                envs.send_group(w, self.actions[self.sent % len(self.actions)])
+            self.ready = envs.ready_groups()
+            for w in self.ready:
+                self.steps += len(envs.recv_group(w)[1])
+        return (self.steps - start_steps) / (time.perf_counter() - start)
+
+
 def raw_worker(conn, core: int) -> None:
     # The limit's own measurement (SingleProcess), in one process per core at once.
     os.sched_setaffinity(0, {core})
@@ -113,10 +140,14 @@ def main() -> None:
     conns, raw_conns = start_workers(bare_worker, g), start_workers(raw_worker)
     single = SingleProcess(ENV, 0)
     fastrl = CollectorLoop(CollectCase("async", g * cores, cores), ENV, torch.device("cpu"), 0)
+    fastrl_ready_first = CollectorLoop(CollectCase("async", g * cores, cores, ready_first=True), ENV,
+                                       torch.device("cpu"), 0)
+    messages = MessagesOnly(g * cores, cores)
     actions = np.random.default_rng(0).integers(0, 4, (args.steps, g)).tolist()
     total = args.steps * g * cores
     apart = f"{args.ahead} apart"
-    rows = {"raw x cores": [], "independent": [], "bare": [], apart: [], "fastrl": []}
+    rows = {"raw x cores": [], "independent": [], "bare": [], apart: [], "fastrl": [], "messages only": [],
+            "fastrl ready-first": []}
     busy, slowest, wall = [], [], []  # bare, per step: mean and max worker stepping time, wall time
     print(f"{machine()}\n{ENV}, {cores} cores x {g} envs; ratio to that round's cores x single process")
     for r in range(args.rounds):
@@ -144,11 +175,15 @@ def main() -> None:
         drift_apart(conns, actions, args.ahead)
         rows[apart].append(total / (time.perf_counter() - start) / limit)
         rows["fastrl"].append(fastrl.measure(2.0) / limit)
+        rows["messages only"].append(messages.measure(2.0) / limit)
+        rows["fastrl ready-first"].append(fastrl_ready_first.measure(2.0) / limit)
         print(f"round {r + 1}: limit {limit:,.0f} steps/s | "
               + " | ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
     for c in conns + raw_conns:
         c.send(None)
     fastrl.close()
+    fastrl_ready_first.close()
+    messages.envs.close()
     single.close()
     medians = {k: statistics.median(v) for k, v in rows.items()}
     print("median: " + " | ".join(f"{k} {v:.2f}" for k, v in medians.items()))
