@@ -111,7 +111,7 @@ class CollectorLoop:
         groups = self.collector.groups
         self.n_actions = int(envs.single_action_space.n)
         self.ring = ReplayRing(100_000, case.num_envs, self.collector.obs_shape, device, groups=len(groups))
-        self.actions = [torch.zeros(envs.stop - envs.start, dtype=torch.int64, device=device) for envs in groups]
+        self.actions = [torch.zeros(c.stop - c.start, dtype=torch.int64, device=device) for c in groups]
         self.device = device
         self.ring.start(self.collector.reset(seed=seed))
         self.ready = range(len(groups))  # the groups to act on next
