@@ -55,8 +55,9 @@ class Collector:
         self._host = torch.zeros((N, width), dtype=torch.float32, pin_memory=device.type == "cuda")
         self._host_np = self._host.numpy()
         # On the CPU the staging row is the device row: nothing to copy.
-        self._device_row = (self._host if device.type == "cpu" else
-                            torch.zeros((N, width), dtype=torch.float32, device=device))
+        self._upload = device.type != "cpu"
+        self._device_row = (torch.zeros((N, width), dtype=torch.float32, device=device) if self._upload
+                            else self._host)
         self.obs = self._device_row[:, :self.obs_size].view(N, *self.obs_shape)
         self._flags = torch.zeros((N, 2), dtype=torch.bool, device=device)  # terminated, truncated
         # Per group, views made once: (host staging, device staging, its flags, the Step it returns).
@@ -85,7 +86,7 @@ class Collector:
             raise self._worker_lost() from None
         self._host_np[:, :self.obs_size] = np.asarray(obs).reshape(self.num_envs, -1)
         self._host_np[:, self.obs_size:] = 0.0
-        if self._device_row is not self._host:
+        if self._upload:
             self._device_row.copy_(self._host, non_blocking=True)
         self._ep_return[:] = 0.0
         self._ep_length[:] = 0
@@ -149,7 +150,7 @@ class Collector:
             host[:, d] = reward
             host[:, d + 1] = terminated
             host[:, d + 2] = truncated
-            if row is not host_t:
+            if self._upload:  # (on the CPU, row and host_t are two views of the same memory)
                 row.copy_(host_t, non_blocking=True)
             torch.gt(row[:, d + 1:], 0.5, out=flags)
         return step
@@ -164,7 +165,7 @@ class Collector:
         self._ep_return[cols] += reward * active
         self._ep_length[cols] += active
         if done.any():
-            idx = np.flatnonzero(done) + (cols.start or 0)
+            idx = np.flatnonzero(done) + cols.start
             self.finished_returns.extend(self._ep_return[idx].tolist())
             self.finished_lengths.extend(self._ep_length[idx].tolist())
             self.episodes += len(idx)

@@ -178,14 +178,18 @@ def validate(c: TrainConfig) -> None:
         need(c.algo == "ddqn", "collection", "lockstep for algo=reinforce (it learns from whole rollouts)")
         need(c.backend == "async", "collection", f"lockstep for backend={c.backend!r} (ready-first needs async "
                                                  f"workers)")
-        need(c.num_workers != c.num_envs or c.num_envs == 1, "collection",
-             f"lockstep with num_workers=num_envs={c.num_envs} (ready-first steps groups: num_workers < num_envs)")
     need(c.learner in LEARNERS, "learner", " or ".join(LEARNERS))
     need(isinstance(c.env_id, str) and c.env_id != "", "env_id", "a registered gymnasium env id")
     need(c.num_envs >= 1, "num_envs", "a positive integer")
     need(c.num_workers >= 0, "num_workers", "an integer >= 0 (0 = automatic)")
     if c.num_workers:
         need(c.num_envs % c.num_workers == 0, "num_workers", f"a divisor of num_envs ({c.num_envs})")
+    if c.collection == "ready-first" and c.num_envs > 1:
+        from fastrl.envs import default_workers  # here: fastrl.envs imports this module
+        if (c.num_workers or default_workers(c.num_envs)) == c.num_envs:  # 0: one per core but the trainer's
+            raise ConfigError(f"invalid collection='ready-first' with one env per worker process (num_workers="
+                              f"num_envs={c.num_envs}{'' if c.num_workers else ' by default on this machine'}): "
+                              f"pass --num-workers W, W < num_envs and dividing it, or use lockstep")
     need(c.threads >= 1, "threads", "a positive integer")
     need(c.total_steps >= 1, "total_steps", "a positive integer")
     need(c.time_limit_s >= 0, "time_limit_s", ">= 0 seconds (0 = no limit)")

@@ -15,7 +15,7 @@ from fastrl.algos import ddqn, reinforce
 from fastrl.buffer import ReplayRing, RolloutBuffer
 from fastrl.collector import Collector
 from fastrl.config import ConfigError, TrainConfig, validate
-from fastrl.envs import EnvSpec, default_workers, inspect_env, make_vector_env
+from fastrl.envs import EnvSpec, inspect_env, make_vector_env
 from fastrl.metrics import DeviceMeans
 from fastrl.nets import build_network
 from fastrl.optim import Adam
@@ -54,10 +54,6 @@ def train(config: TrainConfig) -> dict:
     if config.learner == "cudagraphs" and device.type != "cuda":
         raise ConfigError(f"invalid learner='cudagraphs': CUDA graphs need a CUDA device, and this run trains "
                           f"on {device.type}; use compile or eager")
-    if config.collection == "ready-first" and config.num_envs > 1 \
-            and (config.num_workers or default_workers(config.num_envs)) == config.num_envs:  # validated: async
-        raise ConfigError(f"invalid collection='ready-first' with one env per worker process (num_envs="
-                          f"{config.num_envs} workers here): pass --num-workers W, W < num_envs and dividing it")
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     loop = {"ddqn": train_ddqn, "reinforce": train_reinforce}[config.algo]
