@@ -68,7 +68,9 @@ class Collector:
         self._actions_np: np.ndarray | None = None  # the sync backend steps them in step_wait()
         self._can_async = hasattr(envs, "step_async")
         self._pending = [False] * workers  # a group's step was sent and not yet collected
-        self._torn = False  # step_wait() was interrupted: close() terminates the workers
+        # A reply may be half read (an interrupt in step_wait) or never come (a dead worker):
+        # close() then terminates the workers without reading their pipes.
+        self._unreadable = False
         # Host-side episode statistics. `_prev_done` marks NEXT_STEP reset steps,
         # which belong to no episode.
         self._ep_return = np.zeros(N, dtype=np.float64)
@@ -139,7 +141,7 @@ class Collector:
             except _WORKER_GONE:
                 raise self._worker_lost() from None
             except KeyboardInterrupt:  # maybe in the middle of a reply: the pipes can no longer be read
-                self._torn = True
+                self._unreadable = True
                 raise
             self._pending[group] = False
             self._track_episodes(cols, reward, terminated | truncated)
@@ -158,6 +160,7 @@ class Collector:
     def _worker_lost(self) -> WorkerDied:
         """The error for a broken pipe to an env worker: it names the dead process."""
         self._pending = [False] * len(self._pending)  # nothing more will come
+        self._unreadable = True
         return worker_died("an env worker process", getattr(self.envs, "processes", []))
 
     def _track_episodes(self, cols: slice, reward: np.ndarray, done: np.ndarray) -> None:
@@ -183,10 +186,12 @@ class Collector:
         """Closes the envs. A step still in flight (e.g. sent before an exception) is collected
         first, waiting at most `timeout` seconds. The workers are terminated instead when one
         died, or when an interrupt inside step_wait() may have left a reply half read."""
-        if self._torn:  # gymnasium's close would read them even when terminating
+        terminate = self._unreadable or any(not p.is_alive() for p in getattr(self.envs, "processes", []))
+        if terminate:
+            # gymnasium's close reads a pending step's replies even when terminating: a torn
+            # reply, or after a dead worker's end of file the others' replies, unread.
             for pipe in getattr(self.envs, "parent_pipes", []):
                 pipe.close()
-        terminate = self._torn or any(not p.is_alive() for p in getattr(self.envs, "processes", []))
         if any(self._pending) and not terminate:
             self._pending = [False] * len(self._pending)
             try:
