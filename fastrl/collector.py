@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import warnings
 from typing import NamedTuple
 
 import gymnasium as gym
@@ -198,4 +199,6 @@ class Collector:
                 self.envs.step_wait(timeout=timeout)
             except multiprocessing.TimeoutError:
                 terminate = True
-        self.envs.close(terminate=terminate)
+        with warnings.catch_warnings():  # gymnasium's, for the pending step we chose not to read
+            warnings.filterwarnings("ignore", message=".*Calling `close` while waiting for a pending call")
+            self.envs.close(terminate=terminate)
