@@ -189,8 +189,8 @@ class Collector:
         died, or when an interrupt inside step_wait() may have left a reply half read."""
         terminate = self._unreadable or any(not p.is_alive() for p in getattr(self.envs, "processes", []))
         if terminate:
-            # gymnasium's close reads a pending step's replies even when terminating: a torn
-            # reply, or after a dead worker's end of file the others' replies, unread.
+            # gymnasium's close reads a pending step's replies even when terminating, and a
+            # torn reply would hang it, a dead worker's end of file raise EOFError there.
             for pipe in getattr(self.envs, "parent_pipes", []):
                 pipe.close()
         if any(self._pending) and not terminate:
