@@ -186,7 +186,8 @@ class Collector:
     def close(self, timeout: float = 10.0) -> None:
         """Closes the envs. A step still in flight (e.g. sent before an exception) is collected
         first, waiting at most `timeout` seconds. The workers are terminated instead when one
-        died, or when an interrupt inside step_wait() may have left a reply half read."""
+        died (before or during the close), or when an interrupt inside step_wait() may have
+        left a reply half read."""
         terminate = self._unreadable or any(not p.is_alive() for p in getattr(self.envs, "processes", []))
         if terminate:
             # gymnasium's close reads a pending step's replies even when terminating, and a
@@ -201,4 +202,7 @@ class Collector:
                 terminate = True
         with warnings.catch_warnings():  # gymnasium's, for the pending step we chose not to read
             warnings.filterwarnings("ignore", message=".*Calling `close` while waiting for a pending call")
-            self.envs.close(terminate=terminate)
+            try:
+                self.envs.close(terminate=terminate)
+            except _WORKER_GONE:  # a worker died since (a signal to the whole process group)
+                self.envs.close(terminate=True)

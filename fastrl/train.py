@@ -15,7 +15,7 @@ from fastrl.algos import ddqn, reinforce
 from fastrl.buffer import ReplayRing, RolloutBuffer
 from fastrl.collector import Collector
 from fastrl.config import ConfigError, TrainConfig, validate
-from fastrl.envs import EnvSpec, inspect_env, make_vector_env
+from fastrl.envs import EnvSpec, WorkerDied, inspect_env, make_vector_env
 from fastrl.metrics import DeviceMeans
 from fastrl.nets import build_network
 from fastrl.optim import Adam
@@ -72,9 +72,12 @@ def train(config: TrainConfig) -> dict:
             loop(config, spec, collector, run)
         except KeyboardInterrupt:  # a second signal, or a stop that gave up waiting for an evaluation
             run.stop.requested = True
-        except Exception:
-            run.finish(error=traceback.format_exc(limit=3))
-            raise
+        except Exception as exc:
+            # Workers that died after a stop request got its signal too (SIGTERM to the
+            # whole process group: systemd, Slurm): the stop, not a failure.
+            if not (run.stop.requested and isinstance(exc, WorkerDied)):
+                run.finish(error=traceback.format_exc(limit=3))
+                raise
         finally:
             collector.close()
         return run.finish()

@@ -428,9 +428,14 @@ def no_process_left(proc: subprocess.Popen) -> bool:
 READY_FIRST = ("--collection", "ready-first", "--num-workers", "2")
 
 
+PLAIN = ("--num-workers", "4")  # one process per env: gymnasium's AsyncVectorEnv as it is
+
+
 @pytest.mark.parametrize("evaluation, stop, collection", [
-    ("none", "ctrl-c", ()), ("in flight", "ctrl-c", ()), ("none", "sigterm", ()), ("none", "ctrl-c", READY_FIRST)],
-    ids=["ctrl-c", "ctrl-c during evaluation", "sigterm", "ctrl-c, ready-first"])
+    ("none", "ctrl-c", ()), ("in flight", "ctrl-c", ()), ("none", "sigterm", ()), ("none", "ctrl-c", READY_FIRST),
+    ("none", "sigterm to the group", ()), ("none", "sigterm to the group", PLAIN)],
+    ids=["ctrl-c", "ctrl-c during evaluation", "sigterm", "ctrl-c, ready-first", "sigterm to the group",
+         "sigterm to the group, plain AsyncVectorEnv"])
 def test_ctrl_c_or_sigterm_stops_an_async_training_run_and_saves(tmp_path, evaluation, stop, collection):
     # "in flight": an evaluation that never ends (a million episodes, no screening) is running
     # in its process, and the trainer soon waits for it to submit the next one.
@@ -454,15 +459,17 @@ def test_ctrl_c_or_sigterm_stops_an_async_training_run_and_saves(tmp_path, evalu
             time.sleep(1.0)
         if stop == "ctrl-c":
             os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
-        else:
-            os.kill(proc.pid, signal.SIGTERM)  # `kill PID`, a scheduler's preemption: the trainer only
+        elif stop == "sigterm":
+            os.kill(proc.pid, signal.SIGTERM)  # `kill PID`, a container's stop: the trainer only
+        else:  # systemd's stop, Slurm's preemption: every process, the workers die with the trainer's stop
+            os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         assert no_process_left(proc)  # no env worker or evaluation process is left behind
     assert proc.returncode == 130, err
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["interrupted"] and summary["env_steps"] > 0
     assert (tmp_path / "checkpoint.pt").exists()
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "error" not in err
 
 
 def children(proc: subprocess.Popen) -> list[int]:
@@ -529,7 +536,7 @@ def test_a_dead_env_worker_is_an_error_naming_it_and_close_still_works(name, whe
     assert multiprocessing.active_children() == []
 
 
-@pytest.mark.parametrize("collection", [(), READY_FIRST, ("--num-workers", "4")],
+@pytest.mark.parametrize("collection", [(), READY_FIRST, PLAIN],
                          ids=["lockstep", "ready-first", "plain AsyncVectorEnv"])
 def test_a_training_run_whose_worker_dies_saves_and_says_so_in_one_line(tmp_path, collection):
     with training_process(tmp_path, "--total-steps", "10000000", "--log-interval", "0.2",
