@@ -9,7 +9,6 @@ device sync.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import warnings
 from typing import NamedTuple
 
@@ -68,7 +67,6 @@ class Collector:
                          for c in self.groups]
         self._actions_np: np.ndarray | None = None  # the sync backend steps them in step_wait()
         self._can_async = hasattr(envs, "step_async")
-        self._pending = [False] * workers  # a group's step was sent and not yet collected
         # A reply may be half read (an interrupt in step_wait) or never come (a dead worker):
         # close() then terminates the workers without reading their pipes.
         self._unreadable = False
@@ -119,7 +117,6 @@ class Collector:
                     self.envs.step_async(actions_np)
             except _WORKER_GONE:
                 raise self._worker_lost() from None
-        self._pending[group] = True
 
     def ready(self) -> list[int]:
         """The groups whose step has arrived (waiting for one): lockstep, the one group."""
@@ -144,7 +141,6 @@ class Collector:
             except KeyboardInterrupt:  # maybe in the middle of a reply: the pipes can no longer be read
                 self._unreadable = True
                 raise
-            self._pending[group] = False
             self._track_episodes(cols, reward, terminated | truncated)
         with self.phases("h2d"):
             host, host_t, row, flags, step = self._staging[group]
@@ -160,8 +156,7 @@ class Collector:
 
     def _worker_lost(self) -> WorkerDied:
         """The error for a broken pipe to an env worker: it names the dead process."""
-        self._pending = [False] * len(self._pending)  # nothing more will come
-        self._unreadable = True
+        self._unreadable = True  # nothing more will come
         return worker_died("an env worker process", getattr(self.envs, "processes", []))
 
     def _track_episodes(self, cols: slice, reward: np.ndarray, done: np.ndarray) -> None:
@@ -184,25 +179,19 @@ class Collector:
         return out
 
     def close(self, timeout: float = 10.0) -> None:
-        """Closes the envs. A step still in flight (e.g. sent before an exception) is collected
-        first, waiting at most `timeout` seconds. The workers are terminated instead when one
-        died (before or during the close), or when an interrupt inside step_wait() may have
-        left a reply half read."""
+        """Closes the envs. The vector env collects a step still in flight (e.g. sent before
+        an exception) first, waiting at most `timeout` seconds. The workers are terminated
+        instead when one died (before or during the close), or when an interrupt inside
+        step_wait() may have left a reply half read."""
         terminate = self._unreadable or any(not p.is_alive() for p in getattr(self.envs, "processes", []))
         if terminate:
             # gymnasium's close reads a pending step's replies even when terminating, and a
             # torn reply would hang it, a dead worker's end of file raise EOFError there.
             for pipe in getattr(self.envs, "parent_pipes", []):
                 pipe.close()
-        if any(self._pending) and not terminate:
-            self._pending = [False] * len(self._pending)
-            try:
-                self.envs.step_wait(timeout=timeout)
-            except multiprocessing.TimeoutError:
-                terminate = True
-        with warnings.catch_warnings():  # gymnasium's, for the pending step we chose not to read
+        with warnings.catch_warnings():  # gymnasium's, for the pending step it collects or we chose not to read
             warnings.filterwarnings("ignore", message=".*Calling `close` while waiting for a pending call")
             try:
-                self.envs.close(terminate=terminate)
+                self.envs.close(timeout=timeout, terminate=terminate)
             except _WORKER_GONE:  # a worker died since (a signal to the whole process group)
                 self.envs.close(terminate=True)
