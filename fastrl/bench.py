@@ -14,7 +14,6 @@ against the number of envs) to the output directory.
 from __future__ import annotations
 
 import copy
-import json
 import platform
 import statistics
 import time
@@ -356,11 +355,12 @@ def run_bench(what: str, env_id: str, num_envs: list[int], batch_sizes: list[int
         result["collect"] = bench_collect(env_id, num_envs, seconds, rounds, device)
         print(format_collect(result["collect"]))
         plot_collect(result["collect"], out / "collect.png")
+        checkpoint.save_json(out / "bench.json", result)  # now: an interrupted `all` keeps it
     if what in ("learn", "all"):
         print(f"fastrl bench learn: modes {modes}, batch sizes {batch_sizes}", flush=True)
         result["learn"] = bench_learn(env_id, modes, batch_sizes, seconds, rounds, device)
         print(format_learn(result["learn"]))
-    (out / "bench.json").write_text(json.dumps(result, indent=2))
+        checkpoint.save_json(out / "bench.json", result)
     print(f"\nmachine: {result['machine']}\nwrote {out / 'bench.json'}"
           + (f" and {out / 'collect.png'}" if "collect" in result else ""))
     return result

@@ -54,6 +54,23 @@ def test_bench_all_prints_tables_and_writes_json_and_png(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_a_bench_all_interrupted_while_learning_keeps_the_collect_results(tmp_path, monkeypatch, capsys):
+    import fastrl.bench
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C during the learn part
+
+    monkeypatch.setattr(fastrl.bench, "bench_learn", interrupted)
+    out = tmp_path / "bench"
+    assert call_main(["bench", "all", "--env", "CartPole-v1", "--num-envs", "2", "--seconds", "0.1",
+                      "--rounds", "1", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip() == "fastrl bench: interrupted"
+    result = json.loads((out / "bench.json").read_text())
+    assert "learn" not in result and result["collect"]["rows"]
+    assert all(row["steps_per_s"] > 0 for row in result["collect"]["rows"])
+    assert (out / "collect.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("args,named", [
     (["collect", "--num-envs", "0"], "--num-envs=0"),
     (["learn", "--modes", "jit"], "'jit'"),
