@@ -12,7 +12,7 @@ import dataclasses
 import json
 import sys
 
-from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, ConfigError, TrainConfig, make_config
+from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, SEED_LIMIT, ConfigError, TrainConfig, make_config
 from fastrl.envs import WorkerDied
 
 
@@ -156,6 +156,8 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"invalid --episodes={args.episodes}: must be a positive integer")
     if args.envs < 1:
         raise ConfigError(f"invalid --envs={args.envs}: must be a positive integer")
+    if not 0 <= args.seed < SEED_LIMIT:  # env seeds past the offset, disjoint from training's
+        raise ConfigError(f"invalid --seed={args.seed}: must be an integer in [0, 2**31)")
     if args.device not in DEVICES:
         raise ConfigError(f"invalid --device={args.device!r}: must be {' or '.join(DEVICES)}")
     device = resolve_device(args.device)  # cuda with no CUDA device: a ConfigError

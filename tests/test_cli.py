@@ -191,7 +191,9 @@ def test_eval_takes_a_run_directory_and_rejects_bad_paths_and_devices(tiny_run, 
     assert call_main(["eval", str(run_dir), "--episodes", "3", "--seed", "4"]) == 0
     assert capsys.readouterr().out == from_file and "over 3 episodes" in from_file
     bad = [([str(tmp_path)], "is a directory without a checkpoint.pt"),
-           ([str(run_dir), "--device", "tpu"], "--device='tpu'")]
+           ([str(run_dir), "--device", "tpu"], "--device='tpu'"),
+           ([str(run_dir), "--seed", "-1"], "--seed=-1"),  # eval env seeds would reach training's
+           ([str(run_dir), "--seed", str(2**31)], f"--seed={2**31}")]
     if not torch.cuda.is_available():
         bad.append(([str(run_dir), "--device", "cuda"], "device='cuda'"))
     for args, named in bad:

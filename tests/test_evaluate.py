@@ -7,6 +7,7 @@ import torch
 
 import fastrl
 from fastrl import checkpoint
+from fastrl.config import SEED_LIMIT
 from fastrl.envs import WorkerDied, inspect_env
 from fastrl.evaluate import EVAL_SEED_OFFSET, BackgroundEvaluator, Evaluator
 from fastrl.nets import build_network, greedy_policy
@@ -32,8 +33,8 @@ def test_evaluator_runs_exact_episode_counts_and_screens():
 
 
 def test_eval_seeds_are_disjoint_from_training_seeds():
-    # Training envs use seed + i for i < num_envs; seeds are validated below 2**31.
-    assert EVAL_SEED_OFFSET > 2**31 + 10_000
+    # Training envs use seed + i for i < num_envs; seeds, both kinds, are validated below SEED_LIMIT.
+    assert EVAL_SEED_OFFSET > SEED_LIMIT + 10_000
 
 
 def _cartpole_config(**overrides):
