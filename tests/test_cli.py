@@ -100,8 +100,14 @@ BAD = [
     (["--gamma", "0"], "gamma=0"),
     (["--gamma", "1.5"], "gamma=1.5"),
     (["--n-step", "0"], "n_step=0"),
+    (["--n-step", "20000", "--buffer-size", "100000", "--num-envs", "8"], "n_step=20000"),  # 12,500 per env
     (["--lr", "0"], "lr=0"),
     (["--lr=-1e-3"], "lr=-0.001"),
+    (["--lr-end=-1e-4"], "lr_end=-0.0001"),  # the learning rate would turn negative
+    (["--lr-end", "inf"], "lr_end=inf"),
+    (["--replay-ratio", "inf"], "replay_ratio=inf"),  # a cycle that never ends its updates
+    (["--algo", "reinforce", "--entropy-coef", "inf"], "entropy_coef=inf"),
+    (["--algo", "reinforce", "--value-coef", "nan"], "value_coef=nan"),
     (["--num-envs", "0"], "num_envs=0"),
     (["--device", "tpu"], "device='tpu'"),
     (["--algo", "ppo"], "algo='ppo'"),
