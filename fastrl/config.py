@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,16 +108,43 @@ class TrainConfig:
                             scope="profile")
     trace_cycles: int = _f(5, "collection cycles recorded in the torch.profiler trace", scope="profile")
 
+    def __post_init__(self) -> None:
+        # Plain Python values of each field's type, however the caller built them (numpy
+        # scalars from a sweep, total_steps=1e6, a pathlib run_dir): the config goes to JSON
+        # with every run.
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _as_type(f.name, f.type, getattr(self, f.name)))
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        if "hidden" in values:
-            values["hidden"] = tuple(values["hidden"])
-        return cls(**values)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _as_type(name: str, kind: str, value: Any) -> Any:
+    """`value` as a plain `kind` (a field's annotation); ConfigError if it is not one."""
+    def integral(v: Any) -> bool:
+        return (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                and float(v).is_integer())
+
+    if kind == "int" and integral(value):
+        return int(value)
+    if kind == "float" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if kind == "tuple" and not isinstance(value, (str, bytes)) and hasattr(value, "__iter__"):
+        widths = tuple(value)
+        if all(integral(w) for w in widths):
+            return tuple(int(w) for w in widths)
+    if kind == "str" and isinstance(value, os.PathLike):  # run_dir=pathlib.Path(...)
+        return os.fspath(value)
+    if kind in ("bool", "str", "dict") and isinstance(value, {"bool": bool, "str": str, "dict": dict}[kind]):
+        return value
+    allowed = {"int": "an integer", "float": "a number", "tuple": "a sequence of integers", "bool": "True or False",
+               "str": "a string", "dict": "a dict of keyword arguments"}[kind]
+    raise ConfigError(f"invalid {name}={value!r}: must be {allowed}")
 
 
 # Tuned per (algo, env). Only what differs from the dataclass defaults.
@@ -157,8 +186,6 @@ def make_config(**overrides: Any) -> TrainConfig:
     algo = overrides.get("algo", base.algo)
     env_id = overrides.get("env_id", base.env_id)
     values = {**PRESETS.get((algo, env_id), {}), **overrides}
-    if "hidden" in values:
-        values["hidden"] = tuple(values["hidden"])
     config = dataclasses.replace(base, **values)
     validate(config)
     return config
@@ -227,4 +254,3 @@ def validate(c: TrainConfig) -> None:
     need(c.log_interval > 0, "log_interval", "a positive number of seconds")
     need(c.profile_steps >= 1, "profile_steps", "a positive integer")
     need(c.trace_cycles >= 1, "trace_cycles", "a positive integer")
-    need(isinstance(c.env_kwargs, dict), "env_kwargs", "a dict of keyword arguments")

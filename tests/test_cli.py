@@ -4,6 +4,7 @@ import importlib
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 
@@ -291,6 +292,25 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         checkpoint.atomic_write(path, broken)
     assert json.loads(path.read_text()) == {"v": 1}
     assert os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_python_api_values_become_plain_types_and_a_wrong_kind_is_a_one_line_error(tmp_path):
+    import numpy as np
+
+    # A sweep's numpy scalars, total_steps=1e6, a pathlib run_dir: plain Python values, so
+    # config.json can be written.
+    c = fastrl.make_config(env_id="CartPole-v1", num_envs=np.int64(4), lr=np.float32(1e-3), total_steps=1e6,
+                           hidden=np.array([32, 32]), run_dir=tmp_path / "run")
+    assert (c.num_envs, c.total_steps, c.hidden) == (4, 1_000_000, (32, 32)) and c.lr == pytest.approx(1e-3)
+    assert c.run_dir == str(tmp_path / "run")
+    assert [type(v) for v in (c.num_envs, c.lr, c.total_steps, c.hidden[0])] == [int, float, int, int]
+    saved = json.dumps(c.to_dict())  # (nan != nan: compare the JSON)
+    assert json.dumps(fastrl.TrainConfig.from_dict(json.loads(saved)).to_dict()) == saved
+    for bad, named in [(dict(gamma="0.9"), "gamma='0.9'"), (dict(num_envs=2.5), "num_envs=2.5"),
+                       (dict(hidden=64), "hidden=64"), (dict(dueling=1), "dueling=1"),
+                       (dict(total_steps=float("inf")), "total_steps=inf"), (dict(env_kwargs="x"), "env_kwargs='x'")]:
+        with pytest.raises(ConfigError, match=f"^invalid {re.escape(named)}: must be "):
+            fastrl.make_config(**bad)
 
 
 def test_env_kwargs_parse_to_typed_values():
