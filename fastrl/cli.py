@@ -12,7 +12,7 @@ import dataclasses
 import json
 import sys
 
-from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, SEED_LIMIT, ConfigError, TrainConfig, make_config
+from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, ConfigError, TrainConfig, make_config
 from fastrl.envs import WorkerDied
 
 
@@ -152,18 +152,12 @@ def _eval(args: argparse.Namespace) -> int:
     from fastrl.evaluate import evaluate_checkpoint
     from fastrl.train import resolve_device
 
-    if args.episodes < 1:
-        raise ConfigError(f"invalid --episodes={args.episodes}: must be a positive integer")
-    if args.envs < 1:
-        raise ConfigError(f"invalid --envs={args.envs}: must be a positive integer")
-    if not 0 <= args.seed < SEED_LIMIT:  # env seeds past the offset, disjoint from training's
-        raise ConfigError(f"invalid --seed={args.seed}: must be an integer in [0, 2**31)")
     if args.device not in DEVICES:
         raise ConfigError(f"invalid --device={args.device!r}: must be {' or '.join(DEVICES)}")
     device = resolve_device(args.device)  # cuda with no CUDA device: a ConfigError
     try:
         result = evaluate_checkpoint(args.checkpoint, args.episodes, args.seed, device, args.envs)
-    except ValueError as exc:  # unreadable checkpoint
+    except ValueError as exc:  # a bad value (a ConfigError already) or an unreadable checkpoint
         raise ConfigError(str(exc)) from None
     print(f"{result.mean:.2f} ± {result.std:.2f} over {result.episodes} episodes")
     return 0

@@ -113,7 +113,7 @@ class TrainConfig:
         # scalars from a sweep, total_steps=1e6, a pathlib run_dir): the config goes to JSON
         # with every run.
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _as_type(f.name, f.type, getattr(self, f.name)))
+            object.__setattr__(self, f.name, plain_value(f.name, f.type, getattr(self, f.name)))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,8 +124,9 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def _as_type(name: str, kind: str, value: Any) -> Any:
-    """`value` as a plain `kind` (a field's annotation); ConfigError if it is not one."""
+def plain_value(name: str, kind: str, value: Any) -> Any:
+    """`value` as a plain Python `kind` (int, float, tuple of ints, bool, str, dict: a config
+    field's annotation); a ConfigError naming `name` if it is not one."""
     def integral(v: Any) -> bool:
         return (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
                 and float(v).is_integer())

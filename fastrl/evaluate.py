@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fastrl import checkpoint
-from fastrl.config import TrainConfig
+from fastrl.config import SEED_LIMIT, ConfigError, TrainConfig, plain_value
 from fastrl.envs import EnvSpec, WorkerDied, init_worker, make_vector_env, worker_died
 from fastrl.nets import build_network, greedy_policy
 
@@ -183,6 +183,13 @@ def load_policy(path: str, device: torch.device | str = "cpu"):
 def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, device: torch.device | str = "cpu",
                         num_envs: int = 20) -> EvalResult:
     """Greedy evaluation of a saved policy on env seeds disjoint from training."""
+    episodes, seed, num_envs = (plain_value(name, "int", value) for name, value in
+                                (("episodes", episodes), ("seed", seed), ("num_envs", num_envs)))
+    for name, value in (("episodes", episodes), ("num_envs", num_envs)):
+        if value < 1:
+            raise ConfigError(f"invalid {name}={value}: must be a positive integer")
+    if not 0 <= seed < SEED_LIMIT:  # env seeds past the offset, disjoint from training's
+        raise ConfigError(f"invalid seed={seed}: must be an integer in [0, 2**31)")
     device = torch.device(device)
     config, _, greedy = load_policy(path, device)
     evaluator = Evaluator(config.env_id, config.env_kwargs, min(num_envs, episodes), seed, device)

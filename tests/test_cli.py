@@ -199,14 +199,20 @@ def test_eval_takes_a_run_directory_and_rejects_bad_paths_and_devices(tiny_run, 
     assert capsys.readouterr().out == from_file and "over 3 episodes" in from_file
     bad = [([str(tmp_path)], "is a directory without a checkpoint.pt"),
            ([str(run_dir), "--device", "tpu"], "--device='tpu'"),
-           ([str(run_dir), "--seed", "-1"], "--seed=-1"),  # eval env seeds would reach training's
-           ([str(run_dir), "--seed", str(2**31)], f"--seed={2**31}")]
+           ([str(run_dir), "--seed", "-1"], "seed=-1"),  # eval env seeds would reach training's
+           ([str(run_dir), "--seed", str(2**31)], f"seed={2**31}"),
+           ([str(run_dir), "--episodes", "0"], "episodes=0"), ([str(run_dir), "--envs", "0"], "num_envs=0")]
     if not torch.cuda.is_available():
         bad.append(([str(run_dir), "--device", "cuda"], "device='cuda'"))
     for args, named in bad:
         assert call_main(["eval", *args]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and named in err and "Traceback" not in err, err
+    # The same checks from Python, where a bad value used to fail deep in gymnasium or numpy.
+    for kwargs, named in [(dict(episodes=0), "episodes=0"), (dict(episodes=2.5), "episodes=2.5"),
+                          (dict(num_envs=0), "num_envs=0"), (dict(seed=-4_000_000_000), "seed=-4000000000")]:
+        with pytest.raises(ConfigError, match=f"^invalid {named}: must be "):
+            fastrl.evaluate(run_dir, **kwargs)
 
 
 def test_cuda_request_without_cuda_is_a_clear_error(capsys, tmp_path):
