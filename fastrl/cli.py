@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 
 from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, ConfigError, TrainConfig, make_config
@@ -169,7 +170,7 @@ def _bench(args: argparse.Namespace) -> int:
     from fastrl.bench import run_bench
 
     def positive(name: str, values: list) -> None:
-        bad = [v for v in values if v <= 0]
+        bad = [v for v in values if not 0 < v < math.inf]  # nan or inf would measure forever
         if bad:
             raise ConfigError(f"invalid --{name}={bad[0]}: must be positive")
 
