@@ -42,6 +42,17 @@ def parse_env_kwargs(items: list[str]) -> dict:
     return out
 
 
+def integer(text: str) -> int:
+    """An int option's value, in scientific notation too: "1e6" is 1000000, as in Python code."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)  # not a number: ValueError, which argparse reports in one line
+        if not value.is_integer():
+            raise ValueError(text) from None
+        return int(value)
+
+
 def _add_train_options(parser: argparse.ArgumentParser, profiling: bool = False) -> None:
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
@@ -60,7 +71,7 @@ def _add_train_options(parser: argparse.ArgumentParser, profiling: bool = False)
             parser.add_argument(name, dest=f.name, nargs="*", default=None, metavar="KEY=VALUE",
                                 help=f"{doc} (default: none)")
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
+            kind = {"int": integer, "float": float, "str": str}[f.type]
             shown = "auto" if f.name == "run_dir" else default
             parser.add_argument(name, dest=f.name, type=kind, default=None,
                                 help=f"{doc} (default: {shown})")

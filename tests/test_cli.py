@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import fastrl
 from fastrl import checkpoint
-from fastrl.cli import main
+from fastrl.cli import build_parser, main
 from fastrl.config import ConfigError
 
 TINY = ["--env", "CartPole-v1", "--total-steps", "1200", "--learning-starts", "400", "--num-envs", "4",
@@ -123,6 +123,7 @@ BAD = [
     (["--env-kwargs", "max_episode_steps=-5"], "max_episode_steps"),  # a ValueError in gymnasium
     (["--env", "LunarLander-v3", "--env-kwargs", "gravity=-20"], "gravity"),  # an assert in the env
     (["--num-envs", "many"], "many"),
+    (["--total-steps", "2.5"], "'2.5'"),
     (["--collection", "eager"], "collection='eager'"),
     (["--collection", "ready-first", "--backend", "sync"], "backend='sync'"),
     (["--collection", "ready-first", "--env", "CartPole-v1", "--algo", "reinforce"], "algo=reinforce"),
@@ -317,6 +318,13 @@ def test_python_api_values_become_plain_types_and_a_wrong_kind_is_a_one_line_err
                        (dict(total_steps=float("inf")), "total_steps=inf"), (dict(env_kwargs="x"), "env_kwargs='x'")]:
         with pytest.raises(ConfigError, match=f"^invalid {re.escape(named)}: must be "):
             fastrl.make_config(**bad)
+
+
+def test_integer_options_take_scientific_notation():
+    args = build_parser().parse_args(["train", "--total-steps", "1e6", "--buffer-size", "2.5e4",
+                                      "--learning-starts", "1_000"])
+    assert (args.total_steps, args.buffer_size, args.learning_starts) == (1_000_000, 25_000, 1_000)
+    assert type(args.total_steps) is int
 
 
 def test_env_kwargs_parse_to_typed_values():
