@@ -355,7 +355,7 @@ def run_bench(what: str, env_id: str, num_envs: list[int], batch_sizes: list[int
         result["collect"] = bench_collect(env_id, num_envs, seconds, rounds, device)
         print(format_collect(result["collect"]))
         plot_collect(result["collect"], out / "collect.png")
-        checkpoint.save_json(out / "bench.json", result)  # now: an interrupted `all` keeps it
+        checkpoint.save_json(out / "bench.json", result)  # at once: Ctrl-C during `learn` keeps it
     if what in ("learn", "all"):
         print(f"fastrl bench learn: modes {modes}, batch sizes {batch_sizes}", flush=True)
         result["learn"] = bench_learn(env_id, modes, batch_sizes, seconds, rounds, device)

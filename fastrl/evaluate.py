@@ -183,8 +183,9 @@ def load_policy(path: str, device: torch.device | str = "cpu"):
 def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, device: torch.device | str = "cpu",
                         num_envs: int = 20) -> EvalResult:
     """Greedy evaluation of a saved policy on env seeds disjoint from training."""
-    episodes, seed, num_envs = (plain_value(name, "int", value) for name, value in
-                                (("episodes", episodes), ("seed", seed), ("num_envs", num_envs)))
+    episodes = plain_value("episodes", "int", episodes)
+    num_envs = plain_value("num_envs", "int", num_envs)
+    seed = plain_value("seed", "int", seed)
     for name, value in (("episodes", episodes), ("num_envs", num_envs)):
         if value < 1:
             raise ConfigError(f"invalid {name}={value}: must be a positive integer")
