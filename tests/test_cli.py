@@ -212,7 +212,7 @@ def test_eval_takes_a_run_directory_and_rejects_bad_paths_and_devices(tiny_run, 
     # The same checks from Python, where a bad value used to fail deep in gymnasium or numpy.
     for kwargs, named in [(dict(episodes=0), "episodes=0"), (dict(episodes=2.5), "episodes=2.5"),
                           (dict(num_envs=0), "num_envs=0"), (dict(seed=-4_000_000_000), "seed=-4000000000")]:
-        with pytest.raises(ConfigError, match=f"^invalid {named}: must be "):
+        with pytest.raises(ConfigError, match=f"^invalid {re.escape(named)}: must be "):
             fastrl.evaluate(run_dir, **kwargs)
 
 
