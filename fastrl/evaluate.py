@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import sys
+import time
 import traceback
 from typing import Callable, NamedTuple
 
@@ -13,6 +15,7 @@ import torch
 from fastrl import checkpoint
 from fastrl.config import SEED_LIMIT, ConfigError, TrainConfig, plain_value
 from fastrl.envs import EnvSpec, WorkerDied, init_worker, make_vector_env, worker_died
+from fastrl.metrics import Progress
 from fastrl.nets import build_network, greedy_policy
 
 # Training envs are seeded seed + i (i < num_envs); evaluation starts far above.
@@ -41,11 +44,13 @@ class Evaluator:
 
     @torch.no_grad()
     def run(self, policy: Callable[[torch.Tensor], torch.Tensor], episodes: int,
-            screen_below: float = math.nan) -> EvalResult:
+            screen_below: float = math.nan, on_episodes: Callable[[int, int], None] | None = None) -> EvalResult:
         """policy: obs [E, *obs] -> actions [E]. With `screen_below`, stop after the first
         round (one episode per env) if its mean is already below that value: a cheap
-        screen before paying for the full evaluation."""
+        screen before paying for the full evaluation. `on_episodes(episodes, env_steps)`
+        is called, if given, after each step that ended an episode (for a progress line)."""
         E = self.num_envs
+        env_steps = 0
         quota = np.full(E, episodes // E) + (np.arange(E) < episodes % E)
         returns: list[list[float]] = [[] for _ in range(E)]
         obs, _ = self.envs.reset(seed=self._next_seed)
@@ -64,6 +69,9 @@ class Evaluator:
                     returns[i].append(float(ep_return[i]))
                 ep_return[i] = 0.0
             prev_done = done
+            env_steps += E
+            if on_episodes is not None and done.any():
+                on_episodes(sum(map(len, returns)), env_steps)
             if screening and all(len(r) >= 1 for r in returns):
                 screening = False
                 first = [r[0] for r in returns]  # one episode per env: an unbiased sample
@@ -181,8 +189,9 @@ def load_policy(path: str, device: torch.device | str = "cpu"):
 
 
 def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, device: torch.device | str = "cpu",
-                        num_envs: int = 20) -> EvalResult:
-    """Greedy evaluation of a saved policy on env seeds disjoint from training."""
+                        num_envs: int = 20, progress: bool = False) -> EvalResult:
+    """Greedy evaluation of a saved policy on env seeds disjoint from training. With
+    `progress`, a live line on stderr when it is a terminal (never in a log or a pipe)."""
     episodes = plain_value("episodes", "int", episodes)
     num_envs = plain_value("num_envs", "int", num_envs)
     seed = plain_value("seed", "int", seed)
@@ -194,7 +203,18 @@ def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, device: t
     device = torch.device(device)
     config, _, greedy = load_policy(path, device)
     evaluator = Evaluator(config.env_id, config.env_kwargs, min(num_envs, episodes), seed, device)
+    line = Progress(episodes, enabled=progress and sys.stderr.isatty(), stream=sys.stderr)
+    start = drawn = time.perf_counter()
+
+    def show(done: int, env_steps: int) -> None:
+        nonlocal drawn
+        now = time.perf_counter()
+        if now - drawn >= 0.25 or done == episodes:  # a few redraws a second
+            drawn, elapsed = now, now - start
+            line.show(done, "episodes", f"{env_steps / elapsed:8,.0f} env steps/s", elapsed, done / elapsed)
+
     try:
-        return evaluator.run(greedy, episodes)
+        return evaluator.run(greedy, episodes, on_episodes=show if line.enabled else None)
     finally:
+        line.close()
         evaluator.close()

@@ -64,8 +64,8 @@ def _fmt_duration(seconds: float) -> str:
 class Progress:
     """One status line: redrawn in place on a terminal, printed every `every_s` otherwise."""
 
-    def __init__(self, total_steps: int, enabled: bool = True, stream=None, every_s: float = 15.0):
-        self.total = total_steps
+    def __init__(self, total: int, enabled: bool = True, stream=None, every_s: float = 15.0):
+        self.total = total
         self.stream = stream or sys.stdout
         self.enabled = enabled
         self.tty = self.stream.isatty()
@@ -75,15 +75,19 @@ class Progress:
 
     def update(self, steps: int, elapsed: float, sps: float, ups: float,
                recent_return: float | None, last_eval: float | None) -> None:
-        if not self.enabled:
-            return
-        frac = min(steps / self.total, 1.0)
-        left = (self.total - steps) / sps if sps > 0 else float("nan")
+        """The training line."""
         ret = f"{recent_return:8.1f}" if recent_return is not None else "       -"
         ev = f"{last_eval:7.1f}" if last_eval is not None else "      -"
+        self.show(steps, "steps", f"{sps:7,.0f} sps | {ups:6,.0f} upd/s | return {ret} | eval {ev}", elapsed, sps)
+
+    def show(self, done: int, unit: str, fields: str, elapsed: float, rate: float) -> None:
+        """Draws `[bar] done/total unit | fields | elapsed (~time left)`; `rate`: units per second."""
+        if not self.enabled:
+            return
+        frac = min(done / self.total, 1.0)
+        left = (self.total - done) / rate if rate > 0 else float("nan")
         bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
-        line = (f"[{bar}] {steps:>10,}/{self.total:,} steps | {sps:7,.0f} sps | {ups:6,.0f} upd/s"
-                f" | return {ret} | eval {ev} | {_fmt_duration(elapsed)}"
+        line = (f"[{bar}] {done:>10,}/{self.total:,} {unit} | {fields} | {_fmt_duration(elapsed)}"
                 f" (~{_fmt_duration(left) if left == left else '?'} left)")
         if self.tty:
             pad = max(self._width - len(line), 0)

@@ -83,6 +83,36 @@ def test_eval_command_prints_mean_and_std(tiny_run):
     assert proc.returncode == 0, proc.stderr
     mean, _, rest = proc.stdout.strip().partition(" ± ")
     assert float(mean) > 0 and rest.endswith("over 5 episodes")
+    assert proc.stderr == ""  # no progress line in a pipe or a log
+
+
+def eval_on_a_terminal(*args) -> tuple[bytes, str]:
+    """Runs `fastrl eval` with stderr on a pseudo-terminal: (what the terminal got, stdout)."""
+    import pty
+    master, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "fastrl", "eval", *args], stdout=subprocess.PIPE,
+                            stderr=terminal, text=True)
+    os.close(terminal)
+    shown = b""
+    try:
+        while chunk := os.read(master, 4096):
+            shown += chunk
+    except OSError:  # EIO: the process has closed the terminal
+        pass
+    finally:
+        os.close(master)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    return shown, out
+
+
+def test_eval_shows_a_live_progress_line_on_a_terminal(tiny_run):
+    run_dir, _ = tiny_run
+    shown, out = eval_on_a_terminal(str(run_dir), "--episodes", "40")
+    assert b"40/40 episodes |" in shown and b"env steps/s" in shown and shown.startswith(b"\r[")
+    assert out.strip().endswith("over 40 episodes") and len(out.strip().splitlines()) == 1
+    shown, out = eval_on_a_terminal(str(run_dir), "--episodes", "40", "--no-progress")
+    assert shown == b"" and out.strip().endswith("over 40 episodes")
 
 
 def test_help_documents_every_option_with_default():
