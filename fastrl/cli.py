@@ -65,7 +65,7 @@ def _add_train_options(parser: argparse.ArgumentParser, profiling: bool = False)
             parser.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{doc} (default: {default})")
         elif f.type == "tuple":
-            parser.add_argument(name, dest=f.name, type=int, nargs="+", default=None, metavar="W",
+            parser.add_argument(name, dest=f.name, type=integer, nargs="+", default=None, metavar="W",
                                 help=f"{doc} (default: {' '.join(map(str, default))})")
         elif f.type == "dict":
             parser.add_argument(name, dest=f.name, nargs="*", default=None, metavar="KEY=VALUE",
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_p = sub.add_parser("eval", help="greedy evaluation of a checkpoint")
     eval_p.add_argument("checkpoint", help="path to a checkpoint.pt written by fastrl train")
     eval_p.add_argument("--episodes", type=integer, default=100, help="episodes to run (default: 100)")
-    eval_p.add_argument("--seed", type=int, default=0,
+    eval_p.add_argument("--seed", type=integer, default=0,
                         help="evaluation seed; env seeds stay disjoint from training (default: 0)")
     eval_p.add_argument("--envs", type=integer, default=20, help="vectorized eval envs (default: 20)")
     eval_p.add_argument("--device", default="cpu", help="device for the network: auto | cpu | cuda (default: cpu)")
@@ -115,17 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "writes bench.json and collect.png.")
     bench_p.add_argument("what", choices=("collect", "learn", "all"), help="what to measure")
     bench_p.add_argument("--env", default="LunarLander-v3", help="gymnasium env id (default: LunarLander-v3)")
-    bench_p.add_argument("--num-envs", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256], metavar="N",
+    bench_p.add_argument("--num-envs", type=integer, nargs="+", default=[8, 16, 32, 64, 128, 256], metavar="N",
                          help="env counts for collect (default: 8 16 32 64 128 256)")
-    bench_p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024], metavar="B",
+    bench_p.add_argument("--batch-sizes", type=integer, nargs="+", default=[64, 256, 1024], metavar="B",
                          help="batch sizes for learn (default: 64 256 1024)")
     bench_p.add_argument("--modes", nargs="+", default=None, metavar="MODE",
                          help="learner modes for learn: eager compile cudagraphs (default: eager compile, "
                               "plus cudagraphs on CUDA)")
     bench_p.add_argument("--seconds", type=float, default=2.0, help="seconds per measurement (default: 2)")
-    bench_p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported (default: 3)")
+    bench_p.add_argument("--rounds", type=integer, default=3, help="interleaved rounds; medians reported (default: 3)")
     bench_p.add_argument("--device", default="auto", help="device for the ring and learner: auto | cpu | cuda")
-    bench_p.add_argument("--threads", type=int, default=1, help="torch CPU threads, as in training (default: 1)")
+    bench_p.add_argument("--threads", type=integer, default=1, help="torch CPU threads, as in training (default: 1)")
     bench_p.add_argument("--out", default="", help="output directory (default: runs/bench__<env>__<time>)")
     return parser
 

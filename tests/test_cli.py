@@ -350,11 +350,13 @@ def test_python_api_values_become_plain_types_and_a_wrong_kind_is_a_one_line_err
             fastrl.make_config(**bad)
 
 
-def test_integer_options_take_scientific_notation():
+def test_integer_options_take_scientific_notation():  # in every command
     args = build_parser().parse_args(["train", "--total-steps", "1e6", "--buffer-size", "2.5e4",
                                       "--learning-starts", "1_000"])
     assert (args.total_steps, args.buffer_size, args.learning_starts) == (1_000_000, 25_000, 1_000)
     assert type(args.total_steps) is int
+    assert build_parser().parse_args(["bench", "collect", "--num-envs", "1.28e2", "2.56e2"]).num_envs == [128, 256]
+    assert build_parser().parse_args(["eval", "run", "--episodes", "1e3"]).episodes == 1000
 
 
 def test_env_kwargs_parse_to_typed_values():
