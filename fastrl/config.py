@@ -124,6 +124,16 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def invalid(name: str, value: Any, allowed: str) -> ConfigError:
+    """The one-line error that quotes `name`=`value` and what is allowed."""
+    return ConfigError(f"invalid {name}={value!r}: must be {allowed}")
+
+
+def check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise invalid(name, value, allowed)
+
+
 def plain_value(name: str, kind: str, value: Any) -> Any:
     """`value` as a plain Python `kind` (int, float, tuple of ints, bool, str, dict: a config
     field's annotation); a ConfigError naming `name` if it is not one."""
@@ -145,7 +155,7 @@ def plain_value(name: str, kind: str, value: Any) -> Any:
         return value
     allowed = {"int": "an integer", "float": "a number", "tuple": "a sequence of integers", "bool": "True or False",
                "str": "a string", "dict": "a dict of keyword arguments"}[kind]
-    raise ConfigError(f"invalid {name}={value!r}: must be {allowed}")
+    raise invalid(name, value, allowed)
 
 
 # Tuned per (algo, env). Only what differs from the dataclass defaults.
@@ -196,8 +206,7 @@ def validate(c: TrainConfig) -> None:
     """Checks every value that does not need the env; raises ConfigError (one line)."""
 
     def need(ok: bool, name: str, allowed: str) -> None:
-        if not ok:
-            raise ConfigError(f"invalid {name}={getattr(c, name)!r}: must be {allowed}")
+        check(ok, name, getattr(c, name), allowed)
 
     need(c.algo in ALGOS, "algo", " or ".join(ALGOS))
     need(c.backend in BACKENDS, "backend", " or ".join(BACKENDS))
@@ -223,7 +232,7 @@ def validate(c: TrainConfig) -> None:
     need(c.total_steps >= 1, "total_steps", "a positive integer")
     need(c.time_limit_s >= 0, "time_limit_s", ">= 0 seconds (0 = no limit)")
     need(0 <= c.seed < SEED_LIMIT, "seed", "an integer in [0, 2**31)")
-    need(len(c.hidden) >= 1 and all(int(h) >= 1 for h in c.hidden), "hidden", "one or more positive widths")
+    need(len(c.hidden) >= 1 and all(h >= 1 for h in c.hidden), "hidden", "one or more positive widths")
     need(c.lr > 0 and math.isfinite(c.lr), "lr", "a positive number")
     need(math.isnan(c.lr_end) or 0 <= c.lr_end < math.inf, "lr_end", "a number >= 0, or nan for a constant lr")
     need(0 < c.gamma <= 1, "gamma", "in (0, 1]")

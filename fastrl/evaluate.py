@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fastrl import checkpoint
-from fastrl.config import SEED_LIMIT, ConfigError, TrainConfig, plain_value
+from fastrl.config import SEED_LIMIT, TrainConfig, check, plain_value
 from fastrl.envs import EnvSpec, WorkerDied, init_worker, make_vector_env, worker_died
 from fastrl.metrics import Progress
 from fastrl.nets import build_network, greedy_policy
@@ -195,11 +195,10 @@ def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, device: t
     episodes = plain_value("episodes", "int", episodes)
     num_envs = plain_value("num_envs", "int", num_envs)
     seed = plain_value("seed", "int", seed)
-    for name, value in (("episodes", episodes), ("num_envs", num_envs)):
-        if value < 1:
-            raise ConfigError(f"invalid {name}={value}: must be a positive integer")
-    if not 0 <= seed < SEED_LIMIT:  # env seeds past the offset, disjoint from training's
-        raise ConfigError(f"invalid seed={seed}: must be an integer in [0, 2**31)")
+    check(episodes >= 1, "episodes", episodes, "a positive integer")
+    check(num_envs >= 1, "num_envs", num_envs, "a positive integer")
+    # As in training: the env seeds, past the offset, stay disjoint from training's.
+    check(0 <= seed < SEED_LIMIT, "seed", seed, "an integer in [0, 2**31)")
     device = torch.device(device)
     config, _, greedy = load_policy(path, device)
     evaluator = Evaluator(config.env_id, config.env_kwargs, min(num_envs, episodes), seed, device)
