@@ -41,8 +41,9 @@ def create_run_dir(config: TrainConfig) -> Path:
 
 class StopRequest:
     """While installed, Ctrl-C (SIGINT) or SIGTERM (`kill`, a scheduler's preemption) asks
-    the training loop to stop at the end of its cycle, where nothing is half done: no env
-    step in flight, no half-read reply, no half-written log record. A wait on an evaluation
+    the training loop to stop: it skips the rest of the cycle's updates (or rollout) and
+    stops at the cycle's end, where nothing is half done: no env step in flight, no
+    half-read reply, no half-written log record. A wait on an evaluation
     gives up on it. A second signal stops at once (KeyboardInterrupt)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)

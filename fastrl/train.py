@@ -67,7 +67,7 @@ def train(config: TrainConfig) -> dict:
         envs.close()
         raise
     collector = Collector(envs, device, run.phases, ready_first=config.collection == "ready-first")
-    with run.stop.installed():  # Ctrl-C, SIGTERM: stop at the end of a cycle (see StopRequest)
+    with run.stop.installed():  # Ctrl-C, SIGTERM: the loop stops soon, never mid-step (see StopRequest)
         try:
             loop(config, spec, collector, run)
         except KeyboardInterrupt:  # a second signal, or a stop that gave up waiting for an evaluation
@@ -123,10 +123,11 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
             actions[g] = chosen[groups[g]]
             collector.send(g, actions[g])
 
-        # Learn while the env workers step (async backends).
+        # Learn while the env workers step (async backends). A stop request ends the
+        # updates early: with a large replay_ratio x num_envs a cycle's can take seconds.
         if run.env_steps >= c.learning_starts and ring.size > 0:
             update_credit += sum(len(actions[g]) for g in ready) * c.replay_ratio
-            while update_credit >= 1.0:
+            while update_credit >= 1.0 and not run.stop.requested:
                 with phases("update"):
                     learner_stats.add(learn())
                 run.updates += 1
@@ -166,6 +167,8 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
     episodes_learned = 0
     while run.budget_left():
         for _ in range(c.rollout_steps):
+            if run.stop.requested:  # a long rollout ends early; its finished episodes are still learned
+                break
             with phases("act"):
                 actions = act(obs)
             collector.step_async(actions)

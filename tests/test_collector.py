@@ -481,6 +481,46 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def signal_on_call(make, calls: int):
+    """Wraps a factory of step functions (make_learn_step, make_act): the function it
+    makes sends this process SIGINT (Ctrl-C) during its `calls`-th call."""
+    def wrapped_make(*args, **kwargs):
+        step, count = make(*args, **kwargs), 0
+
+        def signalling_step(*a):
+            nonlocal count
+            count += 1
+            if count == calls:
+                os.kill(os.getpid(), signal.SIGINT)
+            return step(*a)
+        return signalling_step
+    return wrapped_make
+
+
+@pytest.mark.parametrize("algo", ["ddqn", "reinforce"])
+def test_a_stop_ends_a_long_cycle_at_once(tmp_path, monkeypatch, algo):
+    # One cycle: 4 envs x replay_ratio 1000 = 4,000 DDQN updates, or a REINFORCE rollout
+    # of 20,000 vector steps. Ctrl-C during the 5th update or act stops there, not at the
+    # cycle's end.
+    import fastrl
+    from fastrl.algos import ddqn, reinforce
+    if algo == "ddqn":
+        monkeypatch.setattr(ddqn, "make_learn_step", signal_on_call(ddqn.make_learn_step, 5))
+        settings = dict(replay_ratio=1000.0, learning_starts=100)
+    else:
+        monkeypatch.setattr(reinforce, "make_act", signal_on_call(reinforce.make_act, 5))
+        settings = dict(rollout_steps=20_000)
+    config = fastrl.make_config(env_id="CartPole-v1", algo=algo, num_envs=4, backend="sync", learner="eager",
+                                total_steps=10_000_000, eval_interval=0, progress=False, run_dir=str(tmp_path),
+                                **settings)
+    summary = fastrl.train(config)
+    assert summary["interrupted"] and (tmp_path / "checkpoint.pt").exists()
+    if algo == "ddqn":
+        assert summary["updates"] == 5, summary  # the update under way when the signal came ends; no more
+    else:
+        assert summary["env_steps"] == 5 * 4 and summary["updates"] == 0, summary  # the 5th step completes
+
+
 def test_ctrl_c_during_the_final_evaluation_gives_it_up_and_saves(tmp_path):
     # No evaluation during the loop, which ends within seconds; the final evaluation
     # (a million episodes) would never end. The evaluation process, idle until then,
