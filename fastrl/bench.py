@@ -2,7 +2,8 @@
 
 collect  env steps/s into the replay ring through fastrl's collector, per backend and
          env count, next to the raw env stepped in one process (x cores = the
-         machine's limit) and plain gymnasium AsyncVectorEnv (one process per env).
+         machine's limit) and plain gymnasium AsyncVectorEnv (one process per env) and
+         SyncVectorEnv.
          Measurements are interleaved in rounds, so a machine that speeds up or slows
          down during the run moves every figure alike; medians over rounds are reported.
 learn    updates/s of the Double-DQN learner step (sample, targets, loss, gradients,
@@ -18,6 +19,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import gymnasium as gym
@@ -29,7 +31,7 @@ from fastrl.algos import ddqn
 from fastrl.buffer import ReplayRing
 from fastrl.collector import Collector
 from fastrl.config import ConfigError, TrainConfig, make_config
-from fastrl.envs import EnvSpec, cpu_cores, default_workers, inspect_env, make_vector_env
+from fastrl.envs import AUTORESET, EnvSpec, cpu_cores, default_workers, inspect_env, make_vector_env
 from fastrl.metrics import DeviceMeans
 from fastrl.nets import build_network
 from fastrl.optim import Adam
@@ -80,7 +82,7 @@ class SingleProcess:
 
 @dataclass
 class CollectCase:
-    backend: str      # async | sync | envpool
+    backend: str      # async | sync | envpool, or gymnasium-sync: gymnasium's own SyncVectorEnv, for reference
     num_envs: int
     num_workers: int  # async only; num_envs = plain AsyncVectorEnv
     ready_first: bool = False  # grouped async: act on each worker's group as soon as it is ready
@@ -91,7 +93,7 @@ class CollectCase:
             if self.num_workers == self.num_envs:
                 return "async, plain (1 env/process)"
             return "async, grouped, ready-first" if self.ready_first else "async, grouped"
-        return self.backend
+        return "sync, plain SyncVectorEnv" if self.backend == "gymnasium-sync" else self.backend
 
     @property
     def label(self) -> str:
@@ -105,7 +107,11 @@ class CollectorLoop:
 
     def __init__(self, case: CollectCase, env_id: str, device: torch.device, seed: int):
         self.case = case
-        envs = make_vector_env(env_id, case.num_envs, case.backend, num_workers=case.num_workers)
+        if case.backend == "gymnasium-sync":
+            envs = gym.vector.SyncVectorEnv([partial(gym.make, env_id)] * case.num_envs, copy=False,
+                                            autoreset_mode=AUTORESET)
+        else:
+            envs = make_vector_env(env_id, case.num_envs, case.backend, num_workers=case.num_workers)
         self.collector = Collector(envs, device, ready_first=case.ready_first)
         groups = self.collector.groups
         self.n_actions = int(envs.single_action_space.n)
@@ -156,6 +162,7 @@ def collect_cases(num_envs: list[int], envpool: bool) -> list[CollectCase]:
             if workers > 1:
                 cases.append(CollectCase("async", n, workers, ready_first=True))
         cases.append(CollectCase("sync", n, 0))
+        cases.append(CollectCase("gymnasium-sync", n, 0))
         if envpool:
             cases.append(CollectCase("envpool", n, 0))
     return cases

@@ -35,6 +35,7 @@ def test_bench_all_prints_tables_and_writes_json_and_png(tmp_path):
     series = {(r["series"], r["num_envs"]) for r in collect["rows"]}
     for n in (2, 4):
         assert ("async, plain (1 env/process)", n) in series and ("sync", n) in series
+        assert ("sync, plain SyncVectorEnv", n) in series
     assert ("async, grouped", 4) in series
     assert (("async, grouped, ready-first", 4) in series) == (collect["cores"] > 1)  # one group per worker
     for row in collect["rows"]:
