@@ -123,8 +123,8 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
             actions[g] = chosen[groups[g]]
             collector.send(g, actions[g])
 
-        # Learn while the env workers step (async backends). A stop request ends the
-        # updates early: with a large replay_ratio x num_envs a cycle's can take seconds.
+        # Learn while the env workers step (async backends). A stop request skips the rest:
+        # with a large replay_ratio x num_envs one cycle's updates can take seconds.
         if run.env_steps >= c.learning_starts and ring.size > 0:
             update_credit += sum(len(actions[g]) for g in ready) * c.replay_ratio
             while update_credit >= 1.0 and not run.stop.requested:
