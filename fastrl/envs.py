@@ -435,6 +435,9 @@ class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
         self._requests = [_StepRequest(G) for _ in range(num_workers)]
         self._replies = [_StepReply(G) for _ in range(num_workers)]
         self._pending = [False] * num_workers  # worker w owes a step reply
+        # step_wait()'s rewards, terminated, truncated [N]: every worker's reply copied in, no allocation
+        self._results = (np.zeros(self.num_envs, np.float64), np.zeros(self.num_envs, np.bool_),
+                         np.zeros(self.num_envs, np.bool_))
 
     def reset(self, *, seed: int | list | None = None, options: dict | None = None):
         if any(self._pending):
@@ -468,10 +471,12 @@ class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
                 raise multiprocessing.TimeoutError(f"The call to `step_wait` has timed out after {timeout} second(s).")
             *_, group_infos = self.recv_group(w)
             infos = self._merge_group_infos([(w, group_infos)], infos)
+        rewards, terminated, truncated = self._results  # reused by the next step, like the obs
         replies = self._replies
-        return (self._obs, np.concatenate([r.rewards for r in replies]),
-                np.concatenate([r.terminated for r in replies]), np.concatenate([r.truncated for r in replies]),
-                infos)
+        np.concatenate([r.rewards for r in replies], out=rewards)
+        np.concatenate([r.terminated for r in replies], out=terminated)
+        np.concatenate([r.truncated for r in replies], out=truncated)
+        return self._obs, rewards, terminated, truncated, infos
 
     # Per worker, for a collector that acts on each group as soon as it has stepped,
     # without waiting for the others (step_async/step_wait are these for every worker).
