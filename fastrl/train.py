@@ -167,18 +167,21 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
     episodes_learned = 0
     while run.budget_left():
         for _ in range(c.rollout_steps):
-            if run.stop.requested:  # a long rollout ends early; its finished episodes are still learned
+            if run.stop.requested:  # a long rollout ends early
                 break
             with phases("act"):
                 actions = act(obs)
             collector.step_async(actions)
             obs = store_step(collector, buffer, 0, actions, run)
 
-        # Learn once from every episode that ended since the last update (host-side count).
-        if collector.episodes > episodes_learned:
+        # Learn once from every episode that ended since the last update (host-side count);
+        # a stop request skips what is left of it.
+        if collector.episodes > episodes_learned and not run.stop.requested:
             with phases("targets"):
                 batch = buffer.episodes(c.gamma)
             for _ in range(c.grad_steps):
+                if run.stop.requested:
+                    break
                 with phases("update"):
                     learner_stats.add(update(batch))
                 run.updates += 1

@@ -497,28 +497,32 @@ def signal_on_call(make, calls: int):
     return wrapped_make
 
 
-@pytest.mark.parametrize("algo", ["ddqn", "reinforce"])
-def test_a_stop_ends_a_long_cycle_at_once(tmp_path, monkeypatch, algo):
-    # One cycle: 4 envs x replay_ratio 1000 = 4,000 DDQN updates, or a REINFORCE rollout
-    # of 20,000 vector steps. Ctrl-C during the 5th update or act stops there, not at the
-    # cycle's end.
+@pytest.mark.parametrize("cycle", ["ddqn updates", "reinforce rollout", "reinforce grad steps"])
+def test_a_stop_ends_a_long_cycle_at_once(tmp_path, monkeypatch, cycle):
+    # One cycle: 4 envs x replay_ratio 1000 = 4,000 DDQN updates, a REINFORCE rollout of
+    # 20,000 vector steps, or 1,000 REINFORCE gradient steps after a rollout of 64. Ctrl-C
+    # during the 5th update or act stops there, not at the cycle's end.
     import fastrl
     from fastrl.algos import ddqn, reinforce
-    if algo == "ddqn":
+    if cycle == "ddqn updates":
         monkeypatch.setattr(ddqn, "make_learn_step", signal_on_call(ddqn.make_learn_step, 5))
-        settings = dict(replay_ratio=1000.0, learning_starts=100)
-    else:
+        settings = dict(algo="ddqn", replay_ratio=1000.0, learning_starts=100)
+    elif cycle == "reinforce rollout":
         monkeypatch.setattr(reinforce, "make_act", signal_on_call(reinforce.make_act, 5))
-        settings = dict(rollout_steps=20_000)
-    config = fastrl.make_config(env_id="CartPole-v1", algo=algo, num_envs=4, backend="sync", learner="eager",
+        settings = dict(algo="reinforce", rollout_steps=20_000)
+    else:
+        monkeypatch.setattr(reinforce, "make_update", signal_on_call(reinforce.make_update, 5))
+        settings = dict(algo="reinforce", rollout_steps=64, grad_steps=1000)
+    config = fastrl.make_config(env_id="CartPole-v1", num_envs=4, backend="sync", learner="eager",
                                 total_steps=10_000_000, eval_interval=0, progress=False, run_dir=str(tmp_path),
                                 **settings)
     summary = fastrl.train(config)
     assert summary["interrupted"] and (tmp_path / "checkpoint.pt").exists()
-    if algo == "ddqn":
-        assert summary["updates"] == 5, summary  # the update under way when the signal came ends; no more
-    else:
-        assert summary["env_steps"] == 5 * 4 and summary["updates"] == 0, summary  # the 5th step completes
+    if cycle == "reinforce rollout":  # the 5th step completes, no more, and nothing is learned
+        assert summary["env_steps"] == 5 * 4 and summary["updates"] == 0, summary
+    else:  # the update under way when the signal came ends; no more
+        assert summary["updates"] == 5, summary
+        assert cycle == "ddqn updates" or summary["env_steps"] == 64 * 4, summary
 
 
 def test_ctrl_c_during_the_final_evaluation_gives_it_up_and_saves(tmp_path):
