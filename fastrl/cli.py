@@ -2,7 +2,7 @@
 
     fastrl train [--env ID] [--algo ddqn] [options]     (every TrainConfig field is an option)
     fastrl profile [train options] [--steps N]           where the training time goes
-    fastrl eval CHECKPOINT [--episodes 100] [--seed S]
+    fastrl eval CHECKPOINT [--episodes 100] [--seed S] [--render]
     fastrl bench collect|learn|all [options]             throughput, side by side
 """
 from __future__ import annotations
@@ -100,13 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(profile_p, profiling=True)
     eval_p = sub.add_parser("eval", help="greedy evaluation of a checkpoint")
     eval_p.add_argument("checkpoint", help="path to a checkpoint.pt written by fastrl train")
-    eval_p.add_argument("--episodes", type=integer, default=100, help="episodes to run (default: 100)")
+    eval_p.add_argument("--episodes", type=integer, default=None,
+                        help="episodes to run (default: 100; 3 with --render)")
     eval_p.add_argument("--seed", type=integer, default=0,
                         help="evaluation seed; env seeds stay disjoint from training (default: 0)")
     eval_p.add_argument("--envs", type=integer, default=20, help="vectorized eval envs (default: 20)")
     eval_p.add_argument("--device", default="cpu", help="device for the network: auto | cpu | cuda (default: cpu)")
     eval_p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="a live progress line on stderr, when it is a terminal (default: True)")
+    eval_p.add_argument("--render", action="store_true",
+                        help="watch the agent: the episodes play one after another in a window, at the env's "
+                             "frame rate (default: off)")
     bench_p = sub.add_parser(
         "bench", help="throughput: collector steps/s per backend and env count, learner updates/s per mode",
         description="collect: env steps/s into the replay ring per backend and env count, next to the raw env "
@@ -170,7 +174,8 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"invalid --device={args.device!r}: must be {' or '.join(DEVICES)}")
     device = resolve_device(args.device)  # cuda with no CUDA device: a ConfigError
     try:
-        result = evaluate_checkpoint(args.checkpoint, args.episodes, args.seed, device, args.envs, args.progress)
+        result = evaluate_checkpoint(args.checkpoint, args.episodes, args.seed, device, args.envs, args.progress,
+                                     args.render)
     except ValueError as exc:  # a bad value (a ConfigError already) or an unreadable checkpoint
         raise ConfigError(str(exc)) from None
     print(f"{result.mean:.2f} ± {result.std:.2f} over {result.episodes} episodes")

@@ -218,6 +218,10 @@ def validate(c: TrainConfig) -> None:
                                                  f"workers)")
     need(c.learner in LEARNERS, "learner", " or ".join(LEARNERS))
     need(isinstance(c.env_id, str) and c.env_id != "", "env_id", "a registered gymnasium env id")
+    if c.env_kwargs.get("render_mode") == "human":
+        raise ConfigError("invalid env_kwargs render_mode='human' for training: every env would draw each step "
+                          "in a window of its own, at the display's frame rate; watch the trained agent with "
+                          "fastrl eval RUN_DIR --render")
     need(c.num_envs >= 1, "num_envs", "a positive integer")
     need(c.num_workers >= 0, "num_workers", "an integer >= 0 (0 = automatic)")
     if c.num_workers:

@@ -53,6 +53,7 @@ class EnvSpec:
     n_actions: int
     reward_threshold: float  # nan when the env registers none
     max_episode_steps: int | None  # the time limit, if any
+    render_modes: tuple = ()  # the env's metadata["render_modes"]
 
 
 def _make_one(env_id: str, env_kwargs: dict, trainer: int | None = None) -> gym.Env:
@@ -91,8 +92,11 @@ def inspect_env(env_id: str, env_kwargs: dict) -> EnvSpec:
         spec = gym.spec(env_id)
     except gym.error.Error as exc:  # unknown id, bad namespace, deprecated version...
         raise ConfigError(f"invalid env_id={env_id!r}: {str(exc).splitlines()[0]}") from None
+    render_mode = env_kwargs.get("render_mode")
     try:
-        env = _make_one(env_id, env_kwargs)
+        with warnings.catch_warnings():  # gymnasium's warning for a mode the env lacks: refused below
+            warnings.filterwarnings("ignore", message=".*not in the possible render_modes")
+            env = _make_one(env_id, env_kwargs)
     except (TypeError, ValueError, AssertionError) as exc:
         # Unknown or bad keyword values: gymnasium and the envs raise all three.
         if not env_kwargs:
@@ -104,8 +108,12 @@ def inspect_env(env_id: str, env_kwargs: dict) -> EnvSpec:
     try:
         obs_space, act_space = env.observation_space, env.action_space
         max_episode_steps = env.spec.max_episode_steps if env.spec is not None else None
+        render_modes = tuple(env.metadata.get("render_modes", ()))
     finally:
         env.close()
+    if render_mode is not None and render_mode not in render_modes:
+        allowed = " or ".join(map(repr, render_modes)) if render_modes else "left out: it renders nothing"
+        raise ConfigError(f"invalid env_kwargs render_mode={render_mode!r} for {env_id}: must be {allowed}")
     if not isinstance(act_space, gym.spaces.Discrete):
         raise ConfigError(
             f"env {env_id!r} has action space {act_space}; fastrl's algorithms need Discrete actions")
@@ -113,7 +121,8 @@ def inspect_env(env_id: str, env_kwargs: dict) -> EnvSpec:
         raise ConfigError(
             f"env {env_id!r} has observation space {obs_space}; fastrl needs a numeric Box observation")
     threshold = spec.reward_threshold if spec.reward_threshold is not None else math.nan
-    return EnvSpec(tuple(obs_space.shape), int(act_space.n), float(threshold), max_episode_steps)
+    return EnvSpec(tuple(obs_space.shape), int(act_space.n), float(threshold), max_episode_steps,
+                   render_modes)
 
 
 def cpu_cores() -> int:

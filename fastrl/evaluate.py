@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 import sys
 import time
 import traceback
@@ -13,8 +14,8 @@ import numpy as np
 import torch
 
 from fastrl import checkpoint
-from fastrl.config import SEED_LIMIT, TrainConfig, check, plain_value
-from fastrl.envs import EnvSpec, WorkerDied, init_worker, make_vector_env, worker_died
+from fastrl.config import SEED_LIMIT, ConfigError, TrainConfig, check, plain_value
+from fastrl.envs import EnvSpec, WorkerDied, init_worker, inspect_env, make_vector_env, worker_died
 from fastrl.metrics import Progress
 from fastrl.nets import build_network, greedy_policy
 
@@ -176,6 +177,16 @@ def _evaluation_worker(conn, config: TrainConfig, spec: EnvSpec) -> None:
         evaluator.close()
 
 
+def _check_display() -> None:
+    # With no display, SDL (pygame, which gymnasium's envs draw with) falls back to an
+    # off-screen driver: the episodes would play at the frame rate, unseen.
+    headless = sys.platform.startswith("linux") and not any(
+        os.environ.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER"))
+    if headless:
+        raise ConfigError("render needs a display, and this session has none (DISPLAY and WAYLAND_DISPLAY "
+                          "are unset): run it on a desktop, or over ssh -X")
+
+
 def load_policy(path: str, device: torch.device | str = "cpu"):
     """Rebuilds a trained network from a checkpoint (or a run directory holding one).
     Returns (config, model, greedy_fn)."""
@@ -188,11 +199,13 @@ def load_policy(path: str, device: torch.device | str = "cpu"):
     return config, model, greedy_policy(model)
 
 
-def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, device: torch.device | str = "cpu",
-                        num_envs: int = 20, progress: bool = False) -> EvalResult:
-    """Greedy evaluation of a saved policy on env seeds disjoint from training. With
-    `progress`, a live line on stderr when it is a terminal (never in a log or a pipe)."""
-    episodes = plain_value("episodes", "int", episodes)
+def evaluate_checkpoint(path: str, episodes: int | None = None, seed: int = 0, device: torch.device | str = "cpu",
+                        num_envs: int = 20, progress: bool = False, render: bool = False) -> EvalResult:
+    """Greedy evaluation of a saved policy on env seeds disjoint from training: `episodes`
+    (default 100) over `num_envs` envs. With `render`, the episodes play one after another
+    in a window, at the env's frame rate (its render_mode 'human'; default 3 episodes).
+    With `progress`, a live line on stderr when it is a terminal (never in a log or a pipe)."""
+    episodes = plain_value("episodes", "int", episodes if episodes is not None else 3 if render else 100)
     num_envs = plain_value("num_envs", "int", num_envs)
     seed = plain_value("seed", "int", seed)
     check(episodes >= 1, "episodes", episodes, "a positive integer")
@@ -201,7 +214,15 @@ def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, device: t
     check(0 <= seed < SEED_LIMIT, "seed", seed, "an integer in [0, 2**31)")
     device = torch.device(device)
     config, _, greedy = load_policy(path, device)
-    evaluator = Evaluator(config.env_id, config.env_kwargs, min(num_envs, episodes), seed, device)
+    spec = inspect_env(config.env_id, config.env_kwargs)  # still registered, and as trained: else one line
+    env_kwargs = config.env_kwargs
+    if render:
+        if "human" not in spec.render_modes:
+            raise ConfigError(f"{config.env_id} cannot draw to a window (its render modes: "
+                              f"{', '.join(spec.render_modes) or 'none'}), so it cannot be watched with render")
+        _check_display()
+        env_kwargs, num_envs = {**env_kwargs, "render_mode": "human"}, 1
+    evaluator = Evaluator(config.env_id, env_kwargs, min(num_envs, episodes), seed, device)
     line = Progress(episodes, enabled=progress and sys.stderr.isatty(), stream=sys.stderr)
     start = drawn = time.perf_counter()
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -151,6 +152,8 @@ BAD = [
     (["--env-kwargs", "no_such_kwarg=1"], "no_such_kwarg"),
     (["--env-kwargs", "novalue"], "novalue"),
     (["--env-kwargs", "max_episode_steps=-5"], "max_episode_steps"),  # a ValueError in gymnasium
+    (["--env-kwargs", "render_mode=human"], "fastrl eval RUN_DIR --render"),  # a window per env, at 50 fps
+    (["--env-kwargs", "render_mode=bogus"], "render_mode='bogus' for LunarLander-v3: must be 'human' or 'rgb_array'"),
     (["--env", "LunarLander-v3", "--env-kwargs", "gravity=-20"], "gravity"),  # an assert in the env
     (["--num-envs", "many"], "many"),
     (["--total-steps", "2.5"], "'2.5'"),
@@ -244,6 +247,38 @@ def test_eval_takes_a_run_directory_and_rejects_bad_paths_and_devices(tiny_run, 
                           (dict(num_envs=0), "num_envs=0"), (dict(seed=-4_000_000_000), "seed=-4000000000")]:
         with pytest.raises(ConfigError, match=f"^invalid {re.escape(named)}: must be "):
             fastrl.evaluate(run_dir, **kwargs)
+
+
+def test_eval_render_plays_the_same_episodes_in_a_window_at_the_frame_rate(tiny_run, monkeypatch):
+    run_dir, _ = tiny_run
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")  # pygame draws into memory: no display in CI
+    plain = fastrl.evaluate(run_dir, episodes=2, num_envs=1, seed=5)
+    start = time.perf_counter()
+    watched = fastrl.evaluate(run_dir, episodes=2, seed=5, render=True)
+    elapsed = time.perf_counter() - start
+    assert watched.returns == plain.returns  # the same policy on the same env seeds
+    # CartPole pays 1 per step, and draws each step at its render_fps (50): a window's pace.
+    assert elapsed >= 0.9 * sum(watched.returns) / 50 > 0.2
+    assert fastrl.evaluate(run_dir, render=True).episodes == 3  # a few episodes to watch by default
+
+
+def test_eval_render_is_refused_in_one_line_without_a_display_or_a_window_to_draw(tiny_run, tmp_path, capsys,
+                                                                                  monkeypatch):
+    run_dir, _ = tiny_run
+    if sys.platform.startswith("linux"):  # elsewhere a desktop has no DISPLAY variable to check
+        for name in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER"):
+            monkeypatch.delenv(name, raising=False)
+        assert call_main(["eval", str(run_dir), "--render"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "render needs a display" in err, err
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
+    scripted = fastrl.train(fastrl.make_config(
+        env_id="fastrl-test/Terminating-v0", total_steps=64, learning_starts=32, batch_size=8, num_envs=2,
+        backend="sync", learner="eager", eval_interval=0, eval_episodes=2, progress=False,
+        run_dir=str(tmp_path / "scripted")))
+    assert call_main(["eval", scripted["checkpoint"], "--render"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fastrl-test/Terminating-v0 cannot draw to a window" in err, err
 
 
 def test_cuda_request_without_cuda_is_a_clear_error(capsys, tmp_path):
