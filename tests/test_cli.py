@@ -262,7 +262,7 @@ def test_eval_render_plays_the_same_episodes_in_a_window_at_the_frame_rate(tiny_
     assert fastrl.evaluate(run_dir, render=True).episodes == 3  # a few episodes to watch by default
 
 
-def test_eval_render_is_refused_in_one_line_without_a_display_or_a_window_to_draw(tiny_run, tmp_path, capsys,
+def test_eval_refuses_in_one_line_no_display_an_env_without_a_window_or_an_unknown_env(tiny_run, tmp_path, capsys,
                                                                                   monkeypatch):
     run_dir, _ = tiny_run
     if sys.platform.startswith("linux"):  # elsewhere a desktop has no DISPLAY variable to check
@@ -279,6 +279,10 @@ def test_eval_render_is_refused_in_one_line_without_a_display_or_a_window_to_dra
     assert call_main(["eval", scripted["checkpoint"], "--render"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "fastrl-test/Terminating-v0 cannot draw to a window" in err, err
+    # Where the env is not registered (the test envs are registered only in this process): one line too.
+    proc = run_cli("eval", scripted["checkpoint"])
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "invalid env_id='fastrl-test/Terminating-v0'" in proc.stderr
 
 
 def test_cuda_request_without_cuda_is_a_clear_error(capsys, tmp_path):
