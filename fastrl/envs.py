@@ -126,8 +126,30 @@ def inspect_env(env_id: str, env_kwargs: dict) -> EnvSpec:
 
 
 def cpu_cores() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """CPU cores this process may use: those it may run on, capped by a cgroup CPU quota
+    (docker --cpus=N, a Kubernetes CPU limit), which leaves every core of the host in the
+    affinity but grants only N cores' time."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """The cgroup's CPU quota in cores (2.5 for docker --cpus=2.5), None where there is none."""
+    try:
+        try:  # cgroup v2: "<quota> <period>", or "max <period>"
+            with open(os.path.join(root, "cpu.max")) as f:
+                quota, period = f.read().split()
+        except FileNotFoundError:  # cgroup v1: the quota (-1: none) and the period, apart
+            with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+                quota = f.read().strip()
+            with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+                period = f.read().strip()
+        if quota == "max" or int(quota) <= 0 or int(period) <= 0:
+            return None
+        return int(quota) / int(period)
+    except (OSError, ValueError):  # no cgroup files (not Linux, not mounted), or unreadable
+        return None
 
 
 def default_workers(num_envs: int, cores: int = 0) -> int:

@@ -18,7 +18,8 @@ import torch
 from fastrl.buffer import ReplayRing, transitions_at
 from fastrl.collector import Collector
 from fastrl.config import ConfigError
-from fastrl.envs import WorkerDied, _receive, _StepRequest, make_vector_env
+from fastrl.envs import (WorkerDied, _receive, _StepRequest, cgroup_cpu_quota, cpu_cores, default_workers,
+                         make_vector_env)
 from fastrl.run import StopRequest
 
 CPU = torch.device("cpu")
@@ -324,6 +325,32 @@ def test_infos_match_plain_async(name):
         assert plain.keys() == other.keys()
         for key in plain:
             assert np.array_equal(plain[key], other[key]), key
+
+
+@pytest.mark.parametrize("files,quota", [
+    ({"cpu.max": "250000 100000\n"}, 2.5),  # cgroup v2, docker --cpus=2.5
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4.0),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu.max": "garbled\n"}, None),
+    ({}, None),  # no cgroup files
+])
+def test_cgroup_cpu_quota_is_read_from_either_cgroup_version(files, quota, tmp_path):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_quota(str(tmp_path)) == quota
+
+
+def test_a_cpu_quota_caps_the_cores_and_so_the_default_workers(monkeypatch):
+    # On a 64-core host, docker --cpus=2.5 leaves all 64 in the affinity: 3 cores' time, not 64.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr("fastrl.envs.cgroup_cpu_quota", lambda: 2.5)
+    assert cpu_cores() == 3 and default_workers(8) == 2  # the trainer keeps one core; 2 divides 8
+    monkeypatch.setattr("fastrl.envs.cgroup_cpu_quota", lambda: 0.5)
+    assert cpu_cores() == 1 and default_workers(8) == 1
+    monkeypatch.setattr("fastrl.envs.cgroup_cpu_quota", lambda: None)
+    assert cpu_cores() == 64 and default_workers(8) == 8
 
 
 @pytest.mark.parametrize("pin", [True, False])
