@@ -53,7 +53,7 @@ class EnvSpec:
     n_actions: int
     reward_threshold: float  # nan when the env registers none
     max_episode_steps: int | None  # the time limit, if any
-    render_modes: tuple = ()  # the env's metadata["render_modes"]
+    render_modes: tuple  # the env's metadata["render_modes"]: what render_mode may be
 
 
 def _make_one(env_id: str, env_kwargs: dict, trainer: int | None = None) -> gym.Env:
