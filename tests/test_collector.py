@@ -542,7 +542,7 @@ def test_a_stop_ends_a_long_cycle_at_once(tmp_path, monkeypatch, cycle):
         settings = dict(algo="reinforce", rollout_steps=64, grad_steps=1000)
     config = fastrl.make_config(env_id="CartPole-v1", num_envs=4, backend="sync", learner="eager",
                                 total_steps=10_000_000, eval_interval=0, progress=False, run_dir=str(tmp_path),
-                                **settings)
+                                time_limit_s=120, **settings)  # a signal lost: a failure, not a hang
     summary = fastrl.train(config)
     assert summary["interrupted"] and (tmp_path / "checkpoint.pt").exists()
     if cycle == "reinforce rollout":  # the 5th step completes, no more, and nothing is learned
