@@ -31,7 +31,7 @@ from fastrl.algos import ddqn
 from fastrl.buffer import ReplayRing
 from fastrl.collector import Collector
 from fastrl.config import ConfigError, TrainConfig, make_config
-from fastrl.envs import AUTORESET, EnvSpec, cpu_cores, default_workers, inspect_env, make_vector_env
+from fastrl.envs import AUTORESET, EnvSpec, cpu_capacity, cpu_cores, default_workers, inspect_env, make_vector_env
 from fastrl.metrics import DeviceMeans
 from fastrl.nets import build_network
 from fastrl.optim import Adam
@@ -47,7 +47,7 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {cpu_cores()} cores{gpu}, torch {torch.__version__}, gymnasium {gym.__version__}"
+    return f"{cpu}, {cpu_capacity():g} cores{gpu}, torch {torch.__version__}, gymnasium {gym.__version__}"
 
 
 # --- collect ------------------------------------------------------------------------------
@@ -193,7 +193,8 @@ def bench_collect(env_id: str, num_envs: list[int], seconds: float, rounds: int,
         for loop in loops:
             loop.close()
 
-    n_cores = cpu_cores()
+    # A fractional CPU quota (docker --cpus=2.5) grants 2.5 cores' time: the limit counts 2.5.
+    n_cores = cpu_capacity()
     single_sps = statistics.median(single_rounds)
     limit = n_cores * single_sps
     rows = []
@@ -225,7 +226,7 @@ def format_collect(result: dict) -> str:
     lines = [f"collect: {result['env_id']} into the replay ring on {result['device']}, random actions; "
              f"median of {result['rounds']} interleaved rounds of {result['seconds']:g} s",
              f"single process (raw env): {result['single_process_steps_per_s']:,.0f} steps/s x "
-             f"{result['cores']} cores = limit {result['limit_steps_per_s']:,.0f} steps/s",
+             f"{result['cores']:g} cores = limit {result['limit_steps_per_s']:,.0f} steps/s",
              "",
              f"| {'backend':<40} | {'envs':>5} | {'env steps/s':>11} | {'x limit':>7} | {'rounds':>9} |",
              f"|{'-' * 42}|{'-' * 7}:|{'-' * 12}:|{'-' * 8}:|{'-' * 10}:|"]
@@ -251,7 +252,7 @@ def plot_collect(result: dict, path: Path) -> None:
         rows = [r for r in result["rows"] if r["series"] == series]
         ax.plot([r["num_envs"] for r in rows], [r["steps_per_s"] for r in rows], marker="o", label=series)
     ax.axhline(result["limit_steps_per_s"], color="black", linestyle="--",
-               label=f"limit: {result['cores']} cores x single process")
+               label=f"limit: {result['cores']:g} cores x single process")
     ax.axhline(result["single_process_steps_per_s"], color="grey", linestyle=":", label="single process")
     ax.set_xscale("log", base=2)
     counts = sorted({r["num_envs"] for r in result["rows"]})
@@ -259,7 +260,7 @@ def plot_collect(result: dict, path: Path) -> None:
     ax.minorticks_off()
     ax.set_xlabel("number of envs")
     ax.set_ylabel("env steps/s into the ring")
-    ax.set_title(f"fastrl collect: {result['env_id']}, {result['cores']} cores", fontsize=10)
+    ax.set_title(f"fastrl collect: {result['env_id']}, {result['cores']:g} cores", fontsize=10)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

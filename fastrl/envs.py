@@ -125,13 +125,18 @@ def inspect_env(env_id: str, env_kwargs: dict) -> EnvSpec:
                    render_modes)
 
 
-def cpu_cores() -> int:
-    """CPU cores this process may use: those it may run on, capped by a cgroup CPU quota
-    (docker --cpus=N, a Kubernetes CPU limit), which leaves every core of the host in the
-    affinity but grants only N cores' time."""
+def cpu_capacity() -> float:
+    """Cores' worth of CPU time this process may use: the cores it may run on, capped by a
+    cgroup CPU quota (docker --cpus=N, a Kubernetes CPU limit), which leaves every core of
+    the host in the affinity but grants only N cores' time (N may be fractional: 2.5)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     quota = cgroup_cpu_quota()
-    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+    return float(cores) if quota is None else min(float(cores), quota)
+
+
+def cpu_cores() -> int:
+    """Whole cores to give processes and threads: `cpu_capacity()` rounded up (2.5 -> 3)."""
+    return max(1, math.ceil(cpu_capacity()))
 
 
 def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:

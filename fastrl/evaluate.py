@@ -214,8 +214,10 @@ def evaluate_checkpoint(path: str, episodes: int | None = None, seed: int = 0, d
     check(0 <= seed < SEED_LIMIT, "seed", seed, "an integer in [0, 2**31)")
     device = torch.device(device)
     config, _, greedy = load_policy(path, device)
-    spec = inspect_env(config.env_id, config.env_kwargs)  # still registered, and as trained: else one line
-    env_kwargs = config.env_kwargs
+    # A plain evaluation never draws: a run trained before render_mode='human' was refused
+    # in training still holds it in its env_kwargs.
+    env_kwargs = {k: v for k, v in config.env_kwargs.items() if k != "render_mode"}
+    spec = inspect_env(config.env_id, env_kwargs)  # still registered, and as trained: else one line
     if render:
         if "human" not in spec.render_modes:
             raise ConfigError(f"{config.env_id} cannot draw to a window (its render modes: "

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import fastrl
 from fastrl import checkpoint
-from fastrl.cli import build_parser, main
+from fastrl.cli import build_parser, config_from_args, main
 from fastrl.config import ConfigError
 
 TINY = ["--env", "CartPole-v1", "--total-steps", "1200", "--learning-starts", "400", "--num-envs", "4",
@@ -124,6 +124,54 @@ def test_help_documents_every_option_with_default():
                    "--tau", "--dueling", "--learner", "--num-workers", "--run-dir", "--env-kwargs", "--eval-episodes"):
         assert option in text, option
     assert text.count("(default:") >= 30
+
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_commands() -> list[tuple[str, str]]:
+    """(file, command) for every fastrl and benchmark-script command the READMEs show: each
+    line of a bash block, and each inline code span of three words or more (`fastrl bench`
+    names a command in prose; `fastrl profile [options] --steps N` is a synopsis: skipped)."""
+    found = []
+    for name in ("README.md", os.path.join("benchmarks", "README.md")):
+        with open(os.path.join(REPO, name)) as f:
+            text = f.read()
+        lines = [line.split("#")[0].split("&&")[-1] for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+                 for line in block.splitlines()]
+        spans = [span for span in re.findall(r"`((?:fastrl|python benchmarks/)[^`]*)`", text)
+                 if len(span.split()) >= 3 and not re.search(r"[\[|]", span)]
+        found += [(name, " ".join(cmd.split())) for cmd in lines + spans
+                  if cmd.split() and cmd.split()[0] in ("fastrl", "python")]
+    return found
+
+
+def test_every_command_in_the_readmes_is_accepted(capsys):
+    """Each command a user may copy from the READMEs parses, and a train or profile command's
+    values pass validation: a renamed option or a changed rule fails here, not for the user."""
+    parser, failures = build_parser(), []
+    commands = readme_commands()
+    for name, command in commands:
+        words = command.split()
+        try:
+            if words[0] == "fastrl":
+                if words[-1] != "--help":
+                    args = parser.parse_args(words[1:])
+                    if args.command in ("train", "profile"):
+                        config_from_args(args)
+            else:  # python benchmarks/<script>.py [its options] [-- fastrl train options]
+                script, rest = words[1], words[2:]
+                own, train = (rest[:rest.index("--")], rest[rest.index("--") + 1:]) if "--" in rest else (rest, [])
+                with open(os.path.join(REPO, script)) as f:
+                    source = f.read()
+                unknown = [w for w in own if w.startswith("--") and f'"{w}"' not in source]
+                assert not unknown, f"{script} has no option {unknown}"
+                config_from_args(parser.parse_args(["train", *train]))
+        except (SystemExit, AssertionError, ConfigError, OSError) as exc:
+            failures.append(f"{name}: {command}: {capsys.readouterr().err.strip() or exc}")
+    assert len(commands) >= 40 and sum(c.startswith("python") for _, c in commands) >= 10  # the search finds them
+    assert not failures, "\n".join(failures)
 
 
 BAD = [
@@ -261,6 +309,22 @@ def test_eval_render_plays_the_same_episodes_in_a_window_at_the_frame_rate(tiny_
     assert elapsed >= 0.9 * sum(watched.returns) / 50 > 0.2
     assert fastrl.evaluate(run_dir, render=True).episodes == 3  # a few episodes to watch by default
 
+
+
+def test_a_plain_eval_never_draws_though_the_run_was_trained_with_a_window(tiny_run, tmp_path, monkeypatch):
+    # Training refuses render_mode='human' now; a checkpoint written before still holds it.
+    run_dir, _ = tiny_run
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
+    config, model, _ = fastrl.load(str(run_dir))
+    payload = checkpoint.load(run_dir)
+    old = tmp_path / "checkpoint.pt"
+    checkpoint.save(old, {**payload["config"], "env_kwargs": {"render_mode": "human"}}, model, payload["meta"])
+    assert fastrl.load(str(old))[0].env_kwargs == {"render_mode": "human"}
+    start = time.perf_counter()
+    result = fastrl.evaluate(str(old), episodes=2, num_envs=1, seed=5)
+    elapsed = time.perf_counter() - start
+    assert result.returns == fastrl.evaluate(run_dir, episodes=2, num_envs=1, seed=5).returns
+    assert elapsed < 0.5 * sum(result.returns) / 50  # not at a window's 50 frames/s
 
 def test_eval_refuses_in_one_line_no_display_an_env_without_a_window_or_an_unknown_env(tiny_run, tmp_path, capsys,
                                                                                   monkeypatch):

@@ -18,8 +18,8 @@ import torch
 from fastrl.buffer import ReplayRing, transitions_at
 from fastrl.collector import Collector
 from fastrl.config import ConfigError
-from fastrl.envs import (WorkerDied, _receive, _StepRequest, cgroup_cpu_quota, cpu_cores, default_workers,
-                         make_vector_env)
+from fastrl.envs import (WorkerDied, _receive, _StepRequest, cgroup_cpu_quota, cpu_capacity, cpu_cores,
+                         default_workers, make_vector_env)
 from fastrl.run import StopRequest
 
 CPU = torch.device("cpu")
@@ -346,11 +346,12 @@ def test_a_cpu_quota_caps_the_cores_and_so_the_default_workers(monkeypatch):
     # On a 64-core host, docker --cpus=2.5 leaves all 64 in the affinity: 3 cores' time, not 64.
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     monkeypatch.setattr("fastrl.envs.cgroup_cpu_quota", lambda: 2.5)
+    assert cpu_capacity() == 2.5  # the time granted: fastrl bench's limit counts it (tests/test_bench.py)
     assert cpu_cores() == 3 and default_workers(8) == 2  # the trainer keeps one core; 2 divides 8
     monkeypatch.setattr("fastrl.envs.cgroup_cpu_quota", lambda: 0.5)
-    assert cpu_cores() == 1 and default_workers(8) == 1
+    assert cpu_capacity() == 0.5 and cpu_cores() == 1 and default_workers(8) == 1
     monkeypatch.setattr("fastrl.envs.cgroup_cpu_quota", lambda: None)
-    assert cpu_cores() == 64 and default_workers(8) == 8
+    assert cpu_capacity() == 64 and cpu_cores() == 64 and default_workers(8) == 8
 
 
 @pytest.mark.parametrize("pin", [True, False])
