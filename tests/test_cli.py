@@ -140,7 +140,7 @@ def readme_commands() -> list[tuple[str, str]]:
             text = f.read()
         lines = [line.split("#")[0].split("&&")[-1] for block in re.findall(r"```bash\n(.*?)```", text, re.S)
                  for line in block.splitlines()]
-        spans = [span for span in re.findall(r"`((?:fastrl|python benchmarks/)[^`]*)`", text)
+        spans = [span for span in re.findall(r"`((?:fastrl|python\s+benchmarks/)[^`]*)`", text)
                  if len(span.split()) >= 3 and not re.search(r"[\[|]", span)]
         found += [(name, " ".join(cmd.split())) for cmd in lines + spans
                   if cmd.split() and cmd.split()[0] in ("fastrl", "python")]
