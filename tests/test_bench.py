@@ -55,7 +55,6 @@ def test_bench_all_prints_tables_and_writes_json_and_png(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
-
 def test_the_limit_counts_a_fractional_cpu_quota(monkeypatch):
     # docker --cpus=1.5 on 2 cores grants one and a half cores' time: 2 worker processes,
     # and a limit of 1.5 x the single process, not 2 x.
@@ -71,6 +70,7 @@ def test_the_limit_counts_a_fractional_cpu_quota(monkeypatch):
     assert result["limit_steps_per_s"] == pytest.approx(quota * result["single_process_steps_per_s"])
     assert {r["num_workers"] for r in result["rows"] if r["series"] == "async, grouped"} == {len(cores)}
     assert f" x {quota:g} cores = limit " in format_collect(result)
+
 
 def test_a_bench_all_interrupted_while_learning_keeps_the_collect_results(tmp_path, monkeypatch, capsys):
     import fastrl.bench

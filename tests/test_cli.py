@@ -126,7 +126,6 @@ def test_help_documents_every_option_with_default():
     assert text.count("(default:") >= 30
 
 
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -310,12 +309,11 @@ def test_eval_render_plays_the_same_episodes_in_a_window_at_the_frame_rate(tiny_
     assert fastrl.evaluate(run_dir, render=True).episodes == 3  # a few episodes to watch by default
 
 
-
 def test_a_plain_eval_never_draws_though_the_run_was_trained_with_a_window(tiny_run, tmp_path, monkeypatch):
     # Training refuses render_mode='human' now; a checkpoint written before still holds it.
     run_dir, _ = tiny_run
     monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
-    config, model, _ = fastrl.load(str(run_dir))
+    _, model, _ = fastrl.load(str(run_dir))
     payload = checkpoint.load(run_dir)
     old = tmp_path / "checkpoint.pt"
     checkpoint.save(old, {**payload["config"], "env_kwargs": {"render_mode": "human"}}, model, payload["meta"])
@@ -325,6 +323,7 @@ def test_a_plain_eval_never_draws_though_the_run_was_trained_with_a_window(tiny_
     elapsed = time.perf_counter() - start
     assert result.returns == fastrl.evaluate(run_dir, episodes=2, num_envs=1, seed=5).returns
     assert elapsed < 0.5 * sum(result.returns) / 50  # not at a window's 50 frames/s
+
 
 def test_eval_refuses_in_one_line_no_display_an_env_without_a_window_or_an_unknown_env(tiny_run, tmp_path, capsys,
                                                                                   monkeypatch):
