@@ -193,15 +193,15 @@ def bench_collect(env_id: str, num_envs: list[int], seconds: float, rounds: int,
         for loop in loops:
             loop.close()
 
-    # A fractional CPU quota (docker --cpus=2.5) grants 2.5 cores' time: the limit counts 2.5.
-    n_cores = cpu_capacity()
+    # Cores' worth of CPU time: a fractional quota (docker --cpus=2.5) counts as 2.5.
+    capacity = cpu_capacity()
     single_sps = statistics.median(single_rounds)
-    limit = n_cores * single_sps
+    limit = capacity * single_sps
     rows = []
     for case, per_round in zip(cases, case_rounds):
         # Ratios per round (against that round's single-process rate), then the median;
         # their range shows how much the machine moved from round to round.
-        ratios = [s / (n_cores * one) for s, one in zip(per_round, single_rounds)]
+        ratios = [s / (capacity * one) for s, one in zip(per_round, single_rounds)]
         rows.append({"backend": case.backend, "series": case.series, "label": case.label, "num_envs": case.num_envs,
                      "num_workers": case.num_workers, "steps_per_s": statistics.median(per_round),
                      "ratio_to_limit": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
@@ -211,7 +211,7 @@ def bench_collect(env_id: str, num_envs: list[int], seconds: float, rounds: int,
     best_plain = max(plain, key=lambda r: r["steps_per_s"]) if plain else None
     best_grouped = max(grouped, key=lambda r: r["steps_per_s"]) if grouped else None
     return {
-        "env_id": env_id, "device": str(device), "cores": n_cores, "seconds": seconds, "rounds": rounds,
+        "env_id": env_id, "device": str(device), "cores": capacity, "seconds": seconds, "rounds": rounds,
         "single_process_steps_per_s": single_sps, "single_rounds": single_rounds,
         "limit_steps_per_s": limit, "rows": rows,
         "best_grouped": best_grouped and {k: best_grouped[k] for k in ("label", "num_envs", "steps_per_s",
