@@ -13,7 +13,7 @@ import json
 import math
 import sys
 
-from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, ConfigError, TrainConfig, make_config
+from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, ConfigError, TrainConfig, make_config, thread_limit
 from fastrl.envs import WorkerDied
 
 
@@ -197,6 +197,8 @@ def _bench(args: argparse.Namespace) -> int:
     positive("seconds", [args.seconds])
     positive("rounds", [args.rounds])
     positive("threads", [args.threads])
+    if args.threads > thread_limit():
+        raise ConfigError(f"invalid --threads={args.threads}: must be at most {thread_limit()} (this machine's CPUs)")
     if args.device not in DEVICES:
         raise ConfigError(f"invalid --device={args.device!r}: must be {' or '.join(DEVICES)}")
     modes = args.modes

@@ -28,6 +28,12 @@ class ConfigError(ValueError):
     """An invalid setting; the message is one line meant for the user."""
 
 
+def thread_limit() -> int:
+    """The most torch threads one may ask for: this machine's logical CPUs. (Far more makes
+    torch's thread pool exhaust memory or crash, and more than the CPUs is never faster.)"""
+    return os.cpu_count() or 1
+
+
 def _f(default: Any, doc: str, **kw: Any) -> Any:
     """A dataclass field carrying its one-line doc (shown by --help)."""
     if isinstance(default, (dict, list)):
@@ -232,7 +238,7 @@ def validate(c: TrainConfig) -> None:
             raise ConfigError(f"invalid collection='ready-first' with one env per worker process (num_workers="
                               f"num_envs={c.num_envs}{'' if c.num_workers else ' by default on this machine'}): "
                               f"pass --num-workers W, W < num_envs and dividing it, or use lockstep")
-    need(c.threads >= 1, "threads", "a positive integer")
+    need(1 <= c.threads <= thread_limit(), "threads", f"an integer in [1, {thread_limit()}] (this machine's CPUs)")
     need(c.total_steps >= 1, "total_steps", "a positive integer")
     need(c.time_limit_s >= 0, "time_limit_s", ">= 0 seconds (0 = no limit)")
     need(0 <= c.seed < SEED_LIMIT, "seed", "an integer in [0, 2**31)")

@@ -97,6 +97,7 @@ def test_a_bench_all_interrupted_while_learning_keeps_the_collect_results(tmp_pa
     (["collect", "--seconds", "0"], "--seconds=0"),
     (["learn", "--seconds", "nan"], "--seconds=nan"),  # a measurement that would never end
     (["learn", "--seconds", "inf"], "--seconds=inf"),
+    (["learn", "--threads", "99999"], "--threads=99999"),  # torch would try to start them all, and crash
 ])
 def test_bench_bad_input_is_one_line_exit_2(args, named, capsys, tmp_path):
     assert call_main(["bench", *args, "--out", str(tmp_path / "never")]) == 2

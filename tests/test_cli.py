@@ -188,6 +188,7 @@ BAD = [
     (["--algo", "reinforce", "--entropy-coef", "inf"], "entropy_coef=inf"),
     (["--algo", "reinforce", "--value-coef", "nan"], "value_coef=nan"),
     (["--num-envs", "0"], "num_envs=0"),
+    (["--threads", "99999"], "threads=99999"),  # torch would try to start them all, and crash
     (["--device", "tpu"], "device='tpu'"),
     (["--algo", "ppo"], "algo='ppo'"),
     (["--backend", "threads"], "backend='threads'"),
