@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from fastrl.bench import CollectCase, CollectorLoop, SingleProcess, machine
-from fastrl.envs import cpu_cores, make_vector_env
+from fastrl.envs import cpu_capacity, cpu_cores, make_vector_env
 
 ENV = "LunarLander-v3"
 
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--out", default="collector_ceiling.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cores, g = cpu_cores(), args.envs_per_core
+    cores, capacity, g = cpu_cores(), cpu_capacity(), args.envs_per_core  # processes; the limit's multiplier
 
     def start_workers(target, *args) -> list:
         conns = []
@@ -149,9 +149,10 @@ def main() -> None:
     rows = {"raw x cores": [], "independent": [], "bare": [], apart: [], "fastrl": [], "messages only": [],
             "fastrl ready-first": []}
     busy, slowest, wall = [], [], []  # bare, per step: mean and max worker stepping time, wall time
-    print(f"{machine()}\n{ENV}, {cores} cores x {g} envs; ratio to that round's cores x single process")
+    print(f"{machine()}\n{ENV}, {cores} processes x {g} envs; ratio to that round's {capacity:g} cores x single "
+          f"process")
     for r in range(args.rounds):
-        limit = cores * single.measure(2.0)
+        limit = capacity * single.measure(2.0)
         for c in raw_conns:
             c.send(2.0)
         rows["raw x cores"].append(sum(c.recv() for c in raw_conns) / limit)
@@ -193,8 +194,8 @@ def main() -> None:
              "messages and the parent": (sum(wall) - sum(slowest)) / sum(wall)}
     print("bare lockstep, share of its time: " + " | ".join(f"{k} {v:.2f}" for k, v in split.items()))
     with open(args.out, "w") as f:
-        json.dump({"machine": machine(), "cores": cores, "envs_per_core": g, "rounds": rows, "median": medians,
-                   "bare_time_split": split}, f, indent=2)
+        json.dump({"machine": machine(), "cores": capacity, "processes": cores, "envs_per_core": g, "rounds": rows,
+                   "median": medians, "bare_time_split": split}, f, indent=2)
 
 
 if __name__ == "__main__":
