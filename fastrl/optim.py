@@ -41,7 +41,7 @@ class Adam:
     def __init__(self, module: nn.Module, lr: float, max_grad_norm: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         self.params: Params = dict(module.named_parameters())
-        device = next(iter(self.params.values())).device
+        self.device = device = next(iter(self.params.values())).device
         self.lr = torch.tensor(lr, dtype=torch.float32, device=device)
         self.max_grad_norm = max_grad_norm
         self.beta1, self.beta2 = betas

@@ -73,12 +73,13 @@ def make_learn_step(sample: Callable[[], Transitions], q: nn.Module, q_target: n
             target_update()
             return UpdateStats(loss, q_mean, grad_norm)
 
-        return accel.learner_fn(learn_step, learner)
+        return accel.learner_fn(learn_step, learner, optimizer.device)
 
     # forward_backward stays eager here: compiled on its own (torch.func, gradients as
     # graph outputs) it runs twice as slowly as autograd, unlike inside the one graph.
     sample, targets, optimizer_step, target_update = (
-        accel.compile_fn(f, learner != "eager") for f in (sample, targets, optimizer.step, target_update))
+        accel.compile_fn(f, learner != "eager", optimizer.device)
+        for f in (sample, targets, optimizer.step, target_update))
 
     def timed_learn_step() -> UpdateStats:
         with phases("sample"):

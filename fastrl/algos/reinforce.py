@@ -71,9 +71,10 @@ def make_update(policy: PolicyNetwork, optimizer: Adam, baseline: str, normalize
             grads, loss, parts = forward_backward(batch)
             return UpdateStats(loss, *parts, optimizer.step(grads))
 
-        return accel.learner_fn(update, learner)
+        return accel.learner_fn(update, learner, optimizer.device)
 
-    optimizer_step = accel.compile_fn(optimizer.step, learner != "eager")  # forward_backward eager: see ddqn
+    # forward_backward stays eager when profiling: see ddqn.make_learn_step.
+    optimizer_step = accel.compile_fn(optimizer.step, learner != "eager", optimizer.device)
 
     def timed_update(batch: Episodes) -> UpdateStats:
         with phases("forward_backward"):
