@@ -1,33 +1,8 @@
-"""The learner modes' compilation: C++-called kernels on the CPU, and the fallbacks when
-compiling fails (with the C++ wrapper, then at all)."""
-import copy
-
+"""compile_fn's fallbacks when compiling fails: with the C++ wrapper, then at all. (That
+the CPU learner's kernels are called from C++: test_optim.py.)"""
 import torch
-from torch._inductor.utils import run_and_get_code
 
 from fastrl import accel
-from fastrl.algos import ddqn
-from fastrl.buffer import ReplayRing
-from fastrl.nets import QNetwork
-from fastrl.optim import Adam
-
-
-def test_the_compiled_cpu_learner_calls_its_kernels_from_cpp():
-    # The same maths as eager: test_ddqn.py::test_learner_modes_change_speed_not_maths.
-    torch._dynamo.reset()  # compile afresh, so that the code is generated here
-    ring = ReplayRing(200, 2, (4,), torch.device("cpu"), n_step=3)
-    ring.start(torch.zeros(2, 4))
-    for _ in range(50):
-        ring.add(torch.randint(0, 3, (2,)), torch.randn(2), torch.rand(2) < 0.1, torch.zeros(2, dtype=torch.bool),
-                 torch.randn(2, 4))
-    q = QNetwork((4,), 3, (16, 16))
-    learn = ddqn.make_learn_step(ring.sampler(8), q, copy.deepcopy(q).requires_grad_(False), Adam(q, 1e-3, 10.0),
-                                 tau=0.005, target_update_interval=1, learner="compile")
-    stats, code = run_and_get_code(learn)
-    code = "\n".join(code)
-    # Python's wrapper is `def call(args)`, calling kernel after kernel; C++'s is this entry point.
-    assert "inductor_entry_impl" in code and "def call(" not in code
-    assert torch.isfinite(stats.loss) and stats.loss > 0
 
 
 def test_a_failing_compile_falls_back_one_way_at_a_time_and_says_so_once(monkeypatch, capsys):

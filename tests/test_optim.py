@@ -1,10 +1,12 @@
 """The learners' gradients and Adam against torch's own (backward, torch.optim.Adam,
-clip_grad_norm_), and the whole DDQN step tracing into one graph."""
+clip_grad_norm_), and the whole DDQN step tracing into one graph, whose kernels C++ calls
+on the CPU."""
 import copy
 
 import pytest
 import torch
 from torch import nn
+from torch._inductor.utils import run_and_get_code
 from torch.func import functional_call
 
 from fastrl.algos import ddqn
@@ -56,16 +58,29 @@ def test_adam_matches_torch_adam_with_clipping_and_lr_changed_in_place(max_grad_
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), step
 
 
-def test_ddqn_learn_step_is_one_graph():
-    # loss.backward() and torch.optim's step would each break it (9 graphs before).
+def _small_learn_step(learner: str = "eager"):
     ring = ReplayRing(200, 2, (4,), torch.device("cpu"), n_step=3)
     ring.start(torch.zeros(2, 4))
     for _ in range(50):
         ring.add(torch.randint(0, 3, (2,)), torch.randn(2), torch.rand(2) < 0.1, torch.zeros(2, dtype=torch.bool),
                  torch.randn(2, 4))
     q = QNetwork((4,), 3, (16, 16))
-    learn = ddqn.make_learn_step(ring.sampler(8), q, copy.deepcopy(q).requires_grad_(False), Adam(q, 1e-3, 10.0),
-                                 tau=0.005, target_update_interval=2)
-    explanation = torch._dynamo.explain(learn)()
+    return ddqn.make_learn_step(ring.sampler(8), q, copy.deepcopy(q).requires_grad_(False), Adam(q, 1e-3, 10.0),
+                                tau=0.005, target_update_interval=2, learner=learner)
+
+
+def test_ddqn_learn_step_is_one_graph():
+    # loss.backward() and torch.optim's step would each break it (9 graphs before).
+    explanation = torch._dynamo.explain(_small_learn_step())()
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_the_compiled_cpu_learner_calls_its_kernels_from_cpp():
+    # The same maths as eager: test_ddqn.py::test_learner_modes_change_speed_not_maths.
+    torch._dynamo.reset()  # compile afresh, so that the code is generated here
+    stats, code = run_and_get_code(_small_learn_step("compile"))
+    code = "\n".join(code)
+    # Python's wrapper is `def call(args)`, calling kernel after kernel; C++'s is this entry point.
+    assert "inductor_entry_impl" in code and "def call(" not in code
+    assert torch.isfinite(stats.loss) and stats.loss > 0
