@@ -19,13 +19,14 @@ def _warn(message: str) -> None:
 
 def compile_fn(fn: Callable, enabled: bool = True, device: torch.device | None = None) -> Callable:
     """`torch.compile(fn)` when enabled. On the CPU, generated C++ rather than Python calls
-    its kernels (inductor's `cpp_wrapper`): the same kernels and results, and 10-20% more
-    learner updates/s, since a small step's Python calls cost about 0.1 ms. If compiling
-    fails on this machine (e.g. no C++ compiler), it warns once per failure and runs `fn`
-    the next way: compiled without the C++ wrapper, then eagerly."""
+    its kernels (inductor's `cpp_wrapper`): the same kernels and results, and up to 1.17x
+    the learner's updates/s at small batches, since a step's Python calls cost up to 0.1 ms
+    (benchmarks/compile_wrapper.py). If compiling fails on this machine (e.g. no C++
+    compiler), it warns once per failure and runs `fn` the next way: compiled without the
+    C++ wrapper, then eagerly."""
     if not enabled:
         return fn
-    # (what is tried, how `fn` runs if it is the fallback), best first
+    # Best first: (what is tried, how `fn` runs when the way before it failed, the callable)
     ways = [("torch.compile", "compiled without the C++ wrapper", torch.compile(fn, dynamic=False)),
             (None, "eagerly", fn)]
     if device is not None and device.type == "cpu":
