@@ -184,7 +184,7 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("ddqn", "CartPole-v1"): dict(
         num_envs=4, hidden=(128, 128), lr=1e-3, batch_size=64, buffer_size=20_000, n_step=3,
         learning_starts=1_000, replay_ratio=0.5, tau=0.01, target_update_interval=1,
-        eps_decay_steps=10_000, eps_end=0.02, total_steps=100_000, eval_interval=5_000, eval_episodes=20,
+        eps_decay_steps=10_000, eps_end=0.02, total_steps=100_000, eval_interval=5_000,
     ),
 }
 
