@@ -135,7 +135,11 @@ class Run:
 
     def log(self, collector: Collector, learner_stats: DeviceMeans, scalars: dict[str, float]) -> None:
         """Writes throughput, episode statistics, learner means, `scalars` and phase times;
-        redraws the progress line. The one host sync of the learner statistics is here."""
+        redraws the progress line. The one host sync of the learner statistics is here.
+        The loops call it once more when they end, so the last window, however short, is
+        not lost; a window without an env step writes nothing."""
+        if self._last_log is None or self.env_steps == self._last_log[1]:
+            return
         with self.phases("log"):
             scalars = {**learner_stats.read(), **scalars}
             now = time.perf_counter()

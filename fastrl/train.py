@@ -114,6 +114,7 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
     actions: list = [None] * len(groups)  # each group's actions in flight
     ready = range(len(groups))  # the groups whose step has arrived: at first, all
     update_credit = 0.0
+    eps_now, lr_now = c.eps_start, learning_rate(c, 0)
     while run.budget_left():
         # One forward pass for all envs, however many groups are ready: the actions of
         # groups still stepping are discarded.
@@ -146,6 +147,7 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
         if run.eval_due() and run.evaluate():
             break
         run.end_cycle()
+    run.log(collector, learner_stats, {"charts/epsilon": eps_now, "charts/lr": lr_now})  # the last window
 
 
 def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Run) -> None:
@@ -165,6 +167,7 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
     obs = collector.reset(seed=c.seed)
     buffer.start(obs)
     episodes_learned = 0
+    lr_now = learning_rate(c, 0)
     while run.budget_left():
         for _ in range(c.rollout_steps):
             if run.stop.requested:  # a long rollout ends early
@@ -196,3 +199,4 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
         if run.eval_due() and run.evaluate():
             break
         run.end_cycle()
+    run.log(collector, learner_stats, {"charts/lr": lr_now})  # the last window

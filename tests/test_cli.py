@@ -78,6 +78,20 @@ def test_tensorboard_event_file_holds_the_scalars(tiny_run):
     assert "config/text_summary" in acc.Tags()["tensors"]
 
 
+@pytest.mark.parametrize("algo", ["ddqn", "reinforce"])
+def test_a_run_shorter_than_the_log_interval_still_writes_its_curves(tmp_path, algo):
+    # The loops write the last window when they end: here the only one.
+    config = fastrl.make_config(env_id="CartPole-v1", algo=algo, total_steps=1200, learning_starts=400,
+                                learner="eager", backend="sync", num_envs=4, eval_interval=0, eval_episodes=2,
+                                eval_envs=2, log_interval=3600.0, progress=False, run_dir=str(tmp_path))
+    summary = fastrl.train(config)
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    loss = "losses/td_loss" if algo == "ddqn" else "losses/policy_loss"
+    for tag in ("charts/sps", "charts/episodic_return", "charts/lr", loss, "time/env_s"):
+        assert [e.step for e in acc.Scalars(tag)] == [summary["env_steps"]], tag
+
+
 def test_eval_command_prints_mean_and_std(tiny_run):
     run_dir, _ = tiny_run
     proc = run_cli("eval", str(run_dir / "checkpoint.pt"), "--episodes", "5", "--seed", "7")
