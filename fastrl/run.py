@@ -19,7 +19,7 @@ from fastrl.envs import EnvSpec
 from fastrl.evaluate import BackgroundEvaluator, EvalResult
 from fastrl.metrics import DeviceMeans, Progress, Writer
 from fastrl.profile import ProfileSession
-from fastrl.timing import Phases, process_uptime
+from fastrl.timing import Phases, startup_s
 
 
 def default_run_dir(config: TrainConfig) -> str:
@@ -70,7 +70,8 @@ class StopRequest:
 
 
 class Run:
-    def __init__(self, config: TrainConfig, spec: EnvSpec, device: torch.device, run_dir: Path):
+    def __init__(self, config: TrainConfig, spec: EnvSpec, device: torch.device, run_dir: Path, started: float):
+        """`started`: `time.perf_counter()` when `train()` was called."""
         self.config, self.spec, self.device, self.dir = config, spec, device, run_dir
         # Started first, like the env workers: before any thread, compilation or CUDA state.
         self._evals = BackgroundEvaluator(config, spec)
@@ -93,6 +94,10 @@ class Run:
         self.updates = 0
         self.solved = False
         self.solve_wall_s: float | None = None
+        # Time to solve is what a fresh `fastrl train` process would take: its start-up
+        # (interpreter, imports) plus this run, never what the process did before train()
+        # (earlier runs of a sweep, an idle notebook).
+        self._solve_clock0 = started - startup_s()
         self.solve_env_steps: int | None = None
         self.last_eval: EvalResult | None = None
         self.best_eval_mean: float | None = None  # over full-size evaluations
@@ -218,7 +223,7 @@ class Run:
                               f"over {result.episodes} episodes{note}")
         if full and not self.solved and not math.isnan(self.threshold) and result.mean >= self.threshold:
             self.solved = True
-            self.solve_wall_s = process_uptime()
+            self.solve_wall_s = time.perf_counter() - self._solve_clock0
             self.solve_env_steps = steps
             self.progress.message(f"solved: {result.mean:.1f} >= {self.threshold:g} after "
                                   f"{steps:,} env steps, {self.solve_wall_s:.1f} s")
@@ -300,7 +305,7 @@ class Run:
                          f"over {s['final_eval_episodes']} episodes")
         if s["solved"]:
             lines.append(f"solved after {s['solve_env_steps']:,} env steps, {s['solve_wall_s']:.1f} s "
-                         f"since process start")
+                         f"(start-up included)")
         elif s["solve_threshold"] is not None:
             lines.append(f"not solved (threshold {s['solve_threshold']:g})")
         lines.append(f"run dir: {s['run_dir']}  (tensorboard --logdir {Path(s['run_dir']).parent})")

@@ -1,4 +1,4 @@
-"""Named phase timers for the training loops and wall time since process start."""
+"""Named phase timers for the training loops, and the clock of time to solve."""
 from __future__ import annotations
 
 import os
@@ -20,6 +20,17 @@ def process_uptime() -> float:
 
 
 _IMPORTED_AT = time.perf_counter()
+_startup_s: float | None = None
+
+
+def startup_s() -> float:
+    """Seconds from this process's start to the end of `import fastrl` (the interpreter,
+    torch, gymnasium): what a fresh `fastrl train` pays before it trains. Measured at the
+    first call, which `import fastrl` makes as its last step."""
+    global _startup_s
+    if _startup_s is None:
+        _startup_s = process_uptime()
+    return _startup_s
 
 
 class _Timer:

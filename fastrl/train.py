@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import multiprocessing
+import time
 import traceback
 
 import torch
@@ -39,6 +40,7 @@ def train(config: TrainConfig) -> dict:
 
     Everything is validated before any work starts; invalid settings raise ConfigError.
     """
+    started = time.perf_counter()  # time to solve counts from here, plus the process's start-up
     validate(config)
     if multiprocessing.current_process().daemon:
         raise ConfigError(f"fastrl.train() starts env worker and evaluation processes, which a daemonic process "
@@ -62,7 +64,7 @@ def train(config: TrainConfig) -> dict:
     envs = make_vector_env(config.env_id, config.num_envs, config.backend, config.env_kwargs, config.num_workers,
                            config.pin_workers)
     try:
-        run = Run(config, spec, device, run_dir)
+        run = Run(config, spec, device, run_dir, started)
     except BaseException:
         envs.close()
         raise

@@ -14,7 +14,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import fastrl
-from fastrl import checkpoint
+from fastrl import checkpoint, timing
 from fastrl.cli import build_parser, config_from_args, main
 from fastrl.config import ConfigError
 
@@ -384,6 +384,23 @@ def train_here(run_dir: str) -> str:
     except ConfigError as exc:
         return str(exc)
     return "trained"
+
+
+def test_time_to_solve_is_start_up_plus_the_run_not_what_the_process_did_before(tmp_path):
+    # A sweep's worker process or a notebook calls train() again and again: each run's time
+    # to solve is its own plus the process's start-up, as for a fresh `fastrl train`.
+    def run(name):
+        config = fastrl.make_config(env_id="CartPole-v1", total_steps=400, learner="eager", backend="sync",
+                                    num_envs=2, eval_interval=100, eval_episodes=1, eval_envs=1,
+                                    solve_threshold=-1e9, progress=False, run_dir=str(tmp_path / name))
+        t0 = time.perf_counter()
+        summary = fastrl.train(config)
+        return summary, time.perf_counter() - t0
+
+    run("first")
+    second, took = run("second")
+    assert second["solved"]
+    assert timing.startup_s() < second["solve_wall_s"] <= timing.startup_s() + took
 
 
 @pytest.mark.parametrize("pool", ["multiprocessing.Pool", "ProcessPoolExecutor"])
