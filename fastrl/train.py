@@ -56,7 +56,16 @@ def train(config: TrainConfig) -> dict:
     if config.learner == "cudagraphs" and device.type != "cuda":
         raise ConfigError(f"invalid learner='cudagraphs': CUDA graphs need a CUDA device, and this run trains "
                           f"on {device.type}; use compile or eager")
+    threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
+    try:
+        return _start_and_train(config, spec, device, started)
+    finally:
+        torch.set_num_threads(threads)  # the calling process (a notebook, a sweep) keeps its own setting
+
+
+def _start_and_train(config: TrainConfig, spec: EnvSpec, device: torch.device, started: float) -> dict:
+    """Starts the run's processes, runs the algorithm's loop and ends the run (see train())."""
     torch.manual_seed(config.seed)
     loop = {"ddqn": train_ddqn, "reinforce": train_reinforce}[config.algo]
     run_dir = create_run_dir(config)

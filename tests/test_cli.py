@@ -403,6 +403,18 @@ def test_time_to_solve_is_start_up_plus_the_run_not_what_the_process_did_before(
     assert timing.startup_s() < second["solve_wall_s"] <= timing.startup_s() + took
 
 
+def test_train_leaves_the_callers_torch_thread_count_as_it_was(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # a notebook's own setting
+    try:
+        fastrl.train(fastrl.make_config(env_id="CartPole-v1", total_steps=200, threads=1, learner="eager",
+                                        backend="sync", num_envs=2, eval_interval=0, eval_episodes=1, eval_envs=1,
+                                        progress=False, run_dir=str(tmp_path)))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("pool", ["multiprocessing.Pool", "ProcessPoolExecutor"])
 def test_a_sweep_trains_in_a_process_pool_or_is_told_which_to_use(pool, tmp_path):
     # A multiprocessing.Pool worker is daemonic and may not start the env and evaluation
