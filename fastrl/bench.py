@@ -229,7 +229,7 @@ def format_collect(result: dict) -> str:
              f"{result['cores']:g} cores = limit {result['limit_steps_per_s']:,.0f} steps/s",
              "",
              f"| {'backend':<40} | {'envs':>5} | {'env steps/s':>11} | {'x limit':>7} | {'rounds':>9} |",
-             f"|{'-' * 42}|{'-' * 7}:|{'-' * 12}:|{'-' * 8}:|{'-' * 10}:|"]
+             f"|{'-' * 42}|{'-' * 6}:|{'-' * 12}:|{'-' * 8}:|{'-' * 10}:|"]
     for r in result["rows"]:
         low, high = r["ratio_range"]
         lines.append(f"| {r['label']:<40} | {r['num_envs']:>5} | {r['steps_per_s']:>11,.0f} | "

@@ -27,6 +27,9 @@ def test_bench_all_prints_tables_and_writes_json_and_png(tmp_path):
                    preexec_fn=at_most_two_cores)
     assert proc.returncode == 0, proc.stderr
     assert "x limit" in proc.stdout and "updates/s" in proc.stdout and "single process" in proc.stdout
+    for table in ("| backend ", "| mode "):  # each printed table lines up: header, rule and rows alike
+        rows = proc.stdout.split(table, 1)[1].split("\n\n")[0].splitlines()
+        assert len(rows) >= 3 and len({len(table + rows[0])} | {len(r) for r in rows[1:]}) == 1, rows
 
     result = json.loads((out / "bench.json").read_text())
     collect = result["collect"]
