@@ -87,6 +87,10 @@ class Run:
         self.profiler = ProfileSession(self) if config.profile else None
         self.progress = Progress(self.profiler.planned_steps() if self.profiler else config.total_steps,
                                  config.progress)
+        # Said first, so that TensorBoard can watch the run from its start.
+        self.progress.message(f"{config.algo} on {config.env_id}, seed {config.seed}: {config.num_envs} envs "
+                              f"({config.backend} backend), {config.learner} learner on {device}\n"
+                              f"{self._where()}")
         self.threshold = (config.solve_threshold if not math.isnan(config.solve_threshold)
                           else spec.reward_threshold)
         self.stop = StopRequest()  # installed by train() around the loop and the final evaluation
@@ -308,5 +312,8 @@ class Run:
                          f"(start-up included)")
         elif s["solve_threshold"] is not None:
             lines.append(f"not solved (threshold {s['solve_threshold']:g})")
-        lines.append(f"run dir: {s['run_dir']}  (tensorboard --logdir {Path(s['run_dir']).parent})")
+        lines.append(self._where())
         print("\n".join(lines), flush=True)
+
+    def _where(self) -> str:
+        return f"run dir: {self.dir}  (tensorboard --logdir {self.dir.parent})"

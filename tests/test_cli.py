@@ -55,6 +55,10 @@ def test_train_writes_summary_checkpoint_and_progress(tiny_run):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["env_id"] == "CartPole-v1" and config["batch_size"] == 32
     assert "steps" in proc.stdout and "final eval" in proc.stdout and "run dir" in proc.stdout
+    # What runs and where its curves go come first, for TensorBoard to watch from the start.
+    first, second = proc.stdout.splitlines()[:2]
+    assert first.startswith("ddqn on CartPole-v1, seed 0: 4 envs (async backend), eager learner on ")
+    assert second == f"run dir: {run_dir}  (tensorboard --logdir {run_dir.parent})"
 
 
 def test_no_progress_hides_only_the_live_line(tmp_path, capsys):
