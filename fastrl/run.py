@@ -87,9 +87,12 @@ class Run:
         self.profiler = ProfileSession(self) if config.profile else None
         self.progress = Progress(self.profiler.planned_steps() if self.profiler else config.total_steps,
                                  config.progress)
-        # Said first, so that TensorBoard can watch the run from its start.
+        # Said first, so that TensorBoard can watch the run from its start. The first update
+        # compiles, which stalls the first window's rate: the note says why.
+        compiles = (" (the first update compiles it: a few seconds, up to ~25 s with a cold cache)"
+                    if config.learner != "eager" else "")
         self.progress.message(f"{config.algo} on {config.env_id}, seed {config.seed}: {config.num_envs} envs "
-                              f"({config.backend} backend), {config.learner} learner on {device}\n"
+                              f"({config.backend} backend), {config.learner} learner on {device}{compiles}\n"
                               f"{self._where()}")
         self.threshold = (config.solve_threshold if not math.isnan(config.solve_threshold)
                           else spec.reward_threshold)

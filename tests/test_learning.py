@@ -10,7 +10,7 @@ from fastrl import checkpoint
 
 @pytest.mark.parametrize("collection", [{}, {"collection": "ready-first", "num_workers": 2}],
                          ids=["lockstep", "ready-first"])
-def test_ddqn_cartpole_learns_to_greedy_195(tmp_path, collection):
+def test_ddqn_cartpole_learns_to_greedy_195(tmp_path, collection, capsys):
     config = fastrl.make_config(env_id="CartPole-v1", total_steps=40_000, **collection,
                                 eval_episodes=20, progress=False, run_dir=str(tmp_path / "cp"))
     summary = fastrl.train(config)
@@ -18,6 +18,8 @@ def test_ddqn_cartpole_learns_to_greedy_195(tmp_path, collection):
     ran = json.loads((tmp_path / "cp" / "config.json").read_text())
     assert ran["learner"] == ("cudagraphs" if torch.cuda.is_available() else "compile")
     assert ran["collection"] == collection.get("collection", "lockstep")
+    # The first line explains up front why the first log window's rate stalls.
+    assert "(the first update compiles it: " in capsys.readouterr().out.splitlines()[0]
     assert summary["final_eval_episodes"] == 20
     assert summary["final_eval_mean"] >= 195, summary
     # The saved policy reproduces that skill on fresh, disjoint eval seeds.
