@@ -65,18 +65,22 @@ def transitions_at(storage: RingStorage, start: torch.Tensor, env: torch.Tensor,
 
 def sample_transitions(storage: RingStorage, head: torch.Tensor, size: torch.Tensor,
                        batch_size: int, n_step: int, gamma: float) -> Transitions:
-    """Uniformly samples `batch_size` envs and, for each, a start row among the newest
-    complete rows of its group of envs (ages 1..size[g] behind head[g]), and builds their
+    """Uniformly samples `batch_size` transitions, each an env and one of its newest
+    `min(size)` complete rows (ages 1..min(size) behind its group's head), and builds their
     n-step targets. `head` and `size` are [groups] device tensors (groups of equal width,
     in env order), so it is pure, fixed-shape and compiles once.
+
+    Every env offers the same number of rows, so each transition is equally likely even
+    while groups written out of step (ready-first) hold different numbers of rows: with
+    each group's own size, a group a step behind would have its rows drawn more often.
     """
     T, N = storage.rewards.shape
     device = storage.rewards.device
     u = torch.rand(batch_size, device=device)
     env = torch.randint(0, N, (batch_size,), device=device)
     group = torch.div(env, N // head.shape[0], rounding_mode="floor")
-    group_size = size[group]
-    age = 1 + torch.minimum((u * group_size).long(), group_size - 1)
+    rows = size.min()
+    age = 1 + torch.minimum((u * rows).long(), rows - 1)
     start = torch.remainder(head[group] - age, T)
     return transitions_at(storage, start, env, age, n_step, gamma)
 

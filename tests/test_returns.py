@@ -141,3 +141,26 @@ def test_grouped_ring_keeps_a_write_head_per_group(rows, groups, group_size, n_s
         G_, disc, next_obs, weight = expected[tuple(sample.obs[j].tolist())]  # a complete row, none other
         assert abs(sample.returns[j].item() - G_) < 1e-4 and abs(sample.discount[j].item() - disc) < 1e-6
         assert tuple(sample.next_obs[j].tolist()) == next_obs and sample.weight[j].item() == weight
+
+
+def test_sampling_is_uniform_over_transitions_when_groups_hold_different_row_counts():
+    """Ready-first groups written out of step (here 10 rows against 4): every transition
+    offered is equally likely, rather than a group's rows drawn the more often the fewer it holds."""
+    G, written = 2, (10, 4)
+    ring = ReplayRing(capacity=15 * 2 * G, num_envs=2 * G, obs_shape=(1,), device=torch.device("cpu"), groups=2)
+    ident = 1000 * torch.arange(2).repeat_interleave(G) + 100 * torch.arange(2 * G)  # env e of group g: 1000 g + 100 e
+    ring.start(ident.float().unsqueeze(1))  # so the obs of row k of an env is its ident + k
+    zeros, no = torch.zeros(G), torch.zeros(G, dtype=torch.bool)
+    for g, steps in enumerate(written):
+        for k in range(1, steps + 1):
+            ring.add(torch.zeros(G, dtype=torch.int64), zeros, no, no, (ident[g * G:(g + 1) * G] + k).float()[:, None],
+                     group=g)
+    # Each env offers its newest 4 complete rows (as many as the group a step behind holds).
+    offered = {int(ident[e]) + k for e in range(2 * G) for k in range(written[e // G] - 4, written[e // G])}
+
+    torch.manual_seed(0)
+    got = torch.cat([ring.sample(4_000).obs.flatten() for _ in range(12)]).long()
+    values, counts = torch.unique(got, return_counts=True)
+    assert set(values.tolist()) == offered
+    expected = len(got) / len(offered)  # 3,000 each; the binomial spread is about 53
+    assert counts.min() > expected - 300 and counts.max() < expected + 300, counts.tolist()
