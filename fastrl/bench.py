@@ -359,7 +359,7 @@ def run_bench(what: str, env_id: str, num_envs: list[int], batch_sizes: list[int
     out = checkpoint.make_dir(out_dir, "--out")
     result: dict = {"machine": machine(), "command": what}
     if what in ("collect", "all"):
-        print(f"fastrl bench collect: {env_id}, envs {num_envs}, {rounds} rounds", flush=True)
+        print(f"fastrl bench collect: {env_id}, envs {num_envs}, {rounds} round{'s' * (rounds != 1)}", flush=True)
         result["collect"] = bench_collect(env_id, num_envs, seconds, rounds, device)
         print(format_collect(result["collect"]))
         plot_collect(result["collect"], out / "collect.png")
