@@ -7,6 +7,7 @@ import math
 import signal
 import threading
 import time
+import traceback
 from collections import deque
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from fastrl import checkpoint
 from fastrl.collector import Collector
 from fastrl.config import ConfigError, TrainConfig
-from fastrl.envs import EnvSpec
+from fastrl.envs import EnvSpec, WorkerDied
 from fastrl.evaluate import BackgroundEvaluator, EvalResult
 from fastrl.metrics import DeviceMeans, Progress, Writer
 from fastrl.profile import ProfileSession
@@ -254,8 +255,11 @@ class Run:
     def finish(self, error: str | None = None) -> dict:
         """Final evaluation (unless the loop stopped on request or failed), checkpoint,
         summary.json; returns the summary. A stop requested meanwhile abandons the final
-        evaluation, and the summary says the run was interrupted."""
+        evaluation, and the summary says the run was interrupted. If the evaluation process
+        dies meanwhile, the checkpoint and summary (with the error) are still written, and
+        then the WorkerDied raised."""
         self.progress.close()
+        died = None
         try:
             if self.model is not None and not self.stop.requested and error is None and not self.config.profile:
                 with self.phases("eval"):
@@ -266,6 +270,9 @@ class Run:
                         self._collect_evaluation()
         except KeyboardInterrupt:  # a stop request gave up the wait, or a signal came while none was installed
             self.stop.requested = True
+        except WorkerDied as exc:  # SIGTERM to the whole process group kills it with the stop: no error
+            if not self.stop.requested:
+                died, error = exc, traceback.format_exc(limit=3)
         finally:
             self._evals.close()
         interrupted = self.stop.requested
@@ -297,6 +304,8 @@ class Run:
         checkpoint.save_json(self.dir / "summary.json", summary)
         self.writer.close()
         self._print_summary(summary)
+        if died is not None:
+            raise died
         return summary
 
     def _print_summary(self, s: dict) -> None:

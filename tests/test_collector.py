@@ -553,24 +553,39 @@ def test_a_stop_ends_a_long_cycle_at_once(tmp_path, monkeypatch, cycle):
         assert cycle == "ddqn updates" or summary["env_steps"] == 64 * 4, summary
 
 
-def test_ctrl_c_during_the_final_evaluation_gives_it_up_and_saves(tmp_path):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm to the group", "evaluation process killed"])
+def test_a_stop_or_a_death_during_the_final_evaluation_still_saves(tmp_path, how):
     # No evaluation during the loop, which ends within seconds; the final evaluation
     # (a million episodes) would never end. The evaluation process, idle until then,
-    # burning CPU shows that the final evaluation is under way.
+    # burning CPU shows that the final evaluation is under way. SIGTERM to the whole group
+    # (systemd, Slurm) kills the evaluation process too: part of the stop, not an error.
     with training_process(tmp_path, "--total-steps", "2000", "--eval-interval", "0",
                           "--eval-episodes", "1000000") as proc:
         evaluation = children(proc)[-1]
         deadline = time.time() + 60
         while cpu_seconds(evaluation) < 1.0 and time.time() < deadline:
             time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGINT)
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        elif how == "sigterm to the group":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:  # the OOM killer
+            os.kill(evaluation, signal.SIGKILL)
         _, err = proc.communicate(timeout=60)
         assert no_process_left(proc)
-    assert proc.returncode == 130, err
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["interrupted"] and summary["env_steps"] == 2000  # the loop had finished
-    assert summary["final_eval_episodes"] == 0 and (tmp_path / "checkpoint.pt").exists()
-    assert "Traceback" not in err
+    assert summary["env_steps"] == 2000 and summary["final_eval_episodes"] == 0  # the loop had finished
+    assert (tmp_path / "checkpoint.pt").exists()
+    if how == "evaluation process killed":
+        assert proc.returncode == 1, err
+        [line] = err.strip().splitlines()
+        assert line == (f"fastrl train: error: the evaluation process (pid {evaluation}) ended unexpectedly "
+                        f"(killed by signal {int(signal.SIGKILL)})")
+        assert not summary["interrupted"] and "ended unexpectedly" in summary["error"]
+    else:
+        assert proc.returncode == 130, err
+        assert summary["interrupted"] and summary["error"] is None
+        assert "Traceback" not in err and "error" not in err
 
 
 @pytest.mark.filterwarnings("error:.*Calling `close` while waiting")  # gymnasium's: close() leaves it unsaid
