@@ -459,9 +459,10 @@ PLAIN = ("--num-workers", "4")  # one process per env: gymnasium's AsyncVectorEn
 
 @pytest.mark.parametrize("evaluation, stop, collection", [
     ("none", "ctrl-c", ()), ("in flight", "ctrl-c", ()), ("none", "sigterm", ()), ("none", "ctrl-c", READY_FIRST),
-    ("none", "sigterm to the group", ()), ("none", "sigterm to the group", PLAIN)],
+    ("none", "sigterm to the group", ()), ("none", "sigterm to the group", PLAIN),
+    ("in flight", "sigterm to the group", ())],
     ids=["ctrl-c", "ctrl-c during evaluation", "sigterm", "ctrl-c, ready-first", "sigterm to the group",
-         "sigterm to the group, plain AsyncVectorEnv"])
+         "sigterm to the group, plain AsyncVectorEnv", "sigterm to the group during evaluation"])
 def test_ctrl_c_or_sigterm_stops_an_async_training_run_and_saves(tmp_path, evaluation, stop, collection):
     # "in flight": an evaluation that never ends (a million episodes, no screening) is running
     # in its process, and the trainer soon waits for it to submit the next one.
