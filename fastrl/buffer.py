@@ -118,6 +118,11 @@ class ReplayRing:
                              for g in range(groups)]
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of storage on the device (a ring made on the "meta" device allocates none)."""
+        return sum(x.nbytes for x in self.storage)
+
+    @property
     def heads(self) -> list[int]:
         """The row each group's next step fills."""
         return [w % self.rows for w in self.written]
@@ -199,6 +204,10 @@ class RolloutBuffer(ReplayRing):
     def __init__(self, rows: int, num_envs: int, obs_shape: tuple, device: torch.device):
         super().__init__((rows - 1) * num_envs, num_envs, obs_shape, device)
         self.learned = torch.ones((self.rows, num_envs), dtype=torch.bool, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + self.learned.nbytes
 
     def add(self, actions, rewards, terminated, truncated, next_obs, group: int = 0) -> None:
         row = self.head  # one group: on-policy rollouts step in lockstep

@@ -157,6 +157,33 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
         return None
 
 
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the kernel's MemAvailable, capped by a cgroup
+    memory limit (docker --memory, a Kubernetes memory limit), which MemAvailable ignores;
+    None where it is unknown (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    limit = cgroup_memory_limit()
+    return available if limit is None else min(available, limit)
+
+
+def cgroup_memory_limit(root: str = "/sys/fs/cgroup") -> int | None:
+    """The cgroup's memory limit in bytes, None where there is none."""
+    for name in ("memory.max", os.path.join("memory", "memory.limit_in_bytes")):  # cgroup v2, v1
+        try:
+            with open(os.path.join(root, name)) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if not text.isdigit():  # v2's "max"
+            return None
+        return int(text) if int(text) < 2 ** 60 else None  # v1 writes "none" as about 2**63
+    return None
+
+
 def default_workers(num_envs: int, cores: int = 0) -> int:
     """The largest divisor of num_envs not above `cores`. By default, the cores left once
     the trainer process has one: it acts, writes the ring and learns while the workers

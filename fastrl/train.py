@@ -16,7 +16,7 @@ from fastrl.algos import ddqn, reinforce
 from fastrl.buffer import ReplayRing, RolloutBuffer
 from fastrl.collector import Collector
 from fastrl.config import ConfigError, TrainConfig, validate
-from fastrl.envs import EnvSpec, WorkerDied, inspect_env, make_vector_env
+from fastrl.envs import EnvSpec, WorkerDied, available_memory, inspect_env, make_vector_env
 from fastrl.metrics import DeviceMeans
 from fastrl.nets import build_network
 from fastrl.optim import Adam
@@ -56,12 +56,45 @@ def train(config: TrainConfig) -> dict:
     if config.learner == "cudagraphs" and device.type != "cuda":
         raise ConfigError(f"invalid learner='cudagraphs': CUDA graphs need a CUDA device, and this run trains "
                           f"on {device.type}; use compile or eager")
+    check_storage_fits(config, spec, device)
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
         return _start_and_train(config, spec, device, started)
     finally:
         torch.set_num_threads(threads)  # the calling process (a notebook, a sweep) keeps its own setting
+
+
+def replay_ring(c: TrainConfig, spec: EnvSpec, device: torch.device, groups: int = 1) -> ReplayRing:
+    """DDQN's replay storage (one write head per group of envs)."""
+    return ReplayRing(c.buffer_size, c.num_envs, spec.obs_shape, device, c.n_step, c.gamma, groups)
+
+
+def rollout_buffer(c: TrainConfig, spec: EnvSpec, device: torch.device) -> RolloutBuffer:
+    """REINFORCE's storage: room for the longest episode plus one rollout, since
+    unfinished episodes wait in the ring."""
+    return RolloutBuffer(c.rollout_steps + spec.max_episode_steps + 2, c.num_envs, spec.obs_shape, device)
+
+
+def check_storage_fits(c: TrainConfig, spec: EnvSpec, device: torch.device) -> None:
+    """Refuses, before any process starts, a CPU run whose ring would not fit in memory: its
+    allocation would fail deep in torch, or the OOM killer would end the run. (On CUDA the
+    GPU's free memory cannot be read before the env workers are forked.)"""
+    available = available_memory()
+    if device.type != "cpu" or available is None:
+        return
+    meta = torch.device("meta")  # shapes only: nothing is allocated
+    if c.algo == "ddqn":
+        ring = replay_ring(c, spec, meta)
+        name, what, fix = "buffer_size", f"{c.buffer_size:,} transitions", "lower buffer_size"
+    else:
+        ring = rollout_buffer(c, spec, meta)
+        name, what, fix = "num_envs", f"{c.num_envs} envs x {ring.rows:,} steps (rollout_steps + the env's " \
+                                      f"time limit)", "fewer num_envs"
+    if ring.nbytes > 0.8 * available:
+        raise ConfigError(f"invalid {name}={getattr(c, name)}: a ring of {what} of {spec.obs_shape} observations "
+                          f"needs {ring.nbytes / 1e9:.1f} GB, and it may take at most 80% of the "
+                          f"{available / 1e9:.1f} GB of memory available ({0.8 * available / 1e9:.1f} GB): {fix}")
 
 
 def _start_and_train(config: TrainConfig, spec: EnvSpec, device: torch.device, started: float) -> dict:
@@ -107,7 +140,7 @@ def store_step(collector: Collector, ring: ReplayRing, group: int, actions: torc
 def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Run) -> None:
     c, device, phases = config, run.device, run.phases
     groups = collector.groups  # one group of all envs in lockstep, else one per env worker
-    ring = ReplayRing(c.buffer_size, c.num_envs, spec.obs_shape, device, c.n_step, c.gamma, len(groups))
+    ring = replay_ring(c, spec, device, len(groups))
     q = build_network(c, spec.obs_shape, spec.n_actions).to(device)  # a QNetwork
     q_target = copy.deepcopy(q).requires_grad_(False)
     optimizer = Adam(q, c.lr, c.max_grad_norm)
@@ -163,8 +196,7 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
 
 def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Run) -> None:
     c, device, phases = config, run.device, run.phases
-    # Room for the longest episode plus one rollout: unfinished episodes wait in the ring.
-    buffer = RolloutBuffer(c.rollout_steps + spec.max_episode_steps + 2, c.num_envs, spec.obs_shape, device)
+    buffer = rollout_buffer(c, spec, device)
     policy = build_network(c, spec.obs_shape, spec.n_actions).to(device)  # a PolicyNetwork
     optimizer = Adam(policy, c.lr, c.max_grad_norm)
     running_mean = torch.zeros((), device=device)

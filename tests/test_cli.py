@@ -17,6 +17,8 @@ import fastrl
 from fastrl import checkpoint, timing
 from fastrl.cli import build_parser, config_from_args, main
 from fastrl.config import ConfigError
+from fastrl.envs import inspect_env
+from fastrl.train import check_storage_fits, replay_ring, rollout_buffer
 
 TINY = ["--env", "CartPole-v1", "--total-steps", "1200", "--learning-starts", "400", "--num-envs", "4",
         "--eval-episodes", "4", "--eval-envs", "2", "--eval-interval", "600", "--learner", "eager",
@@ -227,6 +229,8 @@ BAD = [
     (["--collection", "ready-first", "--backend", "sync"], "backend='sync'"),
     (["--collection", "ready-first", "--env", "CartPole-v1", "--algo", "reinforce"], "algo=reinforce"),
     (["--collection", "ready-first", "--num-workers", "8"], "num_workers=num_envs=8"),
+    (["--buffer-size", "1e12"], "buffer_size=1000000000000: a ring of 1,000,000,000,000 transitions"),  # 47 TB
+    (["--algo", "reinforce", "--num-envs", "100000000"], "num_envs=100000000: a ring of 100000000 envs x 1,130"),
 ]
 
 
@@ -238,6 +242,23 @@ def test_bad_input_is_one_line_exit_2(args, named, capsys, tmp_path):
     assert len(err.strip().splitlines()) == 1, err
     assert named in err and "Traceback" not in err
     assert not (tmp_path / "never").exists()  # stopped before any work
+
+
+@pytest.mark.parametrize("algo", ["ddqn", "reinforce"])
+def test_a_ring_above_80_percent_of_the_available_memory_is_refused_before_any_work(algo, monkeypatch, tmp_path):
+    train_module = importlib.import_module("fastrl.train")  # (fastrl.train is the function)
+    config = fastrl.make_config(env_id="CartPole-v1", algo=algo, run_dir=str(tmp_path / "never"))
+    spec, cpu = inspect_env("CartPole-v1", {}), torch.device("cpu")
+    make = replay_ring if algo == "ddqn" else rollout_buffer
+    ring = make(config, spec, cpu)
+    need = sum(x.untyped_storage().nbytes() for x in ring.storage) + (ring.learned.nbytes if algo == "reinforce" else 0)
+    assert make(config, spec, torch.device("meta")).nbytes == need  # what the check counts is what is allocated
+    monkeypatch.setattr(train_module, "available_memory", lambda: int(need / 0.79))
+    check_storage_fits(config, spec, cpu)  # 79% of it: fits
+    monkeypatch.setattr(train_module, "available_memory", lambda: int(need / 0.81))
+    with pytest.raises(ConfigError, match=rf"may take at most 80% of the {need / 0.81 / 1e9:.1f} GB of memory"):
+        fastrl.train(config)
+    assert not (tmp_path / "never").exists()
 
 
 def test_ready_first_where_workers_would_step_one_env_each_is_one_line_exit_2(monkeypatch, capsys, tmp_path):

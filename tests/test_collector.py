@@ -18,8 +18,8 @@ import torch
 from fastrl.buffer import ReplayRing, transitions_at
 from fastrl.collector import Collector
 from fastrl.config import ConfigError
-from fastrl.envs import (WorkerDied, _receive, _StepRequest, cgroup_cpu_quota, cpu_capacity, cpu_cores,
-                         default_workers, make_vector_env)
+from fastrl.envs import (WorkerDied, _receive, _StepRequest, available_memory, cgroup_cpu_quota, cgroup_memory_limit,
+                         cpu_capacity, cpu_cores, default_workers, make_vector_env)
 from fastrl.run import StopRequest
 
 CPU = torch.device("cpu")
@@ -340,6 +340,24 @@ def test_cgroup_cpu_quota_is_read_from_either_cgroup_version(files, quota, tmp_p
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(text)
     assert cgroup_cpu_quota(str(tmp_path)) == quota
+
+
+@pytest.mark.parametrize("files,limit", [
+    ({"memory.max": "4294967296\n"}, 4 * 2 ** 30),  # cgroup v2, docker --memory=4g
+    ({"memory.max": "max\n"}, None),
+    ({"memory/memory.limit_in_bytes": "2147483648\n"}, 2 * 2 ** 30),  # cgroup v1
+    ({"memory/memory.limit_in_bytes": "9223372036854771712\n"}, None),  # v1's "no limit"
+    ({}, None),
+])
+def test_cgroup_memory_limit_is_read_from_either_cgroup_version(files, limit, tmp_path, monkeypatch):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_memory_limit(str(tmp_path)) == limit
+    # MemAvailable counts the host's memory: a container's limit caps it.
+    monkeypatch.setattr("fastrl.envs.cgroup_memory_limit", lambda: limit)
+    host = int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable:")).split()[1]) * 1024
+    assert abs(available_memory() - (host if limit is None else min(host, limit))) < 2 ** 28  # it moves a little
 
 
 def test_a_cpu_quota_caps_the_cores_and_so_the_default_workers(monkeypatch):
