@@ -4,6 +4,7 @@
     summary = fastrl.train(fastrl.make_config(env_id="CartPole-v1"))
     result = fastrl.evaluate(summary["checkpoint"], episodes=100)
 """
+from fastrl.checkpoint import WriteFailed
 from fastrl.config import PRESETS, ConfigError, TrainConfig, make_config
 from fastrl.envs import WorkerDied
 from fastrl.evaluate import EvalResult
@@ -15,6 +16,6 @@ from fastrl.train import train
 # Time to solve counts the start-up a fresh process pays: measured now, once imports are done.
 startup_s()
 
-__all__ = ["train", "evaluate", "load", "make_config", "TrainConfig", "ConfigError", "WorkerDied", "EvalResult",
-           "PRESETS"]
+__all__ = ["train", "evaluate", "load", "make_config", "TrainConfig", "ConfigError", "WorkerDied", "WriteFailed",
+           "EvalResult", "PRESETS"]
 __version__ = "0.1.0"

@@ -265,7 +265,8 @@ def plot_collect(result: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    with checkpoint.writing(path):
+        fig.savefig(path)
     plt.close(fig)
 
 

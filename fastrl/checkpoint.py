@@ -1,6 +1,8 @@
 """Atomic checkpoint save and safe load (no pickled code is executed)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -13,19 +15,35 @@ from fastrl.config import ConfigError
 FORMAT = "fastrl-checkpoint-v1"
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Calls write(tmp_path), then renames over `path`: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+class WriteFailed(RuntimeError):
+    """A file of the run could not be written (disk full, permissions): one line naming it."""
+
+
+@contextlib.contextmanager
+def writing(what: str | os.PathLike):
+    """Turns a failed write (an OSError: a full disk, permissions) into a WriteFailed naming `what`."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        yield
+    except OSError as exc:
+        raise WriteFailed(f"cannot write {what}: {exc.strerror or exc}") from None
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to a temporary file, then renames it over `path`: readers never see a
+    partial file, and a failed write (WriteFailed) leaves the old file as it was."""
+    path = Path(path)
+    tmp = None
+    with writing(path):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def make_dir(path: str | os.PathLike, option: str) -> Path:
@@ -48,11 +66,13 @@ def save(path: str | os.PathLike, config: dict, model: torch.nn.Module, meta: di
         "meta": json.loads(json.dumps(meta or {})),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    buffer = io.BytesIO()  # serialized in memory: a full disk then fails in a plain file write
+    torch.save(payload, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def save_json(path: str | os.PathLike, data: dict) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+    atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def load(path: str | os.PathLike) -> dict:

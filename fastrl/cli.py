@@ -13,6 +13,7 @@ import json
 import math
 import sys
 
+from fastrl.checkpoint import WriteFailed
 from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, ConfigError, TrainConfig, make_config, thread_limit
 from fastrl.envs import WorkerDied
 
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fastrl {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except WorkerDied as exc:  # the run has saved its summary and checkpoint
+    except (WorkerDied, WriteFailed) as exc:  # a run has saved what it could: its summary and checkpoint
         print(f"fastrl {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before or after a training loop (which stops on request: see StopRequest)

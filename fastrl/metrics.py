@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
+
+from fastrl.checkpoint import writing
 
 
 class DeviceMeans:
@@ -34,24 +37,49 @@ class DeviceMeans:
 
 
 class Writer:
-    """TensorBoard scalars plus the run's config as text."""
+    """TensorBoard scalars plus the run's config as text. A failed write (disk full) is a
+    WriteFailed naming the run dir, not tensorboard's own error from its writer thread."""
 
     def __init__(self, run_dir: str):
-        self.tb = SummaryWriter(log_dir=run_dir)
+        self.run_dir = run_dir
+        # tensorboard's writer thread lets a failed write escape, to be printed as a traceback;
+        # the next call here raises it again as WriteFailed, so that print is left out.
+        self._excepthook = threading.excepthook
+        threading.excepthook = self._quiet_failed_writes
+        try:
+            with self._writing():
+                self.tb = SummaryWriter(log_dir=run_dir)
+        except BaseException:
+            threading.excepthook = self._excepthook
+            raise
 
     def config(self, config: dict) -> None:
         rows = "\n".join(f"|{k}|{v}|" for k, v in config.items())
-        self.tb.add_text("config", f"|param|value|\n|-|-|\n{rows}")
+        with self._writing():
+            self.tb.add_text("config", f"|param|value|\n|-|-|\n{rows}")
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        for name, value in values.items():
-            self.tb.add_scalar(name, value, step)
+        with self._writing():
+            for name, value in values.items():
+                self.tb.add_scalar(name, value, step)
 
     def flush(self) -> None:
-        self.tb.flush()
+        with self._writing():
+            self.tb.flush()
 
     def close(self) -> None:
-        self.tb.close()
+        try:
+            with self._writing():
+                self.tb.close()
+        finally:
+            threading.excepthook = self._excepthook
+
+    def _quiet_failed_writes(self, args) -> None:
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard")):
+            self._excepthook(args)
+
+    def _writing(self):
+        return writing(f"TensorBoard events in {self.run_dir}")
 
 
 def _fmt_duration(seconds: float) -> str:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from fastrl.checkpoint import writing
+
 WARMUP_UPDATES = 3  # the first update compiles; time only the steady state
 
 # Phase -> the part of the loop it belongs to.
@@ -116,11 +118,13 @@ class ProfileSession:
     def _finish_trace(self) -> None:
         with native_stderr_muted():
             self._profiler.__exit__(None, None, None)
-        trace = Path(self.run.dir) / "trace.json"
-        self._profiler.export_chrome_trace(str(trace))
+        trace, top_ops = Path(self.run.dir) / "trace.json", Path(self.run.dir) / "top_ops.txt"
+        with writing(trace):
+            self._profiler.export_chrome_trace(str(trace))
         sort = "self_cuda_time_total" if self.run.device.type == "cuda" else "self_cpu_time_total"
         table = self._profiler.key_averages().table(sort_by=sort, row_limit=15)
-        (Path(self.run.dir) / "top_ops.txt").write_text(table + "\n")
+        with writing(top_ops):
+            top_ops.write_text(table + "\n")
         self._timed.update(trace=str(trace), top_ops=table, trace_cycles=self._cycles)
         self.state = "done"
 

@@ -10,11 +10,13 @@ import time
 import traceback
 from collections import deque
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from fastrl import checkpoint
 from fastrl.collector import Collector
+from fastrl.checkpoint import WriteFailed
 from fastrl.config import ConfigError, TrainConfig
 from fastrl.envs import EnvSpec, WorkerDied
 from fastrl.evaluate import BackgroundEvaluator, EvalResult
@@ -256,10 +258,10 @@ class Run:
         """Final evaluation (unless the loop stopped on request or failed), checkpoint,
         summary.json; returns the summary. A stop requested meanwhile abandons the final
         evaluation, and the summary says the run was interrupted. If the evaluation process
-        dies meanwhile, the checkpoint and summary (with the error) are still written, and
-        then the WorkerDied raised."""
+        dies meanwhile (WorkerDied) or a write fails (WriteFailed: a full disk), the rest is
+        still written, with the error in the summary, and then that error raised."""
         self.progress.close()
-        died = None
+        failures: list[Exception] = []  # raised once the rest is written: the first one
         try:
             if self.model is not None and not self.stop.requested and error is None and not self.config.profile:
                 with self.phases("eval"):
@@ -270,13 +272,25 @@ class Run:
                         self._collect_evaluation()
         except KeyboardInterrupt:  # a stop request gave up the wait, or a signal came while none was installed
             self.stop.requested = True
-        except WorkerDied as exc:  # SIGTERM to the whole process group kills it with the stop: no error
-            if not self.stop.requested:
-                died, error = exc, traceback.format_exc(limit=3)
+        except (WorkerDied, WriteFailed) as exc:  # SIGTERM to the whole process group kills the
+            if not (self.stop.requested and isinstance(exc, WorkerDied)):  # evaluation with the stop: no error
+                failures.append(exc)
+                error = error or traceback.format_exc(limit=3)
         finally:
             self._evals.close()
+
+        def attempt(write: Callable[[], Any]) -> Any:
+            """Each of the last writes is tried though one before it failed (a full disk)."""
+            try:
+                return write()
+            except WriteFailed as exc:
+                failures.append(exc)
+
         interrupted = self.stop.requested
-        ckpt = self.save_checkpoint() if self.model is not None else None
+        ckpt = attempt(self.save_checkpoint) if self.model is not None else None
+        if ckpt is None and (self.dir / "checkpoint.pt").exists():  # an earlier one (its meta says when)
+            ckpt = str(self.dir / "checkpoint.pt")
+        error = error or (str(failures[0]) if failures else None)
         wall = self.wall_s
         summary = {
             "env_id": self.config.env_id,
@@ -301,11 +315,11 @@ class Run:
             "checkpoint": ckpt,
             "run_dir": str(self.dir),
         }
-        checkpoint.save_json(self.dir / "summary.json", summary)
-        self.writer.close()
+        attempt(lambda: checkpoint.save_json(self.dir / "summary.json", summary))
+        attempt(self.writer.close)
         self._print_summary(summary)
-        if died is not None:
-            raise died
+        if failures:
+            raise failures[0]
         return summary
 
     def _print_summary(self, s: dict) -> None:

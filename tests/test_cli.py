@@ -7,7 +7,9 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from fastrl import checkpoint, timing
 from fastrl.cli import build_parser, config_from_args, main
 from fastrl.config import ConfigError
 from fastrl.envs import inspect_env
+from fastrl.metrics import Writer
 from fastrl.train import check_storage_fits, replay_ring, rollout_buffer
 
 TINY = ["--env", "CartPole-v1", "--total-steps", "1200", "--learning-starts", "400", "--num-envs", "4",
@@ -487,19 +490,67 @@ class Exploit:
         return (open, (self.path, "w"))
 
 
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+def full_disk_after(monkeypatch, name: str, successes: int) -> None:
+    """After `successes` writes of the run's file `name`, its writes fail as on a full disk:
+    the temporary file it is written to is swapped for /dev/full (ENOSPC)."""
+    real_fdopen, writes = os.fdopen, []
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(f".{name}."):  # atomic_write's temporary
+            writes.append(fd)
+            if len(writes) > successes:
+                os.close(fd)
+                return open("/dev/full", mode)
+        return real_fdopen(fd, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+
+
+def test_a_failed_write_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "summary.json"
     checkpoint.save_json(path, {"v": 1})
-
-    def broken(tmp):
-        with open(tmp, "w") as f:
-            f.write('{"v": 2, "trunc')
-        raise OSError("disk full")
-
-    with pytest.raises(OSError):
-        checkpoint.atomic_write(path, broken)
+    full_disk_after(monkeypatch, "summary.json", 0)
+    full = rf"^cannot write {re.escape(str(path))}: No space left on device$"
+    with pytest.raises(checkpoint.WriteFailed, match=full):
+        checkpoint.save_json(path, {"v": 2})
     assert json.loads(path.read_text()) == {"v": 1}
-    assert os.listdir(tmp_path) == ["summary.json"]
+    assert os.listdir(tmp_path) == ["summary.json"]  # no temporary file left
+
+
+def test_a_full_disk_mid_run_stops_it_in_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    # TINY evaluates (and saves) at 600 and 1,200 env steps; the second save fails.
+    full_disk_after(monkeypatch, "checkpoint.pt", 1)
+    code = call_main(["train", *TINY, "--run-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.strip() == f"fastrl train: error: cannot write {tmp_path / 'checkpoint.pt'}: No space left on device"
+    assert multiprocessing.active_children() == []  # env workers and evaluation process closed
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "No space left on device" in summary["error"] and not summary["interrupted"]
+    assert summary["checkpoint"] == str(tmp_path / "checkpoint.pt")  # the earlier one, intact:
+    assert checkpoint.load(summary["checkpoint"])["meta"]["env_steps"] == 600
+
+
+def test_a_full_disk_under_tensorboard_stops_the_run_in_one_line(tmp_path, monkeypatch, capsys):
+    real_init = Writer.__init__
+
+    def init_then_fill_the_disk(self, run_dir):
+        real_init(self, run_dir)
+        self.flush()
+        [events] = Path(run_dir).glob("events.out.tfevents.*")
+        events.unlink()
+        events.symlink_to("/dev/full")  # every later write of the event file: ENOSPC
+
+    monkeypatch.setattr(Writer, "__init__", init_then_fill_the_disk)
+    threads_hook = threading.excepthook
+    code = call_main(["train", *TINY, "--run-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1
+    # Nothing else: tensorboard's writer thread prints no traceback of its own.
+    assert err.strip() == f"fastrl train: error: cannot write TensorBoard events in {tmp_path}: No space left on device"
+    assert threading.excepthook is threads_hook and multiprocessing.active_children() == []
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "TensorBoard events" in summary["error"] and Path(summary["checkpoint"]).exists()
 
 
 def test_python_api_values_become_plain_types_and_a_wrong_kind_is_a_one_line_error(tmp_path):
