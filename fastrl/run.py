@@ -84,6 +84,9 @@ class Run:
             self.writer.config(config.to_dict())
         except BaseException:
             self._evals.close()
+            if hasattr(self, "writer"):
+                with contextlib.suppress(WriteFailed):
+                    self.writer.close()
             raise
         sync = torch.cuda.synchronize if config.profile and device.type == "cuda" else None
         self.phases = Phases(enabled=config.timers or config.profile, sync=sync)
