@@ -1,4 +1,5 @@
-"""Atomic checkpoint save and safe load (no pickled code is executed)."""
+"""Atomic checkpoint save and safe load (no pickled code is executed), and the one-line
+error for any of the run's files that cannot be written (`WriteFailed`)."""
 from __future__ import annotations
 
 import contextlib

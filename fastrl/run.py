@@ -15,8 +15,8 @@ from typing import Any, Callable
 import torch
 
 from fastrl import checkpoint
-from fastrl.collector import Collector
 from fastrl.checkpoint import WriteFailed
+from fastrl.collector import Collector
 from fastrl.config import ConfigError, TrainConfig
 from fastrl.envs import EnvSpec, WorkerDied
 from fastrl.evaluate import BackgroundEvaluator, EvalResult
@@ -275,8 +275,9 @@ class Run:
                         self._collect_evaluation()
         except KeyboardInterrupt:  # a stop request gave up the wait, or a signal came while none was installed
             self.stop.requested = True
-        except (WorkerDied, WriteFailed) as exc:  # SIGTERM to the whole process group kills the
-            if not (self.stop.requested and isinstance(exc, WorkerDied)):  # evaluation with the stop: no error
+        except (WorkerDied, WriteFailed) as exc:
+            # SIGTERM to the whole process group kills the evaluation process with the stop: no error.
+            if not (self.stop.requested and isinstance(exc, WorkerDied)):
                 failures.append(exc)
                 error = error or traceback.format_exc(limit=3)
         finally:
