@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -87,9 +88,20 @@ def init_worker() -> None:
 
 
 def inspect_env(env_id: str, env_kwargs: dict) -> EnvSpec:
-    """Builds one env to check its spaces; raises ConfigError with a one-line reason."""
+    """Builds one env to check its spaces; raises ConfigError with a one-line reason.
+
+    `env_id` may name the module that registers it, as gymnasium's make() allows:
+    "my_envs:Maze-v0" imports my_envs first (the env workers, forked later, inherit it).
+    """
+    module, _, name = env_id.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # not found, or the module's own error (it runs on import)
+            raise ConfigError(f"invalid env_id={env_id!r}: importing {module!r} failed "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     try:
-        spec = gym.spec(env_id)
+        spec = gym.spec(name)
     except gym.error.Error as exc:  # unknown id, bad namespace, deprecated version...
         raise ConfigError(f"invalid env_id={env_id!r}: {str(exc).splitlines()[0]}") from None
     render_mode = env_kwargs.get("render_mode")

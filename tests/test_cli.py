@@ -598,3 +598,27 @@ def test_wall_clock_budget_stops_training(tmp_path):
     summary = fastrl.train(config)
     assert 3.0 <= summary["wall_s"] < 20 and time.perf_counter() - t0 < 30
     assert 0 < summary["env_steps"] < 10_000_000 and not summary["interrupted"]
+
+
+def test_an_env_registered_by_a_module_trains_and_evaluates_from_the_command_line(tmp_path):
+    # gymnasium's "module:EnvId": the module that registers the env is imported first.
+    (tmp_path / "my_envs.py").write_text(
+        "import gymnasium as gym\n"
+        "gym.register('MyCartPole-v0', entry_point='gymnasium.envs.classic_control:CartPoleEnv',"
+        " max_episode_steps=50)\n")
+    (tmp_path / "broken_envs.py").write_text("raise ImportError('needs a simulator this machine lacks')\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    run_dir = tmp_path / "run"
+    args = [a if a != "CartPole-v1" else "my_envs:MyCartPole-v0" for a in TINY]
+    proc = run_cli("train", *args, "--run-dir", str(run_dir), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["env_id"] == "my_envs:MyCartPole-v0"
+    proc = run_cli("eval", str(run_dir), "--episodes", "3", env=env)  # a fresh process imports it again
+    assert proc.returncode == 0 and "over 3 episodes" in proc.stdout, proc.stderr
+
+    for env_id, why in [("no_such_module:X-v0", "importing 'no_such_module' failed (ModuleNotFoundError"),
+                        ("broken_envs:X-v0", "importing 'broken_envs' failed (ImportError: needs a simulator"),
+                        ("my_envs:NotRegistered-v0", "invalid env_id='my_envs:NotRegistered-v0'")]:
+        proc = run_cli("train", "--env", env_id, "--run-dir", str(tmp_path / "never"), env=env)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert why in proc.stderr
