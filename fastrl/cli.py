@@ -15,7 +15,7 @@ import sys
 
 from fastrl.checkpoint import WriteFailed
 from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, ConfigError, TrainConfig, make_config, thread_limit
-from fastrl.envs import WorkerDied
+from fastrl.envs import EnvError, WorkerDied
 
 
 class _Parser(argparse.ArgumentParser):
@@ -224,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fastrl {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except (WorkerDied, WriteFailed) as exc:  # a run has saved what it could: its summary and checkpoint
+    except (WorkerDied, WriteFailed, EnvError) as exc:  # a run has saved what it could: its summary and checkpoint
+        if isinstance(exc, EnvError):  # the env's own traceback, for whoever wrote the env
+            print(exc.trace.rstrip(), file=sys.stderr)
         print(f"fastrl {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before or after a training loop (which stops on request: see StopRequest)

@@ -16,7 +16,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from fastrl.envs import WorkerDied, worker_died
+from fastrl.envs import WorkerDied, env_error, worker_died
 from fastrl.timing import Phases
 
 _WORKER_GONE = (EOFError, ConnectionError)  # how a pipe to a dead env worker fails
@@ -85,6 +85,8 @@ class Collector:
             obs, _ = self.envs.reset(seed=seed)
         except _WORKER_GONE:
             raise self._worker_lost() from None
+        except Exception as exc:  # the env's own error
+            raise env_error(exc) from None
         self._host_np[:, :self.obs_size] = np.asarray(obs).reshape(self.num_envs, -1)
         self._host_np[:, self.obs_size:] = 0.0
         if self._upload:
@@ -141,6 +143,8 @@ class Collector:
             except KeyboardInterrupt:  # maybe in the middle of a reply: the pipes can no longer be read
                 self._unreadable = True
                 raise
+            except Exception as exc:  # the env's own error, in its step or autoreset
+                raise env_error(exc) from None
             self._track_episodes(cols, reward, terminated | truncated)
         with self.phases("h2d"):
             host, host_t, row, flags, step = self._staging[group]
@@ -188,7 +192,8 @@ class Collector:
             # gymnasium's close reads a pending step's replies even when terminating, and a
             # torn reply would hang it, a dead worker's end of file raise EOFError there.
             for pipe in getattr(self.envs, "parent_pipes", []):
-                pipe.close()
+                if pipe is not None:  # None: a worker whose error was raised (gymnasium closed it)
+                    pipe.close()
         with warnings.catch_warnings():  # gymnasium's, for the pending step it collects or we chose not to read
             warnings.filterwarnings("ignore", message=".*Calling `close` while waiting for a pending call")
             try:

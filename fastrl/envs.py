@@ -209,6 +209,22 @@ class WorkerDied(RuntimeError):
     """A worker process (env or evaluation) ended while the trainer relied on it."""
 
 
+class EnvError(RuntimeError):
+    """An env raised an error (in its step, reset or autoreset): `trace` is its traceback,
+    from the process that ran it, for whoever wrote the env."""
+
+    def __init__(self, message: str, trace: str):
+        super().__init__(message)
+        self.trace = trace
+
+
+def env_error(exc: Exception, where: str = "") -> EnvError:
+    """The EnvError for an env's exception, re-raised here from a grouped env worker (which
+    attaches the worker's traceback) or raised in this process."""
+    trace = getattr(exc, "env_traceback", None) or traceback.format_exc()
+    return EnvError(f"an env raised {type(exc).__name__}: {exc}{where}", trace)
+
+
 def worker_died(what: str, processes: list) -> WorkerDied:
     """The error naming the first of `processes` found dead. Waits up to a second for
     the death to show: a pipe can read as closed before its process is reaped."""
@@ -585,11 +601,22 @@ class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
         pairs = ()
         if message is not None:  # pickled: with infos, or a worker's error
             result, success = message
-            if not success:  # closes the failed worker and raises its error
-                self.workers._raise_if_errors([v != w for v in range(self.num_workers)])
+            if not success:
+                raise self._worker_error(w)
             _, reply.rewards[:], reply.terminated[:], reply.truncated[:], group_infos = result
             pairs = group_infos[_GROUP_INFOS]
         return self._obs[w * G:(w + 1) * G], reply.rewards, reply.terminated, reply.truncated, pairs
+
+    def _worker_error(self, w: int) -> Exception:
+        """Worker w's error, as gymnasium's AsyncVectorEnv raises it (the env's exception type
+        and message, the worker's pipe closed), with the worker's traceback attached as
+        `env_traceback` rather than logged: gymnasium's logger fails on a '%' in it."""
+        _, exctype, value, trace = self.workers.error_queue.get()
+        self.workers.parent_pipes[w].close()
+        self.workers.parent_pipes[w] = None
+        error = value if isinstance(value, BaseException) else exctype(value)
+        error.env_traceback = trace
+        return error
 
     def step(self, actions):
         self.step_async(actions)

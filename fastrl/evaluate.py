@@ -15,7 +15,8 @@ import torch
 
 from fastrl import checkpoint
 from fastrl.config import SEED_LIMIT, ConfigError, TrainConfig, check, plain_value
-from fastrl.envs import EnvSpec, WorkerDied, init_worker, inspect_env, make_vector_env, worker_died
+from fastrl.envs import (EnvError, EnvSpec, WorkerDied, env_error, init_worker, inspect_env, make_vector_env,
+                         worker_died)
 from fastrl.metrics import Progress
 from fastrl.nets import build_network, greedy_policy
 
@@ -54,7 +55,10 @@ class Evaluator:
         env_steps = 0
         quota = np.full(E, episodes // E) + (np.arange(E) < episodes % E)
         returns: list[list[float]] = [[] for _ in range(E)]
-        obs, _ = self.envs.reset(seed=self._next_seed)
+        try:
+            obs, _ = self.envs.reset(seed=self._next_seed)
+        except Exception as exc:
+            raise env_error(exc) from None
         self._next_seed = None  # later evaluations continue the seeded RNG streams
         ep_return = np.zeros(E)
         prev_done = np.zeros(E, dtype=bool)
@@ -62,7 +66,10 @@ class Evaluator:
         while any(len(r) < q for r, q in zip(returns, quota)):
             obs_t = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.device)
             actions = policy(obs_t).cpu().numpy()
-            obs, reward, terminated, truncated, _ = self.envs.step(actions)
+            try:
+                obs, reward, terminated, truncated, _ = self.envs.step(actions)
+            except Exception as exc:  # the env's own error
+                raise env_error(exc) from None
             ep_return += reward * ~prev_done
             done = terminated | truncated
             for i in np.flatnonzero(done):
@@ -132,6 +139,8 @@ class BackgroundEvaluator:
             raise self._died() from None
         finally:
             self.in_flight = False
+        if isinstance(reply, dict):
+            raise EnvError(f"{reply['message']} (in the evaluation process)", reply["trace"])
         if isinstance(reply, str):
             raise RuntimeError(f"evaluation failed in its process:\n{reply}")
         return reply
@@ -169,6 +178,8 @@ def _evaluation_worker(conn, config: TrainConfig, spec: EnvSpec) -> None:
             try:
                 model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
                 conn.send(evaluator.run(greedy, episodes, screen_below))
+            except EnvError as exc:
+                conn.send({"message": str(exc), "trace": exc.trace})
             except Exception:
                 conn.send(traceback.format_exc(limit=4))
     except (EOFError, OSError):  # the trainer is gone

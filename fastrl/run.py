@@ -18,7 +18,7 @@ from fastrl import checkpoint
 from fastrl.checkpoint import WriteFailed
 from fastrl.collector import Collector
 from fastrl.config import ConfigError, TrainConfig
-from fastrl.envs import EnvSpec, WorkerDied
+from fastrl.envs import EnvError, EnvSpec, WorkerDied
 from fastrl.evaluate import BackgroundEvaluator, EvalResult
 from fastrl.metrics import DeviceMeans, Progress, Writer
 from fastrl.profile import ProfileSession
@@ -70,6 +70,12 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+
+
+def describe_failure(exc: Exception) -> str:
+    """What summary.json keeps of the error that ended a run (call it where it is handled):
+    for an env's error, the env's own traceback, from the process that ran it."""
+    return exc.trace if isinstance(exc, EnvError) else traceback.format_exc(limit=3)
 
 
 class Run:
@@ -275,11 +281,11 @@ class Run:
                         self._collect_evaluation()
         except KeyboardInterrupt:  # a stop request gave up the wait, or a signal came while none was installed
             self.stop.requested = True
-        except (WorkerDied, WriteFailed) as exc:
+        except (WorkerDied, WriteFailed, EnvError) as exc:
             # SIGTERM to the whole process group kills the evaluation process with the stop: no error.
             if not (self.stop.requested and isinstance(exc, WorkerDied)):
                 failures.append(exc)
-                error = error or traceback.format_exc(limit=3)
+                error = error or describe_failure(exc)
         finally:
             self._evals.close()
 

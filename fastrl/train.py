@@ -8,7 +8,6 @@ import copy
 import dataclasses
 import multiprocessing
 import time
-import traceback
 
 import torch
 
@@ -20,7 +19,7 @@ from fastrl.envs import EnvSpec, WorkerDied, available_memory, inspect_env, make
 from fastrl.metrics import DeviceMeans
 from fastrl.nets import build_network
 from fastrl.optim import Adam
-from fastrl.run import Run, create_run_dir
+from fastrl.run import Run, create_run_dir, describe_failure
 from fastrl.schedules import learning_rate, linear_schedule
 
 
@@ -120,7 +119,7 @@ def _start_and_train(config: TrainConfig, spec: EnvSpec, device: torch.device, s
             # Workers that died after a stop request got its signal too (SIGTERM to the
             # whole process group: systemd, Slurm): the stop, not a failure.
             if not (run.stop.requested and isinstance(exc, WorkerDied)):
-                run.finish(error=traceback.format_exc(limit=3))
+                run.finish(error=describe_failure(exc))
                 raise
         finally:
             collector.close()

@@ -77,6 +77,30 @@ class FailingResetEnv(CounterEnv):
         return super().reset(seed=seed, options=options)
 
 
+class FailingStepEnv(CounterEnv):
+    """CounterEnv whose 31st step (over all its episodes) raises: a bug in an env. The
+    raising line holds a '%', which gymnasium's own error logging cannot print."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.steps = 0
+
+    def step(self, action):
+        self.steps += 1
+        if self.steps > 30:
+            raise ValueError("step %d failed on purpose" % self.steps)
+        return super().step(action)
+
+
+class FailingWhenEvaluatedEnv(CounterEnv):
+    """CounterEnv whose resets with an evaluation's seeds (fastrl's start at 3e9) raise."""
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None and seed >= 3_000_000_000:
+            raise ValueError("no simulator for evaluation seeds")
+        return super().reset(seed=seed, options=options)
+
+
 # Terminates after 3 steps (never truncated).
 gym.register("fastrl-test/Terminating-v0", entry_point=CounterEnv, kwargs={"length": 3}, max_episode_steps=100)
 # Would last 50 steps but the time limit truncates it after 4.
@@ -87,3 +111,6 @@ gym.register("fastrl-test/Info-v0", entry_point=InfoEnv, kwargs={"length": 4}, m
 gym.register("fastrl-test/Slow-v0", entry_point=SlowEnv, kwargs={"length": 20}, max_episode_steps=50)
 gym.register("fastrl-test/FailingReset-v0", entry_point=FailingResetEnv, kwargs={"length": 3}, max_episode_steps=50)
 gym.register("fastrl-test/SlowReset-v0", entry_point=SlowResetEnv, kwargs={"length": 3}, max_episode_steps=50)
+gym.register("fastrl-test/FailingStep-v0", entry_point=FailingStepEnv, kwargs={"length": 3}, max_episode_steps=50)
+gym.register("fastrl-test/FailingWhenEvaluated-v0", entry_point=FailingWhenEvaluatedEnv, kwargs={"length": 3},
+             max_episode_steps=50)

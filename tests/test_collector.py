@@ -660,6 +660,28 @@ def test_a_training_run_whose_worker_dies_saves_and_says_so_in_one_line(tmp_path
     assert (tmp_path / "checkpoint.pt").exists()
 
 
+@pytest.mark.parametrize("where", ["grouped workers", "sync", "evaluation"])
+def test_an_env_that_raises_stops_the_run_with_its_own_traceback_and_one_line(where, tmp_path, capsys):
+    from fastrl.cli import main
+    env = "fastrl-test/FailingWhenEvaluated-v0" if where == "evaluation" else "fastrl-test/FailingStep-v0"
+    args = ["train", "--env", env, "--learner", "eager", "--num-envs", "4", "--total-steps", "5000",
+            "--learning-starts", "40", "--eval-interval", "40", "--eval-episodes", "4", "--eval-envs", "2",
+            "--no-progress", "--run-dir", str(tmp_path), *(["--backend", "sync"] if where == "sync" else [])]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    raised = (("ValueError: no simulator for evaluation seeds", 'raise ValueError("no simulator') if
+              where == "evaluation" else
+              ("ValueError: step 31 failed on purpose", 'raise ValueError("step %d failed on purpose"'))
+    # The env's own traceback (not gymnasium's warnings, nor fastrl's frames), then one line.
+    assert err[0] == "Traceback (most recent call last):" and err[-2] == raised[0]
+    assert any(line.strip().startswith(raised[1]) for line in err) and "fastrl/train.py" not in "\n".join(err)
+    assert err[-1] == f"fastrl train: error: an env raised {raised[0]}" + (
+        " (in the evaluation process)" if where == "evaluation" else "")
+    assert multiprocessing.active_children() == []
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["error"].rstrip().endswith(raised[0]) and (tmp_path / "checkpoint.pt").exists()
+
+
 def running(pid: int) -> bool:
     """True while `pid` exists and is not a zombie (an orphan's reaper may not reap it)."""
     try:
