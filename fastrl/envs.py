@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
+from gymnasium.vector.async_vector_env import AsyncState
 from gymnasium.vector.utils import batch_space, write_to_shared_memory
 
 from fastrl.config import BACKENDS, ConfigError
@@ -254,7 +255,7 @@ def make_vector_env(env_id: str, num_envs: int, backend: str = "async", env_kwar
             raise ConfigError(f"invalid num_workers={workers}: must divide num_envs={num_envs}")
         if workers == num_envs:
             fns = [partial(_make_one, env_id, env_kwargs, os.getpid()) for _ in range(num_envs)]
-            return gym.vector.AsyncVectorEnv(fns, shared_memory=True, copy=False, autoreset_mode=AUTORESET)
+            return QuietAsyncVectorEnv(fns, shared_memory=True, copy=False, autoreset_mode=AUTORESET)
         return GroupedAsyncVectorEnv(fns, workers, pin_workers)
     if backend == "sync":
         return InProcessVectorEnv(fns)
@@ -499,6 +500,26 @@ def _pack(infos: list[tuple[int, dict]]) -> dict:
     return {_GROUP_INFOS: tuple(infos)} if infos else {}
 
 
+class QuietAsyncVectorEnv(gym.vector.AsyncVectorEnv):
+    """gymnasium's AsyncVectorEnv, but a worker's error is raised with the worker's traceback
+    attached (`env_traceback`, see `env_error`) rather than logged as warnings: gymnasium's
+    logger also fails on a '%' in the traceback, raising a TypeError instead of the error."""
+
+    def _raise_if_errors(self, successes) -> None:
+        successes = list(successes)
+        if all(successes):
+            return
+        errors = [self.error_queue.get() for _ in range(len(successes) - sum(successes))]
+        for index, *_ in errors:  # as gymnasium does: the failed workers' pipes are closed
+            self.parent_pipes[index].close()
+            self.parent_pipes[index] = None
+        self._state = AsyncState.DEFAULT
+        _, exctype, value, trace = errors[-1]
+        error = value if isinstance(value, BaseException) else exctype(value)
+        error.env_traceback = trace
+        raise error
+
+
 class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
     """`len(env_fns)` envs in `num_workers` AsyncVectorEnv worker processes, an equal
     group per worker. Env i is env i % G of worker i // G; it gets seed `seed + i`, as
@@ -520,7 +541,7 @@ class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         groups = [partial(_make_group, env_fns[w * G:(w + 1) * G], w if pin_workers else None, os.getpid())
                   for w in range(num_workers)]
-        self.workers = gym.vector.AsyncVectorEnv(groups, shared_memory=True, copy=False, worker=_group_worker)
+        self.workers = QuietAsyncVectorEnv(groups, shared_memory=True, copy=False, worker=_group_worker)
         # [W, G, *obs] in shared memory, seen as [N, *obs] without a copy.
         self._obs = self.workers.observations.reshape(self.num_envs, *self.single_observation_space.shape)
         self._requests = [_StepRequest(G) for _ in range(num_workers)]
@@ -601,22 +622,11 @@ class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
         pairs = ()
         if message is not None:  # pickled: with infos, or a worker's error
             result, success = message
-            if not success:
-                raise self._worker_error(w)
+            if not success:  # closes the failed worker's pipe and raises its error
+                self.workers._raise_if_errors([v != w for v in range(self.num_workers)])
             _, reply.rewards[:], reply.terminated[:], reply.truncated[:], group_infos = result
             pairs = group_infos[_GROUP_INFOS]
         return self._obs[w * G:(w + 1) * G], reply.rewards, reply.terminated, reply.truncated, pairs
-
-    def _worker_error(self, w: int) -> Exception:
-        """Worker w's error, as gymnasium's AsyncVectorEnv raises it (the env's exception type
-        and message, the worker's pipe closed), with the worker's traceback attached as
-        `env_traceback` rather than logged: gymnasium's logger fails on a '%' in it."""
-        _, exctype, value, trace = self.workers.error_queue.get()
-        self.workers.parent_pipes[w].close()
-        self.workers.parent_pipes[w] = None
-        error = value if isinstance(value, BaseException) else exctype(value)
-        error.env_traceback = trace
-        return error
 
     def step(self, actions):
         self.step_async(actions)

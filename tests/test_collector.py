@@ -210,7 +210,7 @@ def test_explicit_resets_after_an_episode_end_match_plain_async(env_id, resets):
             envs.close()
 
 
-@pytest.mark.filterwarnings("ignore:.*ERROR")  # gymnasium logs the worker's error
+@pytest.mark.filterwarnings("error:.*ERROR")  # the worker's error is raised, not logged by gymnasium as well
 @pytest.mark.parametrize("name", BACKENDS)
 def test_a_failing_autoreset_fails_only_the_step_that_runs_it(name):
     # Grouped workers run autoresets early, but an error surfaces where the plain path's
@@ -660,13 +660,14 @@ def test_a_training_run_whose_worker_dies_saves_and_says_so_in_one_line(tmp_path
     assert (tmp_path / "checkpoint.pt").exists()
 
 
-@pytest.mark.parametrize("where", ["grouped workers", "sync", "evaluation"])
+@pytest.mark.parametrize("where", ["grouped workers", "plain AsyncVectorEnv", "sync", "evaluation"])
 def test_an_env_that_raises_stops_the_run_with_its_own_traceback_and_one_line(where, tmp_path, capsys):
     from fastrl.cli import main
     env = "fastrl-test/FailingWhenEvaluated-v0" if where == "evaluation" else "fastrl-test/FailingStep-v0"
     args = ["train", "--env", env, "--learner", "eager", "--num-envs", "4", "--total-steps", "5000",
             "--learning-starts", "40", "--eval-interval", "40", "--eval-episodes", "4", "--eval-envs", "2",
-            "--no-progress", "--run-dir", str(tmp_path), *(["--backend", "sync"] if where == "sync" else [])]
+            "--no-progress", "--run-dir", str(tmp_path),
+            *{"sync": ["--backend", "sync"], "plain AsyncVectorEnv": ["--num-workers", "4"]}.get(where, [])]
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     raised = (("ValueError: no simulator for evaluation seeds", 'raise ValueError("no simulator') if
