@@ -219,11 +219,12 @@ class EnvError(RuntimeError):
         self.trace = trace
 
 
-def env_error(exc: Exception, where: str = "") -> EnvError:
-    """The EnvError for an env's exception, re-raised here from a grouped env worker (which
-    attaches the worker's traceback) or raised in this process."""
+def env_error(exc: Exception) -> EnvError:
+    """The EnvError for an env's exception (call it where it is handled): raised in this
+    process, or re-raised here from an env worker, with the worker's traceback attached
+    (see `QuietAsyncVectorEnv`)."""
     trace = getattr(exc, "env_traceback", None) or traceback.format_exc()
-    return EnvError(f"an env raised {type(exc).__name__}: {exc}{where}", trace)
+    return EnvError(f"an env raised {type(exc).__name__}: {exc}", trace)
 
 
 def worker_died(what: str, processes: list) -> WorkerDied:
