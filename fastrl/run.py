@@ -26,8 +26,11 @@ from fastrl.timing import Phases, startup_s
 
 
 def default_run_dir(config: TrainConfig) -> str:
+    """runs/<env>__<algo>__<seed>__<time>, one level deep: the env id without the module
+    that registers it ("my_envs:") and with its namespace joined on ("ALE/Pong-v5" -> ALE-Pong-v5)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return str(Path("runs") / f"{config.env_id}__{config.algo}__{config.seed}__{stamp}")
+    env = config.env_id.rpartition(":")[2].replace("/", "-")
+    return str(Path("runs") / f"{env}__{config.algo}__{config.seed}__{stamp}")
 
 
 def create_run_dir(config: TrainConfig) -> Path:

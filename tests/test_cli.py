@@ -622,3 +622,12 @@ def test_an_env_registered_by_a_module_trains_and_evaluates_from_the_command_lin
         proc = run_cli("train", "--env", env_id, "--run-dir", str(tmp_path / "never"), env=env)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert why in proc.stderr
+
+
+def test_the_default_run_dir_is_one_level_below_runs_whatever_the_env_id():
+    from fastrl.run import default_run_dir
+    for env_id, name in [("CartPole-v1", "CartPole-v1"), ("my_envs:Maze-v0", "Maze-v0"),
+                         ("fastrl-test/Terminating-v0", "fastrl-test-Terminating-v0"),
+                         ("my_envs:ns/Maze-v0", "ns-Maze-v0")]:
+        path = Path(default_run_dir(fastrl.make_config(env_id=env_id, seed=3)))
+        assert path.parent == Path("runs") and re.fullmatch(rf"{re.escape(name)}__ddqn__3__\d{{8}}-\d{{6}}", path.name)
