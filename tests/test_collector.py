@@ -472,7 +472,7 @@ def no_process_left(proc: subprocess.Popen) -> bool:
 
 
 READY_FIRST = ("--collection", "ready-first", "--num-workers", "2")
-PLAIN = ("--num-workers", "4")  # one process per env: gymnasium's AsyncVectorEnv as it is
+PLAIN = ("--num-workers", "4")  # one process per env: gymnasium's AsyncVectorEnv (errors raised, not logged)
 
 
 @pytest.mark.parametrize("evaluation, stop, collection", [
