@@ -6,7 +6,7 @@
 """
 from fastrl.checkpoint import WriteFailed
 from fastrl.config import PRESETS, ConfigError, TrainConfig, make_config
-from fastrl.envs import WorkerDied
+from fastrl.envs import EnvError, WorkerDied
 from fastrl.evaluate import EvalResult
 from fastrl.evaluate import evaluate_checkpoint as evaluate
 from fastrl.evaluate import load_policy as load
@@ -17,5 +17,5 @@ from fastrl.train import train
 startup_s()
 
 __all__ = ["train", "evaluate", "load", "make_config", "TrainConfig", "ConfigError", "WorkerDied", "WriteFailed",
-           "EvalResult", "PRESETS"]
+           "EnvError", "EvalResult", "PRESETS"]
 __version__ = "0.1.0"

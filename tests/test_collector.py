@@ -683,6 +683,16 @@ def test_an_env_that_raises_stops_the_run_with_its_own_traceback_and_one_line(wh
     assert summary["error"].rstrip().endswith(raised[0]) and (tmp_path / "checkpoint.pt").exists()
 
 
+def test_from_python_an_env_error_is_a_fastrl_env_error_raised_after_the_summary(tmp_path):
+    import fastrl
+    config = fastrl.make_config(env_id="fastrl-test/FailingStep-v0", learner="eager", num_envs=4, total_steps=5000,
+                                learning_starts=40, eval_interval=0, progress=False, run_dir=str(tmp_path))
+    with pytest.raises(fastrl.EnvError, match=r"^an env raised ValueError: step 31 failed on purpose$") as info:
+        fastrl.train(config)
+    assert 'raise ValueError("step %d failed on purpose" % self.steps)' in info.value.trace
+    assert json.loads((tmp_path / "summary.json").read_text())["error"] == info.value.trace
+
+
 def running(pid: int) -> bool:
     """True while `pid` exists and is not a zombie (an orphan's reaper may not reap it)."""
     try:
