@@ -507,8 +507,7 @@ class QuietAsyncVectorEnv(gym.vector.AsyncVectorEnv):
     logger also fails on a '%' in the traceback, raising a TypeError instead of the error."""
 
     def _raise_if_errors(self, successes) -> None:
-        successes = list(successes)
-        if all(successes):
+        if all(successes):  # every step, in plain AsyncVectorEnv's step_wait: nothing more
             return
         errors = [self.error_queue.get() for _ in range(len(successes) - sum(successes))]
         for index, *_ in errors:  # as gymnasium does: the failed workers' pipes are closed

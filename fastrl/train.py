@@ -88,8 +88,8 @@ def check_storage_fits(c: TrainConfig, spec: EnvSpec, device: torch.device) -> N
         name, what, fix = "buffer_size", f"{c.buffer_size:,} transitions", "lower buffer_size"
     else:
         ring = rollout_buffer(c, spec, meta)
-        name, what, fix = "num_envs", f"{c.num_envs} envs x {ring.rows:,} steps (rollout_steps + the env's " \
-                                      f"time limit)", "fewer num_envs"
+        steps = f"{ring.rows:,} steps (rollout_steps + the env's time limit)"
+        name, what, fix = "num_envs", f"{c.num_envs} envs x {steps}", "fewer num_envs"
     if ring.nbytes > 0.8 * available:
         raise ConfigError(f"invalid {name}={getattr(c, name)}: a ring of {what} of {spec.obs_shape} observations "
                           f"needs {ring.nbytes / 1e9:.1f} GB, and it may take at most 80% of the "
