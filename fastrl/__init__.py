@@ -10,6 +10,7 @@ from fastrl.envs import EnvError, WorkerDied
 from fastrl.evaluate import EvalResult
 from fastrl.evaluate import evaluate_checkpoint as evaluate
 from fastrl.evaluate import load_policy as load
+from fastrl.run import Diverged
 from fastrl.timing import startup_s
 from fastrl.train import train
 
@@ -17,5 +18,5 @@ from fastrl.train import train
 startup_s()
 
 __all__ = ["train", "evaluate", "load", "make_config", "TrainConfig", "ConfigError", "WorkerDied", "WriteFailed",
-           "EnvError", "EvalResult", "PRESETS"]
+           "EnvError", "Diverged", "EvalResult", "PRESETS"]
 __version__ = "0.1.0"

@@ -122,6 +122,16 @@ class ReplayRing:
         """Bytes of storage on the device (a ring made on the "meta" device allocates none)."""
         return sum(x.nbytes for x in self.storage)
 
+    def nonfinite_fields(self) -> list[str]:
+        """The float fields (of `RingStorage`) holding a nan or an infinity anywhere: what
+        the env gave, for a diverged run's error. Scanned a few million values at a time,
+        so a large ring needs no full-size temporary."""
+        def finite(x: torch.Tensor) -> bool:
+            rows = max(1, 2**24 // max(1, x[0].numel()))
+            return all(bool(torch.isfinite(chunk).all()) for chunk in x.split(rows))
+
+        return [name for name, x in zip(RingStorage._fields, self.storage) if x.is_floating_point() and not finite(x)]
+
     @property
     def heads(self) -> list[int]:
         """The row each group's next step fills."""

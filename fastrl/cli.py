@@ -16,6 +16,7 @@ import sys
 from fastrl.checkpoint import WriteFailed
 from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, ConfigError, TrainConfig, make_config, thread_limit
 from fastrl.envs import EnvError, WorkerDied
+from fastrl.run import Diverged
 
 
 class _Parser(argparse.ArgumentParser):
@@ -224,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fastrl {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except (WorkerDied, WriteFailed, EnvError) as exc:  # a run has saved what it could: its summary and checkpoint
-        if isinstance(exc, EnvError):  # the env's own traceback, for whoever wrote the env
+    except (WorkerDied, WriteFailed, EnvError, Diverged) as exc:  # a run has saved what it could: summary, checkpoint
+        if isinstance(exc, EnvError) and exc.trace:  # the env's own traceback, for whoever wrote the env
             print(exc.trace.rstrip(), file=sys.stderr)
         print(f"fastrl {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -212,7 +212,8 @@ class WorkerDied(RuntimeError):
 
 class EnvError(RuntimeError):
     """An env raised an error (in its step, reset or autoreset): `trace` is its traceback,
-    from the process that ran it, for whoever wrote the env."""
+    from the process that ran it, for whoever wrote the env. Also an env that gave a
+    non-finite reward in an evaluation (no traceback: `trace` is empty)."""
 
     def __init__(self, message: str, trace: str):
         super().__init__(message)

@@ -10,11 +10,12 @@ import time
 import traceback
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import torch
 
 from fastrl import checkpoint
+from fastrl.buffer import ReplayRing
 from fastrl.checkpoint import WriteFailed
 from fastrl.collector import Collector
 from fastrl.config import ConfigError, TrainConfig
@@ -75,10 +76,18 @@ class StopRequest:
         self.requested = True
 
 
+class Diverged(RuntimeError):
+    """Training produced a nan or an infinity: in a learner statistic (read when logged)
+    or in the network's weights (checked before each evaluation and checkpoint). The
+    message says whether the env gave non-finite observations or rewards (still in the
+    ring) or the learner itself diverged. The run saves no weights from then on: its
+    checkpoint keeps those of the evaluation before."""
+
+
 def describe_failure(exc: Exception) -> str:
     """What summary.json keeps of the error that ended a run (call it where it is handled):
     for an env's error, the env's own traceback, from the process that ran it."""
-    return exc.trace if isinstance(exc, EnvError) else traceback.format_exc(limit=3)
+    return exc.trace if isinstance(exc, EnvError) and exc.trace else traceback.format_exc(limit=3)
 
 
 class Run:
@@ -128,13 +137,16 @@ class Run:
         self._rolled_back_to: tuple[int, int] | None = None  # the model's (env steps, updates), once rolled back
         self.recent_returns: deque = deque(maxlen=100)
         self.model: torch.nn.Module | None = None
+        self.storage: ReplayRing | None = None
+        self.diverged = False
         self._next_eval = config.eval_interval if config.eval_interval > 0 else math.inf
         self._t0 = time.perf_counter()
         self._last_log: tuple | None = None  # (time, env_steps, updates) at the last log
 
-    def watch(self, model: torch.nn.Module) -> None:
-        """The network to checkpoint and to evaluate greedily (argmax of its outputs)."""
-        self.model = model
+    def watch(self, model: torch.nn.Module, storage: ReplayRing) -> None:
+        """The network to checkpoint and to evaluate greedily (argmax of its outputs), and
+        the storage it learns from (looked at if training diverges)."""
+        self.model, self.storage = model, storage
 
     @property
     def wall_s(self) -> float:
@@ -168,7 +180,8 @@ class Run:
         if self._last_log is None or self.env_steps == self._last_log[1]:
             return
         with self.phases("log"):
-            scalars = {**learner_stats.read(), **scalars}
+            stats = learner_stats.read()
+            scalars = {**stats, **scalars}
             now = time.perf_counter()
             t_prev, steps_prev, updates_prev = self._last_log
             dt = max(now - t_prev, 1e-9)
@@ -188,6 +201,31 @@ class Run:
             recent = sum(self.recent_returns) / len(self.recent_returns) if self.recent_returns else None
             self.progress.update(self.env_steps, self.wall_s, sps, ups, recent,
                                  self.last_eval.mean if self.last_eval else None)
+        nonfinite = [f"{name} is {value}" for name, value in stats.items() if not math.isfinite(value)]
+        if nonfinite:  # written first: the curves show where it happened
+            self._diverged(", ".join(nonfinite))
+
+    # --- divergence ----------------------------------------------------------------------
+    def _check_weights(self) -> None:
+        """Raises Diverged if the weights hold a nan or an infinity (one host sync)."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.state_dict().values()
+                              if p.is_floating_point()]).all()
+        if not finite:
+            self._diverged("the network's weights are no longer finite")
+
+    def _diverged(self, what: str) -> NoReturn:
+        """Raises Diverged. The weights are never saved from now on: finite or not, they
+        learned from what diverged, and the last checkpoint has better ones."""
+        self.diverged = True
+        fields = self.storage.nonfinite_fields() if self.storage is not None else []
+        if fields:
+            names = " and ".join({"obs": "observations"}.get(f, f) for f in fields)
+            cause = (f"the env gave non-finite {names} (nan or inf, still in the ring): "
+                     f"make the env's observations and rewards finite")
+        else:
+            cause = ("the env's observations and rewards in the ring are all finite, so the learner "
+                     "itself diverged: lower --lr")
+        raise Diverged(f"training diverged at {self.env_steps:,} env steps: {what}; {cause}")
 
     # --- evaluation ----------------------------------------------------------------------
     def eval_due(self) -> bool:
@@ -223,6 +261,7 @@ class Run:
         return self.solved and self.config.stop_on_solve
 
     def _submit_evaluation(self, screen: bool) -> None:
+        self._check_weights()
         screen_below = self.threshold if screen and not math.isnan(self.threshold) else math.nan
         weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self._evals.submit(weights, self.config.eval_episodes, screen_below)
@@ -259,6 +298,7 @@ class Run:
         return self._rolled_back_to or (self.env_steps, self.updates)
 
     def save_checkpoint(self) -> str:
+        self._check_weights()  # never overwrites the last good weights
         path = self.dir / "checkpoint.pt"
         env_steps, updates = self._weights_at()
         checkpoint.save(path, self.config.to_dict(), self.model,
@@ -270,8 +310,9 @@ class Run:
         """Final evaluation (unless the loop stopped on request or failed), checkpoint,
         summary.json; returns the summary. A stop requested meanwhile abandons the final
         evaluation, and the summary says the run was interrupted. If the evaluation process
-        dies meanwhile (WorkerDied) or a write fails (WriteFailed: a full disk), the rest is
-        still written, with the error in the summary, and then that error raised."""
+        dies meanwhile (WorkerDied), a write fails (WriteFailed: a full disk) or the weights
+        are not finite (Diverged: no weights are saved), the rest is still written, with the
+        error in the summary, and then that error raised."""
         self.progress.close()
         failures: list[Exception] = []  # raised once the rest is written: the first one
         try:
@@ -284,7 +325,7 @@ class Run:
                         self._collect_evaluation()
         except KeyboardInterrupt:  # a stop request gave up the wait, or a signal came while none was installed
             self.stop.requested = True
-        except (WorkerDied, WriteFailed, EnvError) as exc:
+        except (WorkerDied, WriteFailed, EnvError, Diverged) as exc:
             # SIGTERM to the whole process group kills the evaluation process with the stop: no error.
             if not (self.stop.requested and isinstance(exc, WorkerDied)):
                 failures.append(exc)
@@ -300,7 +341,7 @@ class Run:
                 failures.append(exc)
 
         interrupted = self.stop.requested
-        ckpt = attempt(self.save_checkpoint) if self.model is not None else None
+        ckpt = attempt(self.save_checkpoint) if self.model is not None and not self.diverged else None
         if ckpt is None and (self.dir / "checkpoint.pt").exists():  # an earlier one (its meta says when)
             ckpt = str(self.dir / "checkpoint.pt")
         error = error or (str(failures[0]) if failures else None)

@@ -148,7 +148,7 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
     learn = ddqn.make_learn_step(ring.sampler(c.batch_size), q, q_target, optimizer, c.tau,
                                  c.target_update_interval, c.learner, phases if c.profile else None)
     act = ddqn.make_act(q)
-    run.watch(q)
+    run.watch(q, ring)
     learner_stats = DeviceMeans(("losses/td_loss", "losses/q_mean", "losses/grad_norm"), device)
     eps = torch.tensor(c.eps_start, device=device)
 
@@ -202,7 +202,7 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
     update = reinforce.make_update(policy, optimizer, c.baseline, c.normalize_returns, c.entropy_coef,
                                    c.value_coef, running_mean, c.learner, phases if c.profile else None)
     act = reinforce.make_act(policy)
-    run.watch(policy)
+    run.watch(policy, buffer)
     learner_stats = DeviceMeans(("losses/loss", "losses/policy_loss", "losses/value_loss",
                                  "losses/entropy", "losses/grad_norm"), device)
 

@@ -101,6 +101,25 @@ class FailingWhenEvaluatedEnv(CounterEnv):
         return super().reset(seed=seed, options=options)
 
 
+class NonFiniteEnv(CounterEnv):
+    """CounterEnv whose observations (what="obs": nan) or rewards (what="reward": inf) stop
+    being finite after its first `after` steps (over all its episodes): a bug in an env."""
+
+    def __init__(self, after=100, what="obs", **kw):
+        super().__init__(**kw)
+        self.after, self.what, self.steps = after, what, 0
+
+    def step(self, action):
+        self.steps += 1
+        obs, reward, terminated, truncated, info = super().step(action)
+        if self.steps > self.after:
+            if self.what == "obs":
+                obs = np.full_like(obs, np.nan)
+            else:
+                reward = np.inf
+        return obs, reward, terminated, truncated, info
+
+
 # Terminates after 3 steps (never truncated).
 gym.register("fastrl-test/Terminating-v0", entry_point=CounterEnv, kwargs={"length": 3}, max_episode_steps=100)
 # Would last 50 steps but the time limit truncates it after 4.
@@ -113,4 +132,8 @@ gym.register("fastrl-test/FailingReset-v0", entry_point=FailingResetEnv, kwargs=
 gym.register("fastrl-test/SlowReset-v0", entry_point=SlowResetEnv, kwargs={"length": 3}, max_episode_steps=50)
 gym.register("fastrl-test/FailingStep-v0", entry_point=FailingStepEnv, kwargs={"length": 3}, max_episode_steps=50)
 gym.register("fastrl-test/FailingWhenEvaluated-v0", entry_point=FailingWhenEvaluatedEnv, kwargs={"length": 3},
+             max_episode_steps=50)
+gym.register("fastrl-test/NanObs-v0", entry_point=NonFiniteEnv, kwargs={"length": 3, "what": "obs"},
+             max_episode_steps=50)
+gym.register("fastrl-test/InfReward-v0", entry_point=NonFiniteEnv, kwargs={"length": 3, "what": "reward"},
              max_episode_steps=50)

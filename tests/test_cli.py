@@ -553,6 +553,90 @@ def test_a_full_disk_under_tensorboard_stops_the_run_in_one_line(tmp_path, monke
     assert "TensorBoard events" in summary["error"] and Path(summary["checkpoint"]).exists()
 
 
+def finite_checkpoint_steps(run_dir: Path) -> int:
+    """The env steps of the run's checkpoint, whose weights must all be finite."""
+    saved = checkpoint.load(str(run_dir / "checkpoint.pt"))
+    assert all(torch.isfinite(w).all() for w in saved["model"].values())
+    return saved["meta"]["env_steps"]
+
+
+@pytest.mark.parametrize("algo", ["ddqn", "reinforce"])
+@pytest.mark.parametrize("env, given", [("NanObs-v0", "observations"), ("InfReward-v0", "rewards")])
+def test_an_env_giving_non_finite_values_stops_training_in_one_line_and_keeps_finite_weights(
+        algo, env, given, tmp_path, capsys):
+    # Each env's observations (nan) or rewards (inf) go bad after its 100th step, at about
+    # 400 env steps in all; the evaluation envs take ~8 steps per evaluation, so they stay good.
+    args = ["train", "--env", f"fastrl-test/{env}", "--algo", algo, "--learner", "eager", "--num-envs", "4",
+            "--total-steps", "4000", "--learning-starts", "40", "--rollout-steps", "16", "--eval-interval", "200",
+            "--eval-episodes", "4", "--eval-envs", "2", "--log-interval", "0.05", "--no-progress",
+            "--run-dir", str(tmp_path)]
+    assert call_main(args) == 1
+    err = capsys.readouterr().err.strip()
+    # Caught when a learner statistic is logged, or before the weights are evaluated and saved.
+    found = re.fullmatch(rf"fastrl train: error: training diverged at ([\d,]+) env steps: (.+ is (nan|inf)|the "
+                         rf"network's weights are no longer finite); the env gave non-finite {given} \(nan or inf, "
+                         rf"still in the ring\): make the env's observations and rewards finite", err)
+    assert found, err
+    diverged_at = int(found[1].replace(",", ""))
+    assert 400 < diverged_at < 4000 and multiprocessing.active_children() == []
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "training diverged" in summary["error"] and summary["env_steps"] == diverged_at
+    assert summary["checkpoint"] == str(tmp_path / "checkpoint.pt")
+    assert finite_checkpoint_steps(tmp_path) < diverged_at  # the last finite weights: never overwritten
+
+
+def test_a_learner_that_diverges_on_finite_data_stops_in_one_line_and_keeps_the_last_finite_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    from fastrl.algos import ddqn
+    real_make_learn_step = ddqn.make_learn_step
+
+    def make_learn_step(sample, q, *args):  # the weights blow up at the 120th update (TINY: ~640 env steps)
+        learn, updates = real_make_learn_step(sample, q, *args), []
+
+        def learn_then_blow_up():
+            updates.append(1)
+            if len(updates) == 120:
+                with torch.no_grad():
+                    next(q.parameters()).fill_(float("inf"))
+            return learn()
+
+        return learn_then_blow_up
+
+    monkeypatch.setattr(ddqn, "make_learn_step", make_learn_step)
+    assert call_main(["train", *TINY, "--no-progress", "--run-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"fastrl train: error: training diverged at [\d,]+ env steps: .+; the env's observations "
+                        r"and rewards in the ring are all finite, so the learner itself diverged: lower --lr", err), err
+    assert finite_checkpoint_steps(tmp_path) == 600  # TINY's first evaluation; the second was refused
+    assert json.loads((tmp_path / "summary.json").read_text())["final_eval_mean"] is not None  # at 600
+
+
+def test_from_python_a_divergence_is_a_fastrl_diverged_raised_after_the_summary(tmp_path):
+    config = fastrl.make_config(env_id="fastrl-test/NanObs-v0", learner="eager", num_envs=4, total_steps=4000,
+                                learning_starts=40, eval_interval=0, log_interval=0.05, progress=False,
+                                run_dir=str(tmp_path))
+    with pytest.raises(fastrl.Diverged, match=r"^training diverged at .+ the env gave non-finite observations"):
+        fastrl.train(config)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "fastrl.run.Diverged: training diverged" in summary["error"] and summary["checkpoint"] is None
+
+
+@pytest.mark.filterwarnings("ignore:.*The reward is an inf value")  # gymnasium's env checker: right
+def test_an_env_giving_an_infinite_reward_in_an_evaluation_is_one_line(tmp_path, capsys):
+    # No update ever: only the evaluation sees the rewards, and a mean of inf would "solve".
+    run_dir = tmp_path / "run"
+    args = ["train", "--env", "fastrl-test/InfReward-v0", "--env-kwargs", "after=0", "--learning-starts", "1e9",
+            "--num-envs", "2", "--total-steps", "100", "--eval-episodes", "4", "--eval-envs", "2",
+            "--solve-threshold", "1", "--no-progress", "--run-dir", str(run_dir)]
+    assert call_main(args) == 1
+    returned = "an env gave a non-finite reward: an evaluation episode returned inf; rewards must be finite numbers"
+    assert capsys.readouterr().err.strip() == f"fastrl train: error: {returned} (in the evaluation process)"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert not summary["solved"] and summary["final_eval_mean"] is None and returned in summary["error"]
+    assert call_main(["eval", str(run_dir), "--episodes", "4"]) == 1  # the checkpoint's own evaluation too
+    assert capsys.readouterr().err.strip() == f"fastrl eval: error: {returned}"
+
+
 def test_python_api_values_become_plain_types_and_a_wrong_kind_is_a_one_line_error(tmp_path):
     import numpy as np
 

@@ -164,3 +164,18 @@ def test_sampling_is_uniform_over_transitions_when_groups_hold_different_row_cou
     assert set(values.tolist()) == offered
     expected = len(got) / len(offered)  # 3,000 each; the binomial spread is about 53
     assert counts.min() > expected - 300 and counts.max() < expected + 300, counts.tolist()
+
+
+def test_the_ring_names_the_fields_holding_a_nan_or_an_infinity_in_any_row():
+    # Rows of 2**21 values: the scan goes 8 rows at a time, so the bad values sit in its
+    # last chunk, past the first.
+    ring = ReplayRing(capacity=9 * 2, num_envs=2, obs_shape=(2**20,), device=torch.device("cpu"))
+    ring.start(torch.zeros(2, 2**20))
+    for _ in range(ring.rows - 1):
+        ring.add(torch.zeros(2, dtype=torch.int64), torch.ones(2), torch.zeros(2, dtype=torch.bool),
+                 torch.zeros(2, dtype=torch.bool), torch.ones(2, 2**20))
+    assert ring.nonfinite_fields() == []
+    ring.storage.obs[ring.rows - 1, 1, -1] = float("nan")
+    assert ring.nonfinite_fields() == ["obs"]
+    ring.storage.rewards[ring.rows - 1, 0] = -float("inf")
+    assert ring.nonfinite_fields() == ["obs", "rewards"]
