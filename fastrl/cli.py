@@ -26,6 +26,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _CommandParser(_Parser):
+    """A subcommand's parser: it reports the arguments it does not know itself, naming
+    the command and its --help (argparse leaves them to `fastrl`, whose --help lists none)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, unknown = super().parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return namespace, unknown
+
+
 def _option_name(f: dataclasses.Field) -> str:
     return "--" + f.metadata.get("cli", f.name).replace("_", "-")
 
@@ -89,7 +100,7 @@ def _presets_epilog() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastrl", description="High-throughput small-scale deep RL in plain PyTorch.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     train_p = sub.add_parser("train", help="train an agent (default: Double DQN on LunarLander-v3)",
                              epilog=_presets_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_train_options(train_p)

@@ -247,6 +247,14 @@ def test_bad_input_is_one_line_exit_2(args, named, capsys, tmp_path):
     assert not (tmp_path / "never").exists()  # stopped before any work
 
 
+@pytest.mark.parametrize("command", ["train", "profile", "eval", "bench"])
+def test_an_unknown_option_is_named_by_its_command_with_that_commands_help(command, capsys):
+    positional = {"eval": ["RUN_DIR"], "bench": ["collect"]}.get(command, [])
+    assert call_main([command, *positional, "--gama", "0.9", "--backends"]) == 2
+    assert capsys.readouterr().err == (f"fastrl {command}: error: unrecognized arguments: --gama 0.9 --backends "
+                                       f"(see fastrl {command} --help)\n")
+
+
 @pytest.mark.parametrize("algo", ["ddqn", "reinforce"])
 def test_a_ring_above_80_percent_of_the_available_memory_is_refused_before_any_work(algo, monkeypatch, tmp_path):
     train_module = importlib.import_module("fastrl.train")  # (fastrl.train is the function)
