@@ -92,4 +92,8 @@ def load(path: str | os.PathLike) -> dict:
                          f"({type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"checkpoint {str(path)!r} is not a fastrl checkpoint (format {FORMAT} expected)")
+    # fastrl no longer saves such weights (see run.Diverged); an older version did.
+    if not all(torch.isfinite(w).all() for w in payload.get("model", {}).values() if w.is_floating_point()):
+        raise ValueError(f"checkpoint {str(path)!r} holds weights that are not finite (nan or inf): "
+                         f"the run that saved it had diverged")
     return payload

@@ -347,6 +347,17 @@ def test_eval_takes_a_run_directory_and_rejects_bad_paths_and_devices(tiny_run, 
             fastrl.evaluate(run_dir, **kwargs)
 
 
+def test_eval_refuses_a_checkpoint_of_weights_that_are_not_finite_in_one_line(tiny_run, capsys, tmp_path):
+    # fastrl no longer saves them, but an older version did: argmax over nan would play one action.
+    saved = checkpoint.load(str(tiny_run[0] / "checkpoint.pt"))
+    saved["model"]["torso.0.bias"][3] = float("nan")
+    torch.save(saved, tmp_path / "diverged.pt")
+    path = str(tmp_path / "diverged.pt")
+    assert call_main(["eval", path]) == 2
+    assert capsys.readouterr().err == (f"fastrl eval: error: checkpoint {path!r} holds weights that are not finite "
+                                       f"(nan or inf): the run that saved it had diverged\n")
+
+
 def test_eval_render_plays_the_same_episodes_in_a_window_at_the_frame_rate(tiny_run, monkeypatch):
     run_dir, _ = tiny_run
     monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")  # pygame draws into memory: no display in CI
