@@ -76,6 +76,12 @@ def save_json(path: str | os.PathLike, data: dict) -> None:
     atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
+def all_finite(weights: dict[str, torch.Tensor]) -> bool:
+    """True when no float tensor of a state dict holds a nan or an infinity (one host sync)."""
+    checks = [torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
 def load(path: str | os.PathLike) -> dict:
     """Loads with weights_only=True; raises ValueError with a one-line reason.
     `path` may also be a run directory holding a checkpoint.pt."""
@@ -93,7 +99,7 @@ def load(path: str | os.PathLike) -> dict:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"checkpoint {str(path)!r} is not a fastrl checkpoint (format {FORMAT} expected)")
     # fastrl no longer saves such weights (see run.Diverged); an older version did.
-    if not all(torch.isfinite(w).all() for w in payload.get("model", {}).values() if w.is_floating_point()):
+    if not all_finite(payload.get("model", {})):
         raise ValueError(f"checkpoint {str(path)!r} holds weights that are not finite (nan or inf): "
                          f"the run that saved it had diverged")
     return payload

@@ -87,9 +87,9 @@ class Evaluator:
                     returns = [[x] for x in first]
                     break
         flat = [x for r in returns for x in r]
-        if not np.isfinite(flat).all():  # a mean of them would mean nothing (and an inf one would "solve")
-            bad = next(x for x in flat if not math.isfinite(x))
-            raise EnvError(f"an env gave a non-finite reward: an evaluation episode returned {bad}; "
+        bad = [x for x in flat if not math.isfinite(x)]
+        if bad:  # a mean of them would mean nothing (and an inf one would "solve")
+            raise EnvError(f"an env gave a non-finite reward: an evaluation episode returned {bad[0]}; "
                            f"rewards must be finite numbers", trace="")
         return EvalResult(float(np.mean(flat)), float(np.std(flat)), len(flat), flat)
 

@@ -207,10 +207,8 @@ class Run:
 
     # --- divergence ----------------------------------------------------------------------
     def _check_weights(self) -> None:
-        """Raises Diverged if the weights hold a nan or an infinity (one host sync)."""
-        finite = torch.stack([torch.isfinite(p).all() for p in self.model.state_dict().values()
-                              if p.is_floating_point()]).all()
-        if not finite:
+        """Raises Diverged if the weights hold a nan or an infinity."""
+        if not checkpoint.all_finite(self.model.state_dict()):
             self._diverged("the network's weights are no longer finite")
 
     def _diverged(self, what: str) -> NoReturn:
