@@ -51,12 +51,17 @@ class StopRequest:
     the training loop to stop: it skips the rest of the cycle's updates (or rollout) and
     stops at the cycle's end, where nothing is half done: no env step in flight, no
     half-read reply, no half-written log record. A wait on an evaluation
-    gives up on it. A second signal stops at once (KeyboardInterrupt)."""
+    gives up on it. A second signal stops at once (KeyboardInterrupt).
+
+    The first signal is acknowledged at once through `announce`: the cycle's end can be
+    seconds away (the first update compiles), or never come (an env whose step hangs),
+    and the user should know that the signal was heard and how to stop at once."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, announce: Callable[[str], None] | None = None):
         self.requested = False
+        self._announce = announce
 
     @contextlib.contextmanager
     def installed(self):
@@ -74,6 +79,15 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        if self._announce is not None:
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            try:
+                self._announce(f"{name}: the run stops after the step in progress and saves "
+                               f"(a second Ctrl-C or SIGTERM stops it at once, still saving)")
+            # A signal in the middle of a write to the same stream (RuntimeError), a closed
+            # or broken stdout: the stop goes on unannounced rather than failing.
+            except (RuntimeError, OSError, ValueError):
+                pass
 
 
 class Diverged(RuntimeError):
@@ -120,7 +134,8 @@ class Run:
                               f"{self._where()}")
         self.threshold = (config.solve_threshold if not math.isnan(config.solve_threshold)
                           else spec.reward_threshold)
-        self.stop = StopRequest()  # installed by train() around the loop and the final evaluation
+        # Installed by train() around the loop and the final evaluation.
+        self.stop = StopRequest(announce=self.progress.message)
         self.env_steps = 0
         self.updates = 0
         self.solved = False

@@ -120,6 +120,22 @@ class NonFiniteEnv(CounterEnv):
         return obs, reward, terminated, truncated, info
 
 
+class HangingEnv(CounterEnv):
+    """CounterEnv whose step never returns after its first `after` steps (over all its
+    episodes): a simulator stuck in a loop, or waiting on a server that is gone."""
+
+    def __init__(self, after=100, **kw):
+        super().__init__(**kw)
+        self.after, self.steps = after, 0
+
+    def step(self, action):
+        import time
+        self.steps += 1
+        if self.steps > self.after:
+            time.sleep(3600)
+        return super().step(action)
+
+
 # Terminates after 3 steps (never truncated).
 gym.register("fastrl-test/Terminating-v0", entry_point=CounterEnv, kwargs={"length": 3}, max_episode_steps=100)
 # Would last 50 steps but the time limit truncates it after 4.
@@ -137,3 +153,4 @@ gym.register("fastrl-test/NanObs-v0", entry_point=NonFiniteEnv, kwargs={"length"
              max_episode_steps=50)
 gym.register("fastrl-test/InfReward-v0", entry_point=NonFiniteEnv, kwargs={"length": 3, "what": "reward"},
              max_episode_steps=50)
+gym.register("fastrl-test/Hanging-v0", entry_point=HangingEnv, kwargs={"length": 3}, max_episode_steps=50)

@@ -4,6 +4,7 @@ import ctypes
 import json
 import multiprocessing
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -508,13 +509,54 @@ def test_ctrl_c_or_sigterm_stops_an_async_training_run_and_saves(tmp_path, evalu
             os.kill(proc.pid, signal.SIGTERM)  # `kill PID`, a container's stop: the trainer only
         else:  # systemd's stop, Slurm's preemption: every process, the workers die with the trainer's stop
             os.killpg(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
         assert no_process_left(proc)  # no env worker or evaluation process is left behind
     assert proc.returncode == 130, err
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["interrupted"] and summary["env_steps"] > 0
     assert (tmp_path / "checkpoint.pt").exists()
     assert "Traceback" not in err and "error" not in err
+    heard = "Ctrl-C" if stop == "ctrl-c" else "SIGTERM"
+    assert out.count(f"{heard}: the run stops after the step in progress and saves") == 1, out
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_a_stop_while_an_env_hangs_is_acknowledged_at_once_and_a_second_signal_stops_and_saves(
+        tmp_path, monkeypatch, stop):
+    # Each env's step never returns after its 200th: the cycle the first signal waits for
+    # never ends. The user is told at once that the signal was heard, and how to stop.
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the trainer imports scripted_envs
+    args = ["--env", "scripted_envs:fastrl-test/Hanging-v0", "--env-kwargs", "after=200", "--total-steps", "1e7",
+            "--eval-interval", "0", "--log-interval", "0.1"]
+    with training_process(tmp_path, *args) as proc:
+        def event_bytes():
+            return sum(f.stat().st_size for f in tmp_path.glob("events.out.tfevents.*"))
+
+        deadline, started = time.time() + 60, event_bytes()
+        while event_bytes() == started and time.time() < deadline:  # the loop has logged: it is training
+            time.sleep(0.1)
+        seen = (event_bytes(), time.time())  # (bytes, since): the log stops growing once every env hangs
+        while time.time() - seen[1] < 1.0 and time.time() < deadline:
+            seen = seen if event_bytes() == seen[0] else (event_bytes(), time.time())
+            time.sleep(0.1)
+        send = (lambda s: os.killpg(proc.pid, s)) if stop == "ctrl-c" else (lambda s: os.kill(proc.pid, s))
+        send(signal.SIGINT if stop == "ctrl-c" else signal.SIGTERM)
+        heard = f"{'Ctrl-C' if stop == 'ctrl-c' else 'SIGTERM'}: the run stops after the step in progress and saves"
+        lines, deadline = [], time.time() + 10
+        while not any(heard in line for line in lines) and time.time() < deadline:
+            if select.select([proc.stdout], [], [], 0.1)[0]:
+                lines.append(proc.stdout.readline())
+        assert any(heard in line for line in lines), lines
+        time.sleep(1.0)
+        assert proc.poll() is None  # still waiting for the hung step
+        send(signal.SIGINT if stop == "ctrl-c" else signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert no_process_left(proc)  # the hung worker too
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    # Every env took its 200 steps (episodes of 3, each followed by an autoreset step) and hangs in the next.
+    assert summary["interrupted"] and summary["error"] is None and summary["env_steps"] == 4 * (200 + 200 // 3)
+    assert summary["checkpoint"] == str(tmp_path / "checkpoint.pt")
 
 
 def children(proc: subprocess.Popen) -> list[int]:
