@@ -325,8 +325,13 @@ class Run:
         evaluation, and the summary says the run was interrupted. If the evaluation process
         dies meanwhile (WorkerDied), a write fails (WriteFailed: a full disk) or the weights
         are not finite (Diverged: no weights are saved), the rest is still written, with the
-        error in the summary, and then that error raised."""
+        error in the summary, and then that error raised.
+
+        `error`: how the loop failed (see describe_failure), which its caller raises once
+        this returns. That is the error to report: a write that fails here as well (the
+        disk that filled up is often why) is only printed with the summary."""
         self.progress.close()
+        loop_failed = error is not None
         failures: list[Exception] = []  # raised once the rest is written: the first one
         try:
             if self.model is not None and not self.stop.requested and error is None and not self.config.profile:
@@ -347,10 +352,12 @@ class Run:
             self._evals.close()
 
         def attempt(write: Callable[[], Any]) -> Any:
-            """Each of the last writes is tried though one before it failed (a full disk)."""
+            """Each of the last writes is tried though one before it failed (a full disk), or
+            the checkpoint found its weights not finite (after a stop: no final evaluation
+            checked them)."""
             try:
                 return write()
-            except WriteFailed as exc:
+            except (WriteFailed, Diverged) as exc:
                 failures.append(exc)
 
         interrupted = self.stop.requested
@@ -384,15 +391,16 @@ class Run:
         }
         attempt(lambda: checkpoint.save_json(self.dir / "summary.json", summary))
         attempt(self.writer.close)
-        self._print_summary(summary)
-        if failures:
+        self._print_summary(summary, also_failed=failures if loop_failed else [])
+        if failures and not loop_failed:
             raise failures[0]
         return summary
 
-    def _print_summary(self, s: dict) -> None:
+    def _print_summary(self, s: dict, also_failed: list[Exception]) -> None:
         status = "interrupted" if s["interrupted"] else ("failed" if s["error"] else "done")
         lines = [f"{status}: {s['env_steps']:,} env steps, {s['updates']:,} updates in {s['wall_s']:.1f} s "
                  f"({s['env_steps_per_s']:,.0f} env steps/s)"]
+        lines += [f"also failed: {exc}" for exc in also_failed]
         if self.config.profile:
             lines.append(f"run dir: {s['run_dir']}")
             print("\n".join(lines), flush=True)
