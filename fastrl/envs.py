@@ -58,12 +58,15 @@ class EnvSpec:
     render_modes: tuple  # the env's metadata["render_modes"]: what render_mode may be
 
 
-def _make_one(env_id: str, env_kwargs: dict, trainer: int | None = None) -> gym.Env:
-    # With `trainer` (its pid), the env of a plain AsyncVectorEnv worker process, which
-    # AsyncVectorEnv also builds once in the trainer itself, as a probe for the spaces.
-    if trainer is not None and os.getpid() != trainer:
-        init_worker()
-    return gym.make(env_id, **env_kwargs)
+def _make_one(env_id: str, env_kwargs: dict) -> gym.Env:
+    try:
+        return gym.make(env_id, **env_kwargs)
+    except Exception as exc:
+        # The env's own error (a bug, a licence or server it cannot get), from whichever
+        # process made it: make_vector_env reports it as an EnvError. The mark survives
+        # the pickling that brings a worker's error back.
+        exc.fastrl_making_env = True
+        raise
 
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -110,14 +113,14 @@ def inspect_env(env_id: str, env_kwargs: dict) -> EnvSpec:
         with warnings.catch_warnings():  # gymnasium's warning for a mode the env lacks: refused below
             warnings.filterwarnings("ignore", message=".*not in the possible render_modes")
             env = _make_one(env_id, env_kwargs)
-    except (TypeError, ValueError, AssertionError) as exc:
-        # Unknown or bad keyword values: gymnasium and the envs raise all three.
-        if not env_kwargs:
-            raise
-        raise ConfigError(f"invalid env_kwargs={env_kwargs!r} for {env_id}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     except gym.error.DependencyNotInstalled as exc:
         raise ConfigError(f"env {env_id!r} needs a missing dependency: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:
+        if env_kwargs and isinstance(exc, (TypeError, ValueError, AssertionError)):
+            # Unknown or bad keyword values: gymnasium and the envs raise all three.
+            raise ConfigError(f"invalid env_kwargs={env_kwargs!r} for {env_id}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise env_error(exc, making=env_id) from None  # the env's own error: its traceback, one line
     try:
         obs_space, act_space = env.observation_space, env.action_space
         max_episode_steps = env.spec.max_episode_steps if env.spec is not None else None
@@ -220,12 +223,14 @@ class EnvError(RuntimeError):
         self.trace = trace
 
 
-def env_error(exc: Exception) -> EnvError:
+def env_error(exc: Exception, making: str = "") -> EnvError:
     """The EnvError for an env's exception (call it where it is handled): raised in this
     process, or re-raised here from an env worker, with the worker's traceback attached
-    (see `QuietAsyncVectorEnv`)."""
+    (see `QuietAsyncVectorEnv`). `making`: the env id, when making the env raised."""
     trace = getattr(exc, "env_traceback", None) or traceback.format_exc()
-    return EnvError(f"an env raised {type(exc).__name__}: {exc}", trace)
+    what = f"{making} could not be made: it raised" if making else "an env raised"
+    name = getattr(exc, "env_error_type", type(exc).__name__)  # a stand-in's (see _PortableErrors)
+    return EnvError(f"{what} {name}: {exc}", trace)
 
 
 def worker_died(what: str, processes: list) -> WorkerDied:
@@ -249,15 +254,24 @@ def make_vector_env(env_id: str, num_envs: int, backend: str = "async", env_kwar
     `copy=False` makes step() hand back the same observation buffer every time (shared
     memory for async), which the collector copies straight into its staging row.
     """
-    env_kwargs = dict(env_kwargs or {})
+    try:
+        return _vector_env(env_id, num_envs, backend, dict(env_kwargs or {}), num_workers, pin_workers)
+    except Exception as exc:
+        if not getattr(exc, "fastrl_making_env", False):
+            raise
+        raise env_error(exc, making=env_id) from None  # here or in a worker, which reported it (_made_in_worker)
+
+
+def _vector_env(env_id: str, num_envs: int, backend: str, env_kwargs: dict, num_workers: int,
+                pin_workers: bool) -> gym.vector.VectorEnv:
     fns = [partial(_make_one, env_id, env_kwargs) for _ in range(num_envs)]
     if backend == "async":
         workers = num_workers or default_workers(num_envs)
         if num_envs % workers:
             raise ConfigError(f"invalid num_workers={workers}: must divide num_envs={num_envs}")
         if workers == num_envs:
-            fns = [partial(_make_one, env_id, env_kwargs, os.getpid()) for _ in range(num_envs)]
-            return QuietAsyncVectorEnv(fns, shared_memory=True, copy=False, autoreset_mode=AUTORESET)
+            return QuietAsyncVectorEnv(fns, shared_memory=True, copy=False, autoreset_mode=AUTORESET,
+                                       worker=_plain_worker)
         return GroupedAsyncVectorEnv(fns, workers, pin_workers)
     if backend == "sync":
         return InProcessVectorEnv(fns)
@@ -358,7 +372,13 @@ class InProcessVectorEnv(gym.vector.VectorEnv):
     returns the same observation array."""
 
     def __init__(self, env_fns: list[Callable[[], gym.Env]]):
-        envs = [fn() for fn in env_fns]
+        envs = []
+        try:
+            envs += (fn() for fn in env_fns)
+        except BaseException:
+            for env in envs:  # those made before the one that failed
+                env.close()
+            raise
         self.num_envs = len(envs)
         self.single_observation_space = envs[0].observation_space
         self.single_action_space = envs[0].action_space
@@ -434,6 +454,56 @@ def _receive(pipe, raw: bytearray) -> Any:
     return pickle.loads(raw[:size])
 
 
+class _PortableErrors:
+    """A worker's view of AsyncVectorEnv's error queue: an error whose class would not
+    unpickle in the trainer (one whose constructor takes more than the message: the
+    trainer's get() would raise a TypeError instead) or not pickle at all (a class made on
+    the fly: the item would be dropped, and the trainer wait for it forever) is put as a
+    RuntimeError stand-in with its message and its class's name."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def put(self, item: tuple) -> None:
+        index, _, error, trace = item
+        try:
+            pickle.loads(pickle.dumps(error))
+        except Exception:
+            stand_in = RuntimeError(str(error))
+            stand_in.env_error_type = type(error).__name__
+            stand_in.fastrl_making_env = getattr(error, "fastrl_making_env", False)
+            error = stand_in
+        self.queue.put((index, type(error), error, trace))
+
+
+def _made_in_worker(env_fn: Callable[[], Any], index: int, pipe, parent_pipe, error_queue) -> Any:
+    """A worker's env (or group of envs), made as the worker starts. If making it raises,
+    the worker answers the trainer's first command (AsyncVectorEnv's space check) with that
+    error, as it would a step's (the error queue, then a failure on the pipe), and returns
+    None: gymnasium's own worker dies instead, and the trainer reads a closed pipe."""
+    try:
+        return env_fn()
+    except Exception:
+        error_type, error, _ = sys.exc_info()
+        error_queue.put((index, error_type, error, traceback.format_exc()))
+        parent_pipe.close()
+        with contextlib.suppress(EOFError, OSError):  # the trainer is gone
+            pipe.recv()
+            pipe.send((None, False))
+        return None
+
+
+def _plain_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, autoreset_mode, semaphore):
+    """gymnasium's AsyncVectorEnv worker, readied as a worker (init_worker), and reporting
+    an env that cannot be made (see _made_in_worker)."""
+    init_worker()
+    error_queue = _PortableErrors(error_queue)
+    env = _made_in_worker(env_fn, index, pipe, parent_pipe, error_queue)
+    if env is not None:
+        gym.vector.async_vector_env._async_worker(index, lambda: env, pipe, parent_pipe, shared_memory, error_queue,
+                                                  autoreset_mode, semaphore)
+
+
 def _make_group(env_fns: list[Callable[[], gym.Env]], core: int | None, trainer: int) -> InProcessVectorEnv:
     # AsyncVectorEnv builds one of these in the trainer (pid `trainer`) as a probe for
     # spaces and metadata; in a worker, `_group_worker` steps its EnvGroup.
@@ -446,7 +516,10 @@ def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, 
     """An AsyncVectorEnv worker (same signature and protocol as gymnasium's own, but for
     raw step messages) that steps a group of envs per message."""
     init_worker()
-    local = env_fn()
+    error_queue = _PortableErrors(error_queue)
+    local = _made_in_worker(env_fn, index, pipe, parent_pipe, error_queue)
+    if local is None:
+        return
     parent_pipe.close()
     group, space = local.group, local.observation_space
     request, reply = _StepRequest(local.num_envs), _StepReply(local.num_envs)
@@ -505,7 +578,17 @@ def _pack(infos: list[tuple[int, dict]]) -> dict:
 class QuietAsyncVectorEnv(gym.vector.AsyncVectorEnv):
     """gymnasium's AsyncVectorEnv, but a worker's error is raised with the worker's traceback
     attached (`env_traceback`, see `env_error`) rather than logged as warnings: gymnasium's
-    logger also fails on a '%' in the traceback, raising a TypeError instead of the error."""
+    logger also fails on a '%' in the traceback, raising a TypeError instead of the error.
+    If starting fails (an env that cannot be made), no worker is left running."""
+
+    def __init__(self, *args, **kwargs):
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            if hasattr(self, "processes"):
+                self._state = AsyncState.DEFAULT  # nothing to wait for: end them
+                self.close(terminate=True)
+            raise
 
     def _raise_if_errors(self, successes) -> None:
         if all(successes):  # every step, in plain AsyncVectorEnv's step_wait: nothing more

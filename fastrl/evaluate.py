@@ -175,11 +175,13 @@ def _evaluation_worker(conn, config: TrainConfig, spec: EnvSpec) -> None:
     torch.set_num_threads(1)
     model = build_network(config, spec.obs_shape, spec.n_actions).eval()
     greedy = greedy_policy(model)
-    evaluator = Evaluator(config.env_id, config.env_kwargs, config.eval_envs, config.seed, torch.device("cpu"))
+    evaluator = None  # its envs are made for the first evaluation: an env that cannot be made is its error
     try:
         while (request := conn.recv()) is not None:
             weights, episodes, screen_below = request
             try:
+                evaluator = evaluator or Evaluator(config.env_id, config.env_kwargs, config.eval_envs, config.seed,
+                                                   torch.device("cpu"))
                 model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
                 conn.send(evaluator.run(greedy, episodes, screen_below))
             except EnvError as exc:
@@ -189,7 +191,8 @@ def _evaluation_worker(conn, config: TrainConfig, spec: EnvSpec) -> None:
     except (EOFError, OSError):  # the trainer is gone
         pass
     finally:
-        evaluator.close()
+        if evaluator is not None:
+            evaluator.close()
 
 
 def _check_display() -> None:

@@ -5,8 +5,12 @@ Reward for a step that leads to t is t + 0.5 * action, so a stored reward names 
 Episodes terminate after `length` steps (length=None: a length drawn from the seeded RNG
 in [1, 6]); registered with a TimeLimit so long episodes are truncated instead.
 """
+import os
+
 import gymnasium as gym
 import numpy as np
+
+_IMPORTED_BY = os.getpid()
 
 
 class CounterEnv(gym.Env):
@@ -136,6 +140,54 @@ class HangingEnv(CounterEnv):
         return super().step(action)
 
 
+class UnmakeableEnv(CounterEnv):
+    """CounterEnv that cannot be made (everywhere=False: in any process but the one that
+    imported this module, like a licence only one process may hold; the env is then
+    checked fine, and its env workers and evaluation process fail)."""
+
+    def __init__(self, everywhere=True, **kw):
+        if everywhere or os.getpid() != _IMPORTED_BY:
+            raise RuntimeError("the licence is held by process %d" % _IMPORTED_BY)
+        super().__init__(**kw)
+
+
+class SimulatorError(Exception):
+    """An error whose class takes more than a message, as many libraries' do: pickling
+    keeps only the message, so it does not unpickle as itself."""
+
+    def __init__(self, code, detail):
+        super().__init__(f"code {code}: {detail}")
+
+
+def _error_class(kind):
+    if kind == "coded":
+        return SimulatorError
+
+    class LocalError(Exception):  # made on the fly: it does not pickle at all
+        def __init__(self, code, detail):
+            super().__init__(f"code {code}: {detail}")
+
+    return LocalError
+
+
+class SimulatorFailingEnv(CounterEnv):
+    """CounterEnv that raises a SimulatorError (error="coded") or a LocalError (error="local")
+    when made (when="making": in any process but the one that imported this module) or at
+    its 31st step (when="stepping")."""
+
+    def __init__(self, when="stepping", error="coded", **kw):
+        if when == "making" and os.getpid() != _IMPORTED_BY:
+            raise _error_class(error)(3, "no licence")
+        super().__init__(**kw)
+        self.when, self.error, self.steps = when, error, 0
+
+    def step(self, action):
+        self.steps += 1
+        if self.when == "stepping" and self.steps > 30:
+            raise _error_class(self.error)(7, "the solver diverged")
+        return super().step(action)
+
+
 # Terminates after 3 steps (never truncated).
 gym.register("fastrl-test/Terminating-v0", entry_point=CounterEnv, kwargs={"length": 3}, max_episode_steps=100)
 # Would last 50 steps but the time limit truncates it after 4.
@@ -154,3 +206,8 @@ gym.register("fastrl-test/NanObs-v0", entry_point=NonFiniteEnv, kwargs={"length"
 gym.register("fastrl-test/InfReward-v0", entry_point=NonFiniteEnv, kwargs={"length": 3, "what": "reward"},
              max_episode_steps=50)
 gym.register("fastrl-test/Hanging-v0", entry_point=HangingEnv, kwargs={"length": 3}, max_episode_steps=50)
+gym.register("fastrl-test/Unmakeable-v0", entry_point=UnmakeableEnv, max_episode_steps=50)
+gym.register("fastrl-test/UnmakeableInWorkers-v0", entry_point=UnmakeableEnv, kwargs={"everywhere": False},
+             max_episode_steps=50)
+gym.register("fastrl-test/SimulatorFailing-v0", entry_point=SimulatorFailingEnv, kwargs={"length": 3},
+             max_episode_steps=50)

@@ -725,6 +725,54 @@ def test_an_env_that_raises_stops_the_run_with_its_own_traceback_and_one_line(wh
     assert summary["error"].rstrip().endswith(raised[0]) and (tmp_path / "checkpoint.pt").exists()
 
 
+@pytest.mark.parametrize("where", ["trainer", "grouped workers", "plain AsyncVectorEnv", "sync, evaluation"])
+def test_an_env_that_cannot_be_made_is_its_traceback_and_one_line_and_leaves_no_process(where, tmp_path, capsys):
+    from fastrl.cli import main
+    env = "fastrl-test/Unmakeable-v0" if where == "trainer" else "fastrl-test/UnmakeableInWorkers-v0"
+    args = ["train", "--env", env, "--learner", "eager", "--num-envs", "4", "--total-steps", "400",
+            "--learning-starts", "40", "--eval-interval", "200", "--eval-episodes", "4", "--eval-envs", "2",
+            "--no-progress", "--run-dir", str(tmp_path),
+            *{"plain AsyncVectorEnv": ["--num-workers", "4"], "sync, evaluation": ["--backend", "sync"]}.get(where, [])]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    raised = f"RuntimeError: the licence is held by process {os.getpid()}"
+    # Once: the env's traceback, from the process that tried to make it (no worker prints its own).
+    assert err[0] == "Traceback (most recent call last):" and err[-2] == raised, err
+    assert sum(line == err[0] for line in err) == 1 and 'raise RuntimeError("the licence' in "\n".join(err)
+    assert err[-1] == f"fastrl train: error: {env} could not be made: it raised {raised}" + (
+        " (in the evaluation process)" if where == "sync, evaluation" else "")
+    assert multiprocessing.active_children() == []
+    if where == "sync, evaluation":  # the run trained until its first evaluation
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert summary["error"].rstrip().endswith(raised) and summary["env_steps"] >= 200
+
+
+@pytest.mark.parametrize("collection", [[], ["--num-workers", "4"], ["--backend", "sync"]],
+                         ids=["grouped workers", "plain AsyncVectorEnv", "sync"])
+@pytest.mark.parametrize("when", ["making", "stepping"])
+@pytest.mark.parametrize("error", ["coded", "local"])
+def test_an_env_error_that_cannot_cross_a_pipe_as_itself_is_reported_by_its_name_and_message(
+        error, when, collection, tmp_path, capsys):
+    # Pickled, SimulatorError(7, "the solver diverged") keeps only its message, and does not
+    # unpickle (a TypeError in the trainer); a class made in a function does not pickle at
+    # all (the worker drops the error, and the trainer waits for it forever).
+    from fastrl.cli import main
+    args = ["train", "--env", "fastrl-test/SimulatorFailing-v0", "--env-kwargs", f"when={when}", f"error={error}",
+            "--learner", "eager",
+            "--num-envs", "4", "--total-steps", "400", "--learning-starts", "40", "--eval-interval", "200",
+            "--eval-episodes", "4", "--eval-envs", "2", "--no-progress", "--run-dir", str(tmp_path), *collection]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    raised = "code 3: no licence" if when == "making" else "code 7: the solver diverged"
+    name = "SimulatorError" if error == "coded" else "LocalError"
+    qualified = "scripted_envs.SimulatorError" if error == "coded" else "scripted_envs._error_class.<locals>.LocalError"
+    assert err[-2] == f"{qualified}: {raised}"  # the env's traceback, then one line
+    what = "fastrl-test/SimulatorFailing-v0 could not be made: it raised" if when == "making" else "an env raised"
+    assert err[-1] == f"fastrl train: error: {what} {name}: {raised}" + (
+        " (in the evaluation process)" if when == "making" and collection == ["--backend", "sync"] else "")
+    assert multiprocessing.active_children() == []
+
+
 def test_from_python_an_env_error_is_a_fastrl_env_error_raised_after_the_summary(tmp_path):
     import fastrl
     config = fastrl.make_config(env_id="fastrl-test/FailingStep-v0", learner="eager", num_envs=4, total_steps=5000,
