@@ -213,6 +213,11 @@ class WorkerDied(RuntimeError):
     """A worker process (env or evaluation) ended while the trainer relied on it."""
 
 
+class BadEnvOutput(ValueError):
+    """An env's reset() or step() returned what does not fit gymnasium's API: the message
+    says what (an env's own error has its own traceback; this one has none to show)."""
+
+
 class EnvError(RuntimeError):
     """An env raised an error (in its step, reset or autoreset): `trace` is its traceback,
     from the process that ran it, for whoever wrote the env. Also an env that gave a
@@ -227,6 +232,8 @@ def env_error(exc: Exception, making: str = "") -> EnvError:
     """The EnvError for an env's exception (call it where it is handled): raised in this
     process, or re-raised here from an env worker, with the worker's traceback attached
     (see `QuietAsyncVectorEnv`). `making`: the env id, when making the env raised."""
+    if isinstance(exc, BadEnvOutput):  # not raised by the env: fastrl's frames would be all its traceback
+        return EnvError(str(exc), trace="")
     trace = getattr(exc, "env_traceback", None) or traceback.format_exc()
     what = f"{making} could not be made: it raised" if making else "an env raised"
     name = getattr(exc, "env_error_type", type(exc).__name__)  # a stand-in's (see _PortableErrors)
@@ -315,10 +322,11 @@ class EnvGroup:
         infos = []
         for j, env in enumerate(self.envs):
             if self._early[j] is not None and seeds[j] is None and options is None:
-                self.obs[j], info = self._take_early(j)
+                out = self._take_early(j)
             else:
                 self._undo_early(j)
-                self.obs[j], info = env.reset(seed=seeds[j], options=options)
+                out = env.reset(seed=seeds[j], options=options)
+            self.obs[j], info = self._checked_reset(j, out)
             if info:
                 infos.append((j, info))
         self._autoreset[:] = False
@@ -356,14 +364,46 @@ class EnvGroup:
         infos = []
         for j, (env, action) in enumerate(zip(self.envs, actions.tolist())):  # Python ints: cheaper checks
             if autoreset[j]:
-                obs[j], info = env.reset() if self._early[j] is None else self._take_early(j)
+                out = env.reset() if self._early[j] is None else self._take_early(j)
+                obs[j], info = self._checked_reset(j, out)
                 rewards[j], terminated[j], truncated[j] = 0.0, False, False
             else:
-                obs[j], rewards[j], terminated[j], truncated[j], info = env.step(action)
+                out = env.step(action)
+                try:
+                    obs[j], rewards[j], terminated[j], truncated[j], info = out
+                except (ValueError, TypeError) as exc:
+                    raise self._bad_output(j, "step", out, exc) from None
             if info:
                 infos.append((j, info))
         np.logical_or(terminated, truncated, out=autoreset)
         return infos
+
+    def _checked_reset(self, j: int, out: Any) -> tuple:
+        # Checked once per episode: an observation of a wrong shape that numpy would
+        # broadcast into its row without a word (a scalar, shape (1,)) is caught too.
+        if not (isinstance(out, tuple) and len(out) == 2 and np.shape(out[0]) == self.obs.shape[1:]):
+            raise self._bad_output(j, "reset", out)
+        return out
+
+    def _bad_output(self, j: int, call: str, out: Any, exc: Exception | None = None) -> BadEnvOutput:
+        """Says what is wrong with what env j's reset() or step() returned, which does not
+        fit gymnasium's API (an env written for the old gym API, often)."""
+        env = self.envs[j]
+        name = env.spec.id if env.spec is not None else type(env.unwrapped).__name__
+        form = "(obs, info)" if call == "reset" else "(obs, reward, terminated, truncated, info)"
+        if not isinstance(out, tuple) or len(out) != form.count(",") + 1:
+            got = f"{len(out)} values" if isinstance(out, tuple) else f"a value of type {type(out).__name__}"
+            old_api = isinstance(out, np.ndarray) if call == "reset" else isinstance(out, tuple) and len(out) == 4
+            old = " (the old gym API's, which this env follows)" if old_api else ""
+            what = f"{got}, not {form} as gymnasium's API (since gym 0.26) has it{old}"
+        elif np.shape(out[0]) != self.obs.shape[1:]:
+            what = (f"an observation of shape {np.shape(out[0])}, and its observation_space has shape "
+                    f"{self.obs.shape[1:]}")
+        else:
+            bad = next(((k, v) for k, v in zip(("reward", "terminated", "truncated"), out[1:4])
+                        if np.ndim(v) != 0 or np.asarray(v).dtype.kind not in "biuf"), None)
+            what = f"a {bad[0]} of {bad[1]!r}, which is not a single number" if bad else f"what does not fit: {exc}"
+        return BadEnvOutput(f"{name}'s {call}() returned {what}")
 
 
 class InProcessVectorEnv(gym.vector.VectorEnv):

@@ -188,6 +188,29 @@ class SimulatorFailingEnv(CounterEnv):
         return super().step(action)
 
 
+class WrongOutputEnv(CounterEnv):
+    """CounterEnv whose reset() or step() returns what gymnasium's API does not allow:
+    wrong="old reset" (the observation alone, as the old gym API had it), "obs shape" (an
+    observation of shape (4,), not (3,)), "scalar obs" (a scalar, which numpy would
+    broadcast into a row of 3) or "reward" (a vector, as multi-objective envs return)."""
+
+    def __init__(self, wrong="old reset", **kw):
+        super().__init__(**kw)
+        self.wrong = wrong
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = super().reset(seed=seed, options=options)
+        if self.wrong == "old reset":
+            return obs
+        if self.wrong in ("obs shape", "scalar obs"):
+            return (np.zeros(4, np.float32) if self.wrong == "obs shape" else np.float32(1.0)), info
+        return obs, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs, (np.array([reward, -1.0]) if self.wrong == "reward" else reward), terminated, truncated, info
+
+
 # Terminates after 3 steps (never truncated).
 gym.register("fastrl-test/Terminating-v0", entry_point=CounterEnv, kwargs={"length": 3}, max_episode_steps=100)
 # Would last 50 steps but the time limit truncates it after 4.
@@ -211,3 +234,5 @@ gym.register("fastrl-test/UnmakeableInWorkers-v0", entry_point=UnmakeableEnv, kw
              max_episode_steps=50)
 gym.register("fastrl-test/SimulatorFailing-v0", entry_point=SimulatorFailingEnv, kwargs={"length": 3},
              max_episode_steps=50)
+gym.register("fastrl-test/WrongOutput-v0", entry_point=WrongOutputEnv, kwargs={"length": 3}, max_episode_steps=50,
+             disable_env_checker=True)  # the checker's warnings are not what is tested

@@ -773,6 +773,26 @@ def test_an_env_error_that_cannot_cross_a_pipe_as_itself_is_reported_by_its_name
     assert multiprocessing.active_children() == []
 
 
+@pytest.mark.parametrize("backend", ["async", "sync"])
+@pytest.mark.parametrize("wrong, said", [
+    ("old reset", "reset() returned a value of type ndarray, not (obs, info) as gymnasium's API (since gym 0.26) "
+                  "has it (the old gym API's, which this env follows)"),
+    ("obs shape", "reset() returned an observation of shape (4,), and its observation_space has shape (3,)"),
+    ("scalar obs", "reset() returned an observation of shape (), and its observation_space has shape (3,)"),
+    ("reward", "step() returned a reward of array([ 1., -1.]), which is not a single number")])
+def test_an_env_output_that_does_not_fit_gymnasiums_api_is_one_line_saying_what(wrong, said, backend, tmp_path,
+                                                                                  capsys):
+    # Not numpy's "could not broadcast..." nor a row filled with a scalar without a word.
+    from fastrl.cli import main
+    args = ["train", "--env", "fastrl-test/WrongOutput-v0", "--env-kwargs", f"wrong={wrong}", "--backend", backend,
+            "--learner", "eager", "--num-envs", "4", "--total-steps", "400", "--no-progress",
+            "--run-dir", str(tmp_path)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err == f"fastrl train: error: fastrl-test/WrongOutput-v0's {said}\n"  # no traceback: none is the env's
+    assert multiprocessing.active_children() == []
+
+
 def test_from_python_an_env_error_is_a_fastrl_env_error_raised_after_the_summary(tmp_path):
     import fastrl
     config = fastrl.make_config(env_id="fastrl-test/FailingStep-v0", learner="eager", num_envs=4, total_steps=5000,
