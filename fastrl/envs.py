@@ -120,13 +120,14 @@ def inspect_env(env_id: str, env_kwargs: dict) -> EnvSpec:
             # Unknown or bad keyword values: gymnasium and the envs raise all three.
             raise ConfigError(f"invalid env_kwargs={env_kwargs!r} for {env_id}: "
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        raise env_error(exc, making=env_id) from None  # the env's own error: its traceback, one line
+        raise env_error(exc, failed=f"{env_id} could not be made") from None  # its traceback, one line
+    obs_space, act_space = env.observation_space, env.action_space
+    max_episode_steps = env.spec.max_episode_steps if env.spec is not None else None
+    render_modes = tuple(env.metadata.get("render_modes", ()))
     try:
-        obs_space, act_space = env.observation_space, env.action_space
-        max_episode_steps = env.spec.max_episode_steps if env.spec is not None else None
-        render_modes = tuple(env.metadata.get("render_modes", ()))
-    finally:
         env.close()
+    except Exception as exc:  # said now, rather than when a run that trained closes its envs
+        raise env_error(exc, failed=f"{env_id} could not be closed") from None
     if render_mode is not None and render_mode not in render_modes:
         allowed = " or ".join(map(repr, render_modes)) if render_modes else "left out: it renders nothing"
         raise ConfigError(f"invalid env_kwargs render_mode={render_mode!r} for {env_id}: must be {allowed}")
@@ -228,14 +229,15 @@ class EnvError(RuntimeError):
         self.trace = trace
 
 
-def env_error(exc: Exception, making: str = "") -> EnvError:
+def env_error(exc: Exception, failed: str = "") -> EnvError:
     """The EnvError for an env's exception (call it where it is handled): raised in this
     process, or re-raised here from an env worker, with the worker's traceback attached
-    (see `QuietAsyncVectorEnv`). `making`: the env id, when making the env raised."""
+    (see `QuietAsyncVectorEnv`). `failed`: what failed, if not a step or reset
+    ("LunarLander-v3 could not be made")."""
     if isinstance(exc, BadEnvOutput):  # not raised by the env: fastrl's frames would be all its traceback
         return EnvError(str(exc), trace="")
     trace = getattr(exc, "env_traceback", None) or traceback.format_exc()
-    what = f"{making} could not be made: it raised" if making else "an env raised"
+    what = f"{failed}: it raised" if failed else "an env raised"
     name = getattr(exc, "env_error_type", type(exc).__name__)  # a stand-in's (see _PortableErrors)
     return EnvError(f"{what} {name}: {exc}", trace)
 
@@ -266,7 +268,8 @@ def make_vector_env(env_id: str, num_envs: int, backend: str = "async", env_kwar
     except Exception as exc:
         if not getattr(exc, "fastrl_making_env", False):
             raise
-        raise env_error(exc, making=env_id) from None  # here or in a worker, which reported it (_made_in_worker)
+        # Here or in a worker, which reported it (_made_in_worker).
+        raise env_error(exc, failed=f"{env_id} could not be made") from None
 
 
 def _vector_env(env_id: str, num_envs: int, backend: str, env_kwargs: dict, num_workers: int,

@@ -172,8 +172,8 @@ def _error_class(kind):
 
 class SimulatorFailingEnv(CounterEnv):
     """CounterEnv that raises a SimulatorError (error="coded") or a LocalError (error="local")
-    when made (when="making": in any process but the one that imported this module) or at
-    its 31st step (when="stepping")."""
+    when made (when="making": in any process but the one that imported this module), at
+    its 31st step (when="stepping") or when closed (when="closing")."""
 
     def __init__(self, when="stepping", error="coded", **kw):
         if when == "making" and os.getpid() != _IMPORTED_BY:
@@ -186,6 +186,10 @@ class SimulatorFailingEnv(CounterEnv):
         if self.when == "stepping" and self.steps > 30:
             raise _error_class(self.error)(7, "the solver diverged")
         return super().step(action)
+
+    def close(self):
+        if self.when == "closing":
+            raise _error_class(self.error)(5, "no handle to free")
 
 
 class WrongOutputEnv(CounterEnv):

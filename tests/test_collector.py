@@ -793,6 +793,20 @@ def test_an_env_output_that_does_not_fit_gymnasiums_api_is_one_line_saying_what(
     assert multiprocessing.active_children() == []
 
 
+def test_an_env_whose_close_raises_is_refused_in_one_line_before_any_work(tmp_path, capsys):
+    # Every backend closes its envs when a run ends: found then, the error would cost the
+    # run's summary and last checkpoint. Found when the env is checked, it costs nothing.
+    from fastrl.cli import main
+    args = ["train", "--env", "fastrl-test/SimulatorFailing-v0", "--env-kwargs", "when=closing", "--no-progress",
+            "--run-dir", str(tmp_path / "run")]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-2:] == ["scripted_envs.SimulatorError: code 5: no handle to free",
+                        "fastrl train: error: fastrl-test/SimulatorFailing-v0 could not be closed: it raised "
+                        "SimulatorError: code 5: no handle to free"]
+    assert not (tmp_path / "run").exists() and multiprocessing.active_children() == []
+
+
 def test_from_python_an_env_error_is_a_fastrl_env_error_raised_after_the_summary(tmp_path):
     import fastrl
     config = fastrl.make_config(env_id="fastrl-test/FailingStep-v0", learner="eager", num_envs=4, total_steps=5000,
