@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -605,24 +606,32 @@ def test_an_env_giving_non_finite_values_stops_training_in_one_line_and_keeps_fi
     assert finite_checkpoint_steps(tmp_path) < diverged_at  # the last finite weights: never overwritten
 
 
-def test_a_learner_that_diverges_on_finite_data_stops_in_one_line_and_keeps_the_last_finite_checkpoint(
-        tmp_path, monkeypatch, capsys):
+def weights_blow_up_at_update(monkeypatch, n: int, after_it: bool = False, then: Callable[[], Any] = lambda: None):
+    """At DDQN's n-th update, one weight becomes inf: before the update (its statistics are
+    not finite) or `after_it` (they are); then `then()` is called."""
     from fastrl.algos import ddqn
     real_make_learn_step = ddqn.make_learn_step
 
-    def make_learn_step(sample, q, *args):  # the weights blow up at the 120th update (TINY: ~640 env steps)
+    def make_learn_step(sample, q, *args):
         learn, updates = real_make_learn_step(sample, q, *args), []
 
-        def learn_then_blow_up():
+        def learn_and_blow_up():
             updates.append(1)
-            if len(updates) == 120:
+            stats = learn() if after_it else None
+            if len(updates) == n:
                 with torch.no_grad():
                     next(q.parameters()).fill_(float("inf"))
-            return learn()
+                then()
+            return stats if after_it else learn()
 
-        return learn_then_blow_up
+        return learn_and_blow_up
 
     monkeypatch.setattr(ddqn, "make_learn_step", make_learn_step)
+
+
+def test_a_learner_that_diverges_on_finite_data_stops_in_one_line_and_keeps_the_last_finite_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    weights_blow_up_at_update(monkeypatch, 120)  # TINY: at ~640 env steps
     assert call_main(["train", *TINY, "--no-progress", "--run-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert re.fullmatch(r"fastrl train: error: training diverged at [\d,]+ env steps: .+; the env's observations "
@@ -633,26 +642,10 @@ def test_a_learner_that_diverges_on_finite_data_stops_in_one_line_and_keeps_the_
 
 def test_weights_found_not_finite_at_the_checkpoint_of_a_stopped_run_still_leave_the_summary(
         tmp_path, monkeypatch, capsys):
-    # The 120th update's statistics are finite, its weights are not, and a stop comes with it:
-    # no later update or evaluation sees them; the checkpoint on the way out is the first check.
-    from fastrl.algos import ddqn
-    real_make_learn_step = ddqn.make_learn_step
-
-    def make_learn_step(sample, q, *args):
-        learn, updates = real_make_learn_step(sample, q, *args), []
-
-        def learn_then_blow_up_and_stop():
-            stats = learn()
-            updates.append(1)
-            if len(updates) == 120:
-                with torch.no_grad():
-                    next(q.parameters()).fill_(float("inf"))
-                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
-            return stats
-
-        return learn_then_blow_up_and_stop
-
-    monkeypatch.setattr(ddqn, "make_learn_step", make_learn_step)
+    # The 120th update's statistics are finite, its weights are not, and a stop (Ctrl-C)
+    # comes with it: no later update or evaluation sees them; the checkpoint on the way
+    # out is the first check.
+    weights_blow_up_at_update(monkeypatch, 120, after_it=True, then=lambda: os.kill(os.getpid(), signal.SIGINT))
     assert call_main(["train", *TINY, "--no-progress", "--run-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert re.fullmatch(r"fastrl train: error: training diverged at [\d,]+ env steps: the network's weights are no "
@@ -660,23 +653,6 @@ def test_weights_found_not_finite_at_the_checkpoint_of_a_stopped_run_still_leave
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["interrupted"] and "the network's weights are no longer finite" in summary["error"]
     assert summary["checkpoint"] == str(tmp_path / "checkpoint.pt") and finite_checkpoint_steps(tmp_path) == 600
-
-
-def test_the_error_that_ended_a_run_is_reported_though_the_disk_then_fills_up_too(tmp_path, monkeypatch, capsys):
-    # An env raises; then the checkpoint and summary.json cannot be written either.
-    full_disk_after(monkeypatch, "checkpoint.pt", 0)
-    full_disk_after(monkeypatch, "summary.json", 0)
-    args = ["train", "--env", "fastrl-test/FailingStep-v0", "--learner", "eager", "--num-envs", "4",
-            "--total-steps", "5000", "--learning-starts", "40", "--eval-interval", "0", "--no-progress",
-            "--run-dir", str(tmp_path)]
-    assert call_main(args) == 1
-    out, err = capsys.readouterr()
-    assert err.splitlines()[-1] == "fastrl train: error: an env raised ValueError: step 31 failed on purpose"
-    assert 'raise ValueError("step %d failed on purpose" % self.steps)' in err  # the env's traceback
-    for name in ("checkpoint.pt", "summary.json"):  # said with the summary, after the run's own error
-        assert f"also failed: cannot write {tmp_path / name}: No space left on device" in out.splitlines(), out
-        assert not (tmp_path / name).exists()
-    assert multiprocessing.active_children() == []
 
 
 def test_from_python_a_divergence_is_a_fastrl_diverged_raised_after_the_summary(tmp_path):

@@ -702,14 +702,21 @@ def test_a_training_run_whose_worker_dies_saves_and_says_so_in_one_line(tmp_path
     assert (tmp_path / "checkpoint.pt").exists()
 
 
+COLLECTIONS = {"plain AsyncVectorEnv": ["--num-workers", "4"], "sync": ["--backend", "sync"]}  # else grouped
+
+
+def failing_env_run(env: str, run_dir: Path, *options: str) -> list[str]:
+    """`fastrl train` arguments for a scripted env that fails: 4 envs, an eager learner,
+    evaluations of 4 episodes on 2 envs."""
+    return ["train", "--env", env, "--learner", "eager", "--num-envs", "4", "--learning-starts", "40",
+            "--eval-episodes", "4", "--eval-envs", "2", "--no-progress", "--run-dir", str(run_dir), *options]
+
+
 @pytest.mark.parametrize("where", ["grouped workers", "plain AsyncVectorEnv", "sync", "evaluation"])
 def test_an_env_that_raises_stops_the_run_with_its_own_traceback_and_one_line(where, tmp_path, capsys):
     from fastrl.cli import main
     env = "fastrl-test/FailingWhenEvaluated-v0" if where == "evaluation" else "fastrl-test/FailingStep-v0"
-    args = ["train", "--env", env, "--learner", "eager", "--num-envs", "4", "--total-steps", "5000",
-            "--learning-starts", "40", "--eval-interval", "40", "--eval-episodes", "4", "--eval-envs", "2",
-            "--no-progress", "--run-dir", str(tmp_path),
-            *{"sync": ["--backend", "sync"], "plain AsyncVectorEnv": ["--num-workers", "4"]}.get(where, [])]
+    args = failing_env_run(env, tmp_path, "--total-steps", "5000", "--eval-interval", "40", *COLLECTIONS.get(where, []))
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     raised = (("ValueError: no simulator for evaluation seeds", 'raise ValueError("no simulator') if
@@ -729,10 +736,8 @@ def test_an_env_that_raises_stops_the_run_with_its_own_traceback_and_one_line(wh
 def test_an_env_that_cannot_be_made_is_its_traceback_and_one_line_and_leaves_no_process(where, tmp_path, capsys):
     from fastrl.cli import main
     env = "fastrl-test/Unmakeable-v0" if where == "trainer" else "fastrl-test/UnmakeableInWorkers-v0"
-    args = ["train", "--env", env, "--learner", "eager", "--num-envs", "4", "--total-steps", "400",
-            "--learning-starts", "40", "--eval-interval", "200", "--eval-episodes", "4", "--eval-envs", "2",
-            "--no-progress", "--run-dir", str(tmp_path),
-            *{"plain AsyncVectorEnv": ["--num-workers", "4"], "sync, evaluation": ["--backend", "sync"]}.get(where, [])]
+    args = failing_env_run(env, tmp_path, "--total-steps", "400", "--eval-interval", "200",
+                           *COLLECTIONS.get(where.partition(",")[0], []))
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     raised = f"RuntimeError: the licence is held by process {os.getpid()}"
@@ -747,20 +752,18 @@ def test_an_env_that_cannot_be_made_is_its_traceback_and_one_line_and_leaves_no_
         assert summary["error"].rstrip().endswith(raised) and summary["env_steps"] >= 200
 
 
-@pytest.mark.parametrize("collection", [[], ["--num-workers", "4"], ["--backend", "sync"]],
-                         ids=["grouped workers", "plain AsyncVectorEnv", "sync"])
+@pytest.mark.parametrize("where", ["grouped workers", "plain AsyncVectorEnv", "sync"])
 @pytest.mark.parametrize("when", ["making", "stepping"])
 @pytest.mark.parametrize("error", ["coded", "local"])
 def test_an_env_error_that_cannot_cross_a_pipe_as_itself_is_reported_by_its_name_and_message(
-        error, when, collection, tmp_path, capsys):
+        error, when, where, tmp_path, capsys):
     # Pickled, SimulatorError(7, "the solver diverged") keeps only its message, and does not
     # unpickle (a TypeError in the trainer); a class made in a function does not pickle at
     # all (the worker drops the error, and the trainer waits for it forever).
     from fastrl.cli import main
-    args = ["train", "--env", "fastrl-test/SimulatorFailing-v0", "--env-kwargs", f"when={when}", f"error={error}",
-            "--learner", "eager",
-            "--num-envs", "4", "--total-steps", "400", "--learning-starts", "40", "--eval-interval", "200",
-            "--eval-episodes", "4", "--eval-envs", "2", "--no-progress", "--run-dir", str(tmp_path), *collection]
+    args = failing_env_run("fastrl-test/SimulatorFailing-v0", tmp_path, "--env-kwargs", f"when={when}",
+                           f"error={error}", "--total-steps", "400", "--eval-interval", "200",
+                           *COLLECTIONS.get(where, []))
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     raised = "code 3: no licence" if when == "making" else "code 7: the solver diverged"
@@ -769,7 +772,7 @@ def test_an_env_error_that_cannot_cross_a_pipe_as_itself_is_reported_by_its_name
     assert err[-2] == f"{qualified}: {raised}"  # the env's traceback, then one line
     what = "fastrl-test/SimulatorFailing-v0 could not be made: it raised" if when == "making" else "an env raised"
     assert err[-1] == f"fastrl train: error: {what} {name}: {raised}" + (
-        " (in the evaluation process)" if when == "making" and collection == ["--backend", "sync"] else "")
+        " (in the evaluation process)" if when == "making" and where == "sync" else "")
     assert multiprocessing.active_children() == []
 
 
