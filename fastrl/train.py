@@ -109,8 +109,8 @@ def _start_and_train(config: TrainConfig, spec: EnvSpec, device: torch.device, s
     except BaseException:
         envs.close()
         raise
-    collector = Collector(envs, device, run.phases, ready_first=config.collection == "ready-first")
     with run.stop.installed():  # Ctrl-C, SIGTERM: the loop stops soon, never mid-step (see StopRequest)
+        collector = Collector(envs, device, run.phases, ready_first=config.collection == "ready-first")
         try:
             loop(config, spec, collector, run)
         except KeyboardInterrupt:  # a second signal, or a stop that gave up waiting for an evaluation

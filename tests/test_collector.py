@@ -496,9 +496,10 @@ def test_ctrl_c_or_sigterm_stops_an_async_training_run_and_saves(tmp_path, evalu
         if evaluation == "none":
             while event_bytes() == 0 and time.time() < deadline:
                 time.sleep(0.1)
-            first = event_bytes()
-            while event_bytes() == first and time.time() < deadline:  # the loop has logged: it is training
-                time.sleep(0.1)
+            for _ in range(2):  # the loop has logged twice: it is training (the first growth may be the config)
+                grown = event_bytes()
+                while event_bytes() == grown and time.time() < deadline:
+                    time.sleep(0.1)
         else:
             while not (tmp_path / "checkpoint.pt").exists() and time.time() < deadline:  # saved at the submission
                 time.sleep(0.1)
