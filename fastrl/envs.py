@@ -268,7 +268,7 @@ def make_vector_env(env_id: str, num_envs: int, backend: str = "async", env_kwar
     except Exception as exc:
         if not getattr(exc, "fastrl_making_env", False):
             raise
-        # Here or in a worker, which reported it (_made_in_worker).
+        # Here or in a worker, which reported it (_start_worker).
         raise env_error(exc, failed=f"{env_id} could not be made") from None
 
 
@@ -417,7 +417,8 @@ class InProcessVectorEnv(gym.vector.VectorEnv):
     def __init__(self, env_fns: list[Callable[[], gym.Env]]):
         envs = []
         try:
-            envs += (fn() for fn in env_fns)
+            for fn in env_fns:
+                envs.append(fn())
         except BaseException:
             for env in envs:  # those made before the one that failed
                 env.close()
@@ -519,13 +520,18 @@ class _PortableErrors:
         self.queue.put((index, type(error), error, trace))
 
 
-def _made_in_worker(env_fn: Callable[[], Any], index: int, pipe, parent_pipe, error_queue) -> Any:
-    """A worker's env (or group of envs), made as the worker starts. If making it raises,
-    the worker answers the trainer's first command (AsyncVectorEnv's space check) with that
-    error, as it would a step's (the error queue, then a failure on the pipe), and returns
-    None: gymnasium's own worker dies instead, and the trainer reads a closed pipe."""
+def _start_worker(env_fn: Callable[[], Any], index: int, pipe, parent_pipe, error_queue) -> tuple[Any, Any]:
+    """Readies an env worker process (init_worker) and makes its env (or group of envs);
+    returns it, or None, and the error queue to report through (see _PortableErrors).
+
+    If making the env raises, the worker answers the trainer's first command
+    (AsyncVectorEnv's space check) with that error, as it would a step's (the error queue,
+    then a failure on the pipe), and gets None: gymnasium's own worker dies instead, and
+    the trainer reads a closed pipe."""
+    init_worker()
+    error_queue = _PortableErrors(error_queue)
     try:
-        return env_fn()
+        return env_fn(), error_queue
     except Exception:
         error_type, error, _ = sys.exc_info()
         error_queue.put((index, error_type, error, traceback.format_exc()))
@@ -533,15 +539,13 @@ def _made_in_worker(env_fn: Callable[[], Any], index: int, pipe, parent_pipe, er
         with contextlib.suppress(EOFError, OSError):  # the trainer is gone
             pipe.recv()
             pipe.send((None, False))
-        return None
+        return None, error_queue
 
 
 def _plain_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, autoreset_mode, semaphore):
     """gymnasium's AsyncVectorEnv worker, readied as a worker (init_worker), and reporting
-    an env that cannot be made (see _made_in_worker)."""
-    init_worker()
-    error_queue = _PortableErrors(error_queue)
-    env = _made_in_worker(env_fn, index, pipe, parent_pipe, error_queue)
+    an env that cannot be made (see _start_worker)."""
+    env, error_queue = _start_worker(env_fn, index, pipe, parent_pipe, error_queue)
     if env is not None:
         gym.vector.async_vector_env._async_worker(index, lambda: env, pipe, parent_pipe, shared_memory, error_queue,
                                                   autoreset_mode, semaphore)
@@ -558,9 +562,7 @@ def _make_group(env_fns: list[Callable[[], gym.Env]], core: int | None, trainer:
 def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, autoreset_mode, semaphore):
     """An AsyncVectorEnv worker (same signature and protocol as gymnasium's own, but for
     raw step messages) that steps a group of envs per message."""
-    init_worker()
-    error_queue = _PortableErrors(error_queue)
-    local = _made_in_worker(env_fn, index, pipe, parent_pipe, error_queue)
+    local, error_queue = _start_worker(env_fn, index, pipe, parent_pipe, error_queue)
     if local is None:
         return
     parent_pipe.close()
