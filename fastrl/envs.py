@@ -28,6 +28,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import queue
 import signal
 import sys
 import time
@@ -242,6 +243,21 @@ def env_error(exc: Exception, failed: str = "") -> EnvError:
     return EnvError(f"{what} {name}: {exc}", trace)
 
 
+def close_envs(close: Callable[[], None], env_id: str, where: str = "") -> None:
+    """Calls `close` (a vector env's or an Evaluator's). An env whose close() raises after
+    use (one that raises at once is refused by inspect_env) is a warning, not an error:
+    the work is done and saved by then, and an error would hide the run's own. Its
+    traceback, then one line, on stderr. `where`: the process, if not the trainer."""
+    try:
+        close()
+    except Exception as exc:
+        if not getattr(exc, "fastrl_closing_env", False):
+            raise
+        error = env_error(exc, failed=f"{env_id} could not be closed")
+        where = f" (in {where})" if where else ""
+        print(f"{error.trace.rstrip()}\nfastrl: warning: {error}{where}", file=sys.stderr, flush=True)
+
+
 def worker_died(what: str, processes: list) -> WorkerDied:
     """The error naming the first of `processes` found dead. Waits up to a second for
     the death to show: a pipe can read as closed before its process is reaped."""
@@ -443,8 +459,17 @@ class InProcessVectorEnv(gym.vector.VectorEnv):
         return g.obs, g.rewards.copy(), g.terminated.copy(), g.truncated.copy(), _merge_infos(self, infos, {})
 
     def close_extras(self, **kwargs: Any) -> None:
-        for env in self.group.envs:
-            env.close()
+        failed = []
+        for env in self.group.envs:  # every one, though one before it failed
+            try:
+                env.close()
+            except Exception as exc:
+                exc.env_traceback = traceback.format_exc(chain=False)  # from here: the env's own frames
+                failed.append(exc)
+        if failed:  # the first, marked for close_envs
+            self.closed = True
+            failed[0].fastrl_closing_env = True
+            raise failed[0]
 
 
 def _merge_infos(vector_env: gym.vector.VectorEnv, pairs, infos: dict, offset: int = 0) -> dict:
@@ -515,7 +540,8 @@ class _PortableErrors:
         except Exception:
             stand_in = RuntimeError(str(error))
             stand_in.env_error_type = type(error).__name__
-            stand_in.fastrl_making_env = getattr(error, "fastrl_making_env", False)
+            for mark in ("fastrl_making_env", "fastrl_closing_env"):
+                setattr(stand_in, mark, getattr(error, mark, False))
             error = stand_in
         self.queue.put((index, type(error), error, trace))
 
@@ -542,13 +568,28 @@ def _start_worker(env_fn: Callable[[], Any], index: int, pipe, parent_pipe, erro
         return None, error_queue
 
 
+def _report_not_closed(error_queue, index: int) -> None:
+    """Puts the error an env's close() is raising (marked for close_envs) for the trainer,
+    which reports it once the workers have ended (QuietAsyncVectorEnv.close_extras): a
+    worker's own traceback would come once per worker, in the middle of the run's summary."""
+    error_type, error, _ = sys.exc_info()
+    error.fastrl_closing_env = True
+    trace = getattr(error, "env_traceback", None) or traceback.format_exc(chain=False)
+    error_queue.put((index, error_type, error, trace))
+
+
 def _plain_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, autoreset_mode, semaphore):
     """gymnasium's AsyncVectorEnv worker, readied as a worker (init_worker), and reporting
-    an env that cannot be made (see _start_worker)."""
+    an env that cannot be made (see _start_worker) or closed."""
     env, error_queue = _start_worker(env_fn, index, pipe, parent_pipe, error_queue)
     if env is not None:
-        gym.vector.async_vector_env._async_worker(index, lambda: env, pipe, parent_pipe, shared_memory, error_queue,
-                                                  autoreset_mode, semaphore)
+        try:
+            gym.vector.async_vector_env._async_worker(index, lambda: env, pipe, parent_pipe, shared_memory,
+                                                      error_queue, autoreset_mode, semaphore)
+        # Its last act, env.close(), raised: the env's own errors go to the queue in it. (Or
+        # it could not send one because the trainer is gone, and then no one reads this.)
+        except Exception:
+            _report_not_closed(error_queue, index)
 
 
 def _make_group(env_fns: list[Callable[[], gym.Env]], core: int | None, trainer: int) -> InProcessVectorEnv:
@@ -602,7 +643,10 @@ def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, 
         error_queue.put((index, error_type, error_message, traceback.format_exc()))
         pipe.send((None, False))
     finally:
-        local.close()
+        try:
+            local.close()
+        except Exception:
+            _report_not_closed(error_queue, index)
 
 
 def _pin_to_core(index: int) -> None:
@@ -627,6 +671,7 @@ class QuietAsyncVectorEnv(gym.vector.AsyncVectorEnv):
     If starting fails (an env that cannot be made), no worker is left running."""
 
     def __init__(self, *args, **kwargs):
+        self._not_closed: list[tuple] = []  # error reports of envs whose close() raised
         try:
             super().__init__(*args, **kwargs)
         except BaseException:
@@ -638,15 +683,39 @@ class QuietAsyncVectorEnv(gym.vector.AsyncVectorEnv):
     def _raise_if_errors(self, successes) -> None:
         if all(successes):  # every step, in plain AsyncVectorEnv's step_wait: nothing more
             return
-        errors = [self.error_queue.get() for _ in range(len(successes) - sum(successes))]
+        errors = []
+        while len(errors) < len(successes) - sum(successes):
+            report = self.error_queue.get()  # a failed worker closes its env next: its report may be next
+            (self._not_closed if getattr(report[2], "fastrl_closing_env", False) else errors).append(report)
         for index, *_ in errors:  # as gymnasium does: the failed workers' pipes are closed
             self.parent_pipes[index].close()
             self.parent_pipes[index] = None
         self._state = AsyncState.DEFAULT
-        _, exctype, value, trace = errors[-1]
+        raise self._error(errors[-1])
+
+    @staticmethod
+    def _error(report: tuple) -> BaseException:
+        # A worker's error report (index, type, error, traceback) -> the error to raise here.
+        _, exctype, value, trace = report
         error = value if isinstance(value, BaseException) else exctype(value)
         error.env_traceback = trace
-        raise error
+        return error
+
+    def close_extras(self, timeout: float | None = None, terminate: bool = False) -> None:
+        super().close_extras(timeout=timeout, terminate=terminate)
+        # Raises the first env error from a close() in a worker (see _report_not_closed).
+        # Every worker has ended, so its reports are all in the queue; none is read if one
+        # was killed (terminate: a report it was writing then would never end).
+        if any(p.exitcode != 0 for p in self.processes):
+            return
+        reports = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                reports.append(self.error_queue.get_nowait())
+        not_closed = self._not_closed + [r for r in reports if getattr(r[2], "fastrl_closing_env", False)]
+        if not_closed:
+            self.closed = True
+            raise self._error(not_closed[0])
 
 
 class GroupedAsyncVectorEnv(gym.vector.VectorEnv):

@@ -15,8 +15,8 @@ import torch
 
 from fastrl import checkpoint
 from fastrl.config import SEED_LIMIT, ConfigError, TrainConfig, check, plain_value
-from fastrl.envs import (EnvError, EnvSpec, WorkerDied, env_error, init_worker, inspect_env, make_vector_env,
-                         worker_died)
+from fastrl.envs import (EnvError, EnvSpec, WorkerDied, close_envs, env_error, init_worker, inspect_env,
+                         make_vector_env, worker_died)
 from fastrl.metrics import Progress
 from fastrl.nets import build_network, greedy_policy
 
@@ -192,7 +192,7 @@ def _evaluation_worker(conn, config: TrainConfig, spec: EnvSpec) -> None:
         pass
     finally:
         if evaluator is not None:
-            evaluator.close()
+            close_envs(evaluator.close, config.env_id, where="the evaluation process")
 
 
 def _check_display() -> None:
@@ -257,4 +257,4 @@ def evaluate_checkpoint(path: str, episodes: int | None = None, seed: int = 0, d
         return evaluator.run(greedy, episodes, on_episodes=show if line.enabled else None)
     finally:
         line.close()
-        evaluator.close()
+        close_envs(evaluator.close, config.env_id)

@@ -15,7 +15,7 @@ from fastrl.algos import ddqn, reinforce
 from fastrl.buffer import ReplayRing, RolloutBuffer
 from fastrl.collector import Collector
 from fastrl.config import ConfigError, TrainConfig, validate
-from fastrl.envs import EnvSpec, WorkerDied, available_memory, inspect_env, make_vector_env
+from fastrl.envs import EnvSpec, WorkerDied, available_memory, close_envs, inspect_env, make_vector_env
 from fastrl.metrics import DeviceMeans
 from fastrl.nets import build_network
 from fastrl.optim import Adam
@@ -112,7 +112,8 @@ def _start_and_train(config: TrainConfig, spec: EnvSpec, device: torch.device, s
     with run.stop.installed():  # Ctrl-C, SIGTERM: the loop stops soon, never mid-step (see StopRequest)
         collector = Collector(envs, device, run.phases, ready_first=config.collection == "ready-first")
         try:
-            loop(config, spec, collector, run)
+            with run.stop.forced_after_grace():  # a SIGTERM's stop that does not come in 5 s is forced
+                loop(config, spec, collector, run)
         except KeyboardInterrupt:  # a second signal, or a stop that gave up waiting for an evaluation
             run.stop.requested = True
         except Exception as exc:
@@ -122,7 +123,7 @@ def _start_and_train(config: TrainConfig, spec: EnvSpec, device: torch.device, s
                 run.finish(error=describe_failure(exc))
                 raise
         finally:
-            collector.close()
+            close_envs(collector.close, config.env_id)
         return run.finish()
 
 

@@ -6,6 +6,7 @@ Episodes terminate after `length` steps (length=None: a length drawn from the se
 in [1, 6]); registered with a TimeLimit so long episodes are truncated instead.
 """
 import os
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -126,16 +127,20 @@ class NonFiniteEnv(CounterEnv):
 
 class HangingEnv(CounterEnv):
     """CounterEnv whose step never returns after its first `after` steps (over all its
-    episodes): a simulator stuck in a loop, or waiting on a server that is gone."""
+    episodes): a simulator stuck in a loop, or waiting on a server that is gone. With
+    `mark`, each env hangs after making a file of its own in that directory."""
 
-    def __init__(self, after=100, **kw):
+    def __init__(self, after=100, mark=None, **kw):
         super().__init__(**kw)
-        self.after, self.steps = after, 0
+        self.after, self.mark, self.steps = after, mark, 0
 
     def step(self, action):
         import time
+        import uuid
         self.steps += 1
         if self.steps > self.after:
+            if self.mark is not None:
+                (Path(self.mark) / uuid.uuid4().hex).touch()
             time.sleep(3600)
         return super().step(action)
 
@@ -173,22 +178,24 @@ def _error_class(kind):
 class SimulatorFailingEnv(CounterEnv):
     """CounterEnv that raises a SimulatorError (error="coded") or a LocalError (error="local")
     when made (when="making": in any process but the one that imported this module), at
-    its 31st step (when="stepping") or when closed (when="closing")."""
+    its 31st step (when="stepping"), when closed (when="closing") or when closed after a step
+    (when="closing after use": a renderer or a solver made at the first step, say). Two
+    joined by "+" both fail."""
 
     def __init__(self, when="stepping", error="coded", **kw):
-        if when == "making" and os.getpid() != _IMPORTED_BY:
+        self.when, self.error, self.steps = set(when.split("+")), error, 0
+        if "making" in self.when and os.getpid() != _IMPORTED_BY:
             raise _error_class(error)(3, "no licence")
         super().__init__(**kw)
-        self.when, self.error, self.steps = when, error, 0
 
     def step(self, action):
         self.steps += 1
-        if self.when == "stepping" and self.steps > 30:
+        if "stepping" in self.when and self.steps > 30:
             raise _error_class(self.error)(7, "the solver diverged")
         return super().step(action)
 
     def close(self):
-        if self.when == "closing":
+        if "closing" in self.when or ("closing after use" in self.when and self.steps):
             raise _error_class(self.error)(5, "no handle to free")
 
 

@@ -521,43 +521,76 @@ def test_ctrl_c_or_sigterm_stops_an_async_training_run_and_saves(tmp_path, evalu
     assert out.count(f"{heard}: the run stops after the step in progress and saves") == 1, out
 
 
+def hanging_run(run_dir: Path) -> list[str]:
+    """`fastrl train` arguments for 4 envs whose step never returns after their 200th;
+    each marks its hang in run_dir/hung (see wait_until_the_run_hangs)."""
+    (run_dir / "hung").mkdir()
+    return ["--env", "scripted_envs:fastrl-test/Hanging-v0", "--env-kwargs", "after=200", f"mark={run_dir / 'hung'}",
+            "--total-steps", "1e7", "--eval-interval", "0", "--log-interval", "0.1"]
+
+
+def wait_until_the_run_hangs(run_dir: Path) -> None:
+    # One env's hang is enough: the others wait behind it (in its worker) or for it (the
+    # trainer's next step needs every env's).
+    deadline = time.time() + 60
+    while not any((run_dir / "hung").iterdir()) and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # the trainer is waiting for it by now
+
+
+def read_until(proc: subprocess.Popen, text: str, seconds: float = 10) -> str:
+    """What the trainer printed until `text` (read from the pipe itself, not a buffer)."""
+    out, deadline = b"", time.time() + seconds
+    while text.encode() not in out and time.time() < deadline:
+        if select.select([proc.stdout], [], [], 0.1)[0]:
+            out += os.read(proc.stdout.fileno(), 1 << 16)
+    assert text.encode() in out, out
+    return out.decode()
+
+
+def assert_stopped_at_the_hang_and_saved(proc: subprocess.Popen, run_dir: Path, err: str) -> None:
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # Every env took its 200 steps (episodes of 3, each followed by an autoreset step) and hangs in the next.
+    assert summary["interrupted"] and summary["error"] is None and summary["env_steps"] == 4 * (200 + 200 // 3)
+    assert summary["checkpoint"] == str(run_dir / "checkpoint.pt")
+
+
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
 def test_a_stop_while_an_env_hangs_is_acknowledged_at_once_and_a_second_signal_stops_and_saves(
         tmp_path, monkeypatch, stop):
-    # Each env's step never returns after its 200th: the cycle the first signal waits for
-    # never ends. The user is told at once that the signal was heard, and how to stop.
+    # The cycle the first signal waits for never ends. The user is told at once that the
+    # signal was heard, and how to stop.
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the trainer imports scripted_envs
-    args = ["--env", "scripted_envs:fastrl-test/Hanging-v0", "--env-kwargs", "after=200", "--total-steps", "1e7",
-            "--eval-interval", "0", "--log-interval", "0.1"]
-    with training_process(tmp_path, *args) as proc:
-        def event_bytes():
-            return sum(f.stat().st_size for f in tmp_path.glob("events.out.tfevents.*"))
-
-        deadline, started = time.time() + 60, event_bytes()
-        while event_bytes() == started and time.time() < deadline:  # the loop has logged: it is training
-            time.sleep(0.1)
-        seen = (event_bytes(), time.time())  # (bytes, since): the log stops growing once every env hangs
-        while time.time() - seen[1] < 1.0 and time.time() < deadline:
-            seen = seen if event_bytes() == seen[0] else (event_bytes(), time.time())
-            time.sleep(0.1)
+    with training_process(tmp_path, *hanging_run(tmp_path)) as proc:
+        wait_until_the_run_hangs(tmp_path)
         send = (lambda s: os.killpg(proc.pid, s)) if stop == "ctrl-c" else (lambda s: os.kill(proc.pid, s))
         send(signal.SIGINT if stop == "ctrl-c" else signal.SIGTERM)
-        heard = f"{'Ctrl-C' if stop == 'ctrl-c' else 'SIGTERM'}: the run stops after the step in progress and saves"
-        out, deadline = b"", time.time() + 10
-        while heard.encode() not in out and time.time() < deadline:  # read from the pipe itself, not a buffer
-            if select.select([proc.stdout], [], [], 0.1)[0]:
-                out += os.read(proc.stdout.fileno(), 1 << 16)
-        assert heard.encode() in out, out
+        read_until(proc, f"{'Ctrl-C' if stop == 'ctrl-c' else 'SIGTERM'}: the run stops after the step in progress "
+                         f"and saves")
         time.sleep(1.0)
         assert proc.poll() is None  # still waiting for the hung step
         send(signal.SIGINT if stop == "ctrl-c" else signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         assert no_process_left(proc)  # the hung worker too
-    assert proc.returncode == 130 and "Traceback" not in err, err
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    # Every env took its 200 steps (episodes of 3, each followed by an autoreset step) and hangs in the next.
-    assert summary["interrupted"] and summary["error"] is None and summary["env_steps"] == 4 * (200 + 200 // 3)
-    assert summary["checkpoint"] == str(tmp_path / "checkpoint.pt")
+    assert_stopped_at_the_hang_and_saved(proc, tmp_path, err)
+
+
+def test_one_sigterm_while_an_env_hangs_stops_and_saves_after_a_grace_period(tmp_path, monkeypatch):
+    # A container's stop (docker stop, a pod's deletion) sends one SIGTERM, then SIGKILL
+    # 10 or 30 s later. A run whose env hangs must not wait for a second signal.
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    with training_process(tmp_path, *hanging_run(tmp_path)) as proc:
+        wait_until_the_run_hangs(tmp_path)
+        os.kill(proc.pid, signal.SIGTERM)
+        sent = time.time()
+        read_until(proc, "SIGTERM: the run stops after the step in progress and saves (it stops at once, still "
+                         "saving, on a second Ctrl-C or SIGTERM, or if that step is not done in 5 s)")
+        _, err = proc.communicate(timeout=60)
+        assert no_process_left(proc)
+    assert_stopped_at_the_hang_and_saved(proc, tmp_path, err)
+    saved_in = (tmp_path / "summary.json").stat().st_mtime - sent
+    assert 5.0 <= saved_in < 8.0, saved_in  # well before docker's SIGKILL, 10 s after the SIGTERM
 
 
 def children(proc: subprocess.Popen) -> list[int]:
@@ -809,6 +842,51 @@ def test_an_env_whose_close_raises_is_refused_in_one_line_before_any_work(tmp_pa
                         "fastrl train: error: fastrl-test/SimulatorFailing-v0 could not be closed: it raised "
                         "SimulatorError: code 5: no handle to free"]
     assert not (tmp_path / "run").exists() and multiprocessing.active_children() == []
+
+
+NOT_CLOSED = ("fastrl: warning: fastrl-test/SimulatorFailing-v0 could not be closed: it raised LocalError: "
+              "code 5: no handle to free")
+
+
+@pytest.mark.parametrize("where", ["grouped workers", "plain AsyncVectorEnv", "sync"])
+def test_an_env_whose_close_raises_after_use_is_a_warning_and_the_run_is_saved(where, tmp_path, capfd):
+    # A close() that passes the check at start can still fail once the env has stepped (a
+    # renderer or a solver made at the first step). The run's work is done by then: it is
+    # saved, and the error is a warning with the env's traceback, once for the training
+    # envs (however many workers had one) and once for the evaluation process's.
+    from fastrl.cli import main
+    args = failing_env_run("fastrl-test/SimulatorFailing-v0", tmp_path, "--env-kwargs", "when=closing after use",
+                           "error=local", "--total-steps", "400", "--eval-interval", "200", *COLLECTIONS.get(where, []))
+    assert main(args) == 0
+    err = capfd.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("fastrl")] == [
+        NOT_CLOSED, f"{NOT_CLOSED} (in the evaluation process)"]
+    assert err.count('raise _error_class(self.error)(5, "no handle to free")') == 2
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["error"] is None and summary["env_steps"] == 400 and summary["final_eval_episodes"] == 4
+    assert torch.load(tmp_path / "checkpoint.pt")["meta"]["env_steps"] == 400
+    assert multiprocessing.active_children() == []
+
+    # `fastrl eval` of the checkpoint: its result, then the warning.
+    assert main(["eval", str(tmp_path), "--episodes", "4", "--envs", "2", "--no-progress"]) == 0
+    out, err = capfd.readouterr()
+    assert out.endswith(" over 4 episodes\n") and err.splitlines()[-1] == NOT_CLOSED
+
+
+@pytest.mark.parametrize("where", ["grouped workers", "plain AsyncVectorEnv", "sync"])
+def test_an_env_error_is_still_the_error_when_its_close_raises_too(where, tmp_path, capfd):
+    # Every env fails its step, then its close(): the step's error ends the run, the
+    # close()'s is the warning (the workers report both through one queue).
+    from fastrl.cli import main
+    args = failing_env_run("fastrl-test/SimulatorFailing-v0", tmp_path, "--env-kwargs",
+                           "when=stepping+closing after use", "error=local", "--total-steps", "400",
+                           *COLLECTIONS.get(where, []))
+    assert main(args) == 1
+    err = capfd.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("fastrl")] == [
+        NOT_CLOSED, "fastrl train: error: an env raised LocalError: code 7: the solver diverged"]
+    assert json.loads((tmp_path / "summary.json").read_text())["error"].rstrip().endswith("the solver diverged")
+    assert multiprocessing.active_children() == []
 
 
 def test_from_python_an_env_error_is_a_fastrl_env_error_raised_after_the_summary(tmp_path):
