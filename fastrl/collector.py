@@ -185,14 +185,19 @@ class Collector:
     def close(self, timeout: float = 10.0) -> None:
         """Closes the envs. The vector env collects a step still in flight (e.g. sent before
         an exception) first, waiting at most `timeout` seconds. The workers are terminated
-        instead when one died (before or during the close), or when an interrupt inside
-        step_wait() may have left a reply half read."""
-        terminate = self._unreadable or any(not p.is_alive() for p in getattr(self.envs, "processes", []))
+        instead when one died unannounced (killed: before or during the close), or when an
+        interrupt inside step_wait() may have left a reply half read. A worker whose env
+        raised has ended after closing it, and the others still close theirs (an env may
+        hold a simulator process that a terminated worker would leave running)."""
+        pipes = getattr(self.envs, "parent_pipes", [])  # None: a worker whose error was raised
+        processes = getattr(self.envs, "processes", [])
+        killed = any(not p.is_alive() and pipe is not None for p, pipe in zip(processes, pipes))
+        terminate = self._unreadable or killed
         if terminate:
             # gymnasium's close reads a pending step's replies even when terminating, and a
             # torn reply would hang it, a dead worker's end of file raise EOFError there.
-            for pipe in getattr(self.envs, "parent_pipes", []):
-                if pipe is not None:  # None: a worker whose error was raised (gymnasium closed it)
+            for pipe in pipes:
+                if pipe is not None:
                     pipe.close()
         with warnings.catch_warnings():  # gymnasium's, for the pending step it collects or we chose not to read
             warnings.filterwarnings("ignore", message=".*Calling `close` while waiting for a pending call")

@@ -97,6 +97,32 @@ class FailingStepEnv(CounterEnv):
         return super().step(action)
 
 
+class OneFailingStepEnv(CounterEnv):
+    """CounterEnv whose 31st step raises in one env only (the first to get there: it makes
+    the file `failed` in the directory `mark`). Each env that stepped makes a file of its
+    own in `mark` when closed, so a test can count the envs that were closed."""
+
+    def __init__(self, mark, **kw):
+        super().__init__(**kw)
+        self.mark, self.steps = Path(mark), 0
+
+    def step(self, action):
+        self.steps += 1
+        if self.steps == 31:
+            try:
+                os.close(os.open(self.mark / "failed", os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                raise ValueError("this env failed, the others did not")
+        return super().step(action)
+
+    def close(self):
+        if self.steps:
+            import uuid
+            (self.mark / f"closed-{uuid.uuid4().hex}").touch()
+
+
 class FailingWhenEvaluatedEnv(CounterEnv):
     """CounterEnv whose resets with an evaluation's seeds (fastrl's start at 3e9) raise."""
 
@@ -233,6 +259,8 @@ gym.register("fastrl-test/Slow-v0", entry_point=SlowEnv, kwargs={"length": 20}, 
 gym.register("fastrl-test/FailingReset-v0", entry_point=FailingResetEnv, kwargs={"length": 3}, max_episode_steps=50)
 gym.register("fastrl-test/SlowReset-v0", entry_point=SlowResetEnv, kwargs={"length": 3}, max_episode_steps=50)
 gym.register("fastrl-test/FailingStep-v0", entry_point=FailingStepEnv, kwargs={"length": 3}, max_episode_steps=50)
+gym.register("fastrl-test/OneFailingStep-v0", entry_point=OneFailingStepEnv, kwargs={"length": 3},
+             max_episode_steps=50)
 gym.register("fastrl-test/FailingWhenEvaluated-v0", entry_point=FailingWhenEvaluatedEnv, kwargs={"length": 3},
              max_episode_steps=50)
 gym.register("fastrl-test/NanObs-v0", entry_point=NonFiniteEnv, kwargs={"length": 3, "what": "obs"},

@@ -766,6 +766,21 @@ def test_an_env_that_raises_stops_the_run_with_its_own_traceback_and_one_line(wh
     assert summary["error"].rstrip().endswith(raised[0]) and (tmp_path / "checkpoint.pt").exists()
 
 
+@pytest.mark.parametrize("where", ["grouped workers", "plain AsyncVectorEnv", "sync"])
+def test_when_one_env_raises_every_env_is_still_closed(where, tmp_path, capsys):
+    # The workers whose envs did not raise close them rather than being terminated: an env
+    # may hold a simulator process, which a terminated worker would leave running.
+    from fastrl.cli import main
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    workers = ["--num-workers", "2"] if where == "grouped workers" else COLLECTIONS.get(where, [])
+    args = failing_env_run("fastrl-test/OneFailingStep-v0", tmp_path / "run", "--env-kwargs", f"mark={marks}",
+                           "--total-steps", "5000", "--eval-interval", "0", *workers)
+    assert main(args) == 1
+    assert capsys.readouterr().err.endswith("error: an env raised ValueError: this env failed, the others did not\n")
+    assert len(list(marks.glob("closed-*"))) == 4 and multiprocessing.active_children() == []
+
+
 @pytest.mark.parametrize("where", ["trainer", "grouped workers", "plain AsyncVectorEnv", "sync, evaluation"])
 def test_an_env_that_cannot_be_made_is_its_traceback_and_one_line_and_leaves_no_process(where, tmp_path, capsys):
     from fastrl.cli import main
