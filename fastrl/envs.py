@@ -545,6 +545,12 @@ class _PortableErrors:
             error = stand_in
         self.queue.put((index, type(error), error, trace))
 
+    def put_current(self, index: int) -> None:
+        """Puts the error being handled in worker `index`, with its traceback (the env's
+        own frames, if it carries them: see InProcessVectorEnv.close_extras)."""
+        error_type, error, _ = sys.exc_info()
+        self.put((index, error_type, error, getattr(error, "env_traceback", None) or traceback.format_exc()))
+
 
 def _start_worker(env_fn: Callable[[], Any], index: int, pipe, parent_pipe, error_queue) -> tuple[Any, Any]:
     """Readies an env worker process (init_worker) and makes its env (or group of envs);
@@ -559,8 +565,7 @@ def _start_worker(env_fn: Callable[[], Any], index: int, pipe, parent_pipe, erro
     try:
         return env_fn(), error_queue
     except Exception:
-        error_type, error, _ = sys.exc_info()
-        error_queue.put((index, error_type, error, traceback.format_exc()))
+        error_queue.put_current(index)
         parent_pipe.close()
         with contextlib.suppress(EOFError, OSError):  # the trainer is gone
             pipe.recv()
@@ -568,14 +573,12 @@ def _start_worker(env_fn: Callable[[], Any], index: int, pipe, parent_pipe, erro
         return None, error_queue
 
 
-def _report_not_closed(error_queue, index: int) -> None:
+def _report_not_closed(error_queue: _PortableErrors, index: int) -> None:
     """Puts the error an env's close() is raising (marked for close_envs) for the trainer,
     which reports it once the workers have ended (QuietAsyncVectorEnv.close_extras): a
     worker's own traceback would come once per worker, in the middle of the run's summary."""
-    error_type, error, _ = sys.exc_info()
-    error.fastrl_closing_env = True
-    trace = getattr(error, "env_traceback", None) or traceback.format_exc(chain=False)
-    error_queue.put((index, error_type, error, trace))
+    sys.exc_info()[1].fastrl_closing_env = True
+    error_queue.put_current(index)
 
 
 def _plain_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, autoreset_mode, semaphore):
@@ -639,8 +642,7 @@ def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, 
             else:
                 raise ValueError(f"fastrl's grouped env workers support reset, step and close, not {command!r}")
     except (KeyboardInterrupt, Exception):
-        error_type, error_message, _ = sys.exc_info()
-        error_queue.put((index, error_type, error_message, traceback.format_exc()))
+        error_queue.put_current(index)
         pipe.send((None, False))
     finally:
         try:
