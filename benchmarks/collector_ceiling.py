@@ -18,7 +18,8 @@ Interleaves, per round, on LunarLander-v3 with random actions:
                nothing else (no staging, ring or episode statistics): ready-first's
                ceiling, the trainer's work at its least
   fastrl ready-first   fastrl's collector, ready-first (`--collection ready-first`)
-and prints each as a ratio to that round's limit; medians over rounds.
+and prints each as a ratio to the limit measured right before and after it
+(`fastrl.bench.bracketed`); medians over rounds.
 
     python benchmarks/collector_ceiling.py --envs-per-core 64 --rounds 5
 """
@@ -36,7 +37,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from fastrl.bench import CollectCase, CollectorLoop, SingleProcess, machine
+from fastrl.bench import CollectCase, CollectorLoop, SingleProcess, bracketed, machine
 from fastrl.envs import cpu_capacity, cpu_cores, make_vector_env
 
 ENV = "LunarLander-v3"
@@ -145,23 +146,22 @@ def main() -> None:
     messages = MessagesOnly(g * cores, cores)
     actions = np.random.default_rng(0).integers(0, 4, (args.steps, g)).tolist()
     total = args.steps * g * cores
-    apart = f"{args.ahead} apart"
-    rows = {"raw x cores": [], "independent": [], "bare": [], apart: [], "fastrl": [], "messages only": [],
-            "fastrl ready-first": []}
     busy, slowest, wall = [], [], []  # bare, per step: mean and max worker stepping time, wall time
-    print(f"{machine()}\n{ENV}, {cores} processes x {g} envs; ratio to that round's {capacity:g} cores x single "
-          f"process")
-    for r in range(args.rounds):
-        limit = capacity * single.measure(2.0)
+
+    def raw_x_cores(seconds: float) -> float:
         for c in raw_conns:
-            c.send(2.0)
-        rows["raw x cores"].append(sum(c.recv() for c in raw_conns) / limit)
+            c.send(seconds)
+        return sum(c.recv() for c in raw_conns)
+
+    def independent(_: float) -> float:
         start = time.perf_counter()
         for c in conns:
             c.send(args.steps)
         for c in conns:
             c.recv()
-        rows["independent"].append(total / (time.perf_counter() - start) / limit)
+        return total / (time.perf_counter() - start)
+
+    def bare(_: float) -> float:
         start = time.perf_counter()
         for a in actions:
             step_start = time.perf_counter()
@@ -171,15 +171,23 @@ def main() -> None:
             wall.append(time.perf_counter() - step_start)
             busy.append(sum(seconds) / cores)
             slowest.append(max(seconds))
-        rows["bare"].append(total / (time.perf_counter() - start) / limit)
+        return total / (time.perf_counter() - start)
+
+    def ahead(_: float) -> float:
         start = time.perf_counter()
         drift_apart(conns, actions, args.ahead)
-        rows[apart].append(total / (time.perf_counter() - start) / limit)
-        rows["fastrl"].append(fastrl.measure(2.0) / limit)
-        rows["messages only"].append(messages.measure(2.0) / limit)
-        rows["fastrl ready-first"].append(fastrl_ready_first.measure(2.0) / limit)
-        print(f"round {r + 1}: limit {limit:,.0f} steps/s | "
-              + " | ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
+        return total / (time.perf_counter() - start)
+
+    cases = {"raw x cores": raw_x_cores, "independent": independent, "bare": bare, f"{args.ahead} apart": ahead,
+             "fastrl": fastrl.measure, "messages only": messages.measure,
+             "fastrl ready-first": fastrl_ready_first.measure}
+    print(f"{machine()}\n{ENV}, {cores} processes x {g} envs; each a ratio to {capacity:g} cores x the single "
+          f"process measured right before and after it")
+    _, measured = bracketed(single.measure, list(cases.values()), 2.0, args.rounds)
+    rows = {name: [rate / (capacity * one) for rate, one in per_round]
+            for name, per_round in zip(cases, measured)}
+    for r in range(args.rounds):
+        print(f"round {r + 1}: " + " | ".join(f"{k} {v[r]:.2f}" for k, v in rows.items()))
     for c in conns + raw_conns:
         c.send(None)
     fastrl.close()

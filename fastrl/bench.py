@@ -4,8 +4,10 @@ collect  env steps/s into the replay ring through fastrl's collector, per backen
          env count, next to the raw env stepped in one process (x cores = the
          machine's limit) and plain gymnasium AsyncVectorEnv (one process per env) and
          SyncVectorEnv.
-         Measurements are interleaved in rounds, so a machine that speeds up or slows
-         down during the run moves every figure alike; medians over rounds are reported.
+         Measurements are interleaved in rounds, and the single process is measured
+         right before and after each case: each ratio to the limit compares figures
+         taken within seconds of each other, on a machine whose speed moves from one
+         second to the next. Medians over rounds are reported.
 learn    updates/s of the Double-DQN learner step (sample, targets, loss, gradients,
          Adam, target update) per learner mode and batch size.
 
@@ -20,6 +22,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 from pathlib import Path
 
 import gymnasium as gym
@@ -78,6 +81,33 @@ class SingleProcess:
 
     def close(self) -> None:
         self.env.close()
+
+
+def bracketed(single: Callable[[float], float], cases: list[Callable[[float], float]], seconds: float,
+              rounds: int) -> tuple[list[float], list[list[tuple[float, float]]]]:
+    """Measures each case (a function of seconds returning steps/s) for `seconds`, in
+    `rounds` rounds, with the single process measured for `seconds / 2` before the first
+    case and after each one. A case's limit is the mean of the two single-process rates
+    around it: a VM's speed moves by 15% within seconds, so a rate taken once per round
+    would be stale for the cases measured long after it.
+
+    Returns every single-process rate, and per case its (rate, single-process rate
+    around it) per round."""
+    singles: list[float] = []
+    out: list[list[tuple[float, float]]] = [[] for _ in cases]
+    for r in range(rounds):
+        before = single(seconds / 2)
+        singles.append(before)
+        for measure, per_round in zip(cases, out):
+            rate = measure(seconds)
+            after = single(seconds / 2)
+            singles.append(after)
+            per_round.append((rate, (before + after) / 2))
+            before = after
+        this_round = singles[-len(cases) - 1:]
+        print(f"  round {r + 1}/{rounds}: single process {statistics.median(this_round):,.0f} steps/s "
+              f"(median of {len(this_round)}, {min(this_round):,.0f}–{max(this_round):,.0f})", flush=True)
+    return singles, out
 
 
 @dataclass
@@ -181,13 +211,7 @@ def bench_collect(env_id: str, num_envs: list[int], seconds: float, rounds: int,
     try:
         for case in cases:
             loops.append(CollectorLoop(case, env_id, device, seed))
-        single_rounds: list[float] = []
-        case_rounds: list[list[float]] = [[] for _ in loops]
-        for r in range(rounds):
-            single_rounds.append(single.measure(seconds))
-            for loop, out in zip(loops, case_rounds):
-                out.append(loop.measure(seconds))
-            print(f"  round {r + 1}/{rounds}: single process {single_rounds[-1]:,.0f} steps/s", flush=True)
+        singles, case_rounds = bracketed(single.measure, [loop.measure for loop in loops], seconds, rounds)
     finally:
         single.close()
         for loop in loops:
@@ -195,25 +219,26 @@ def bench_collect(env_id: str, num_envs: list[int], seconds: float, rounds: int,
 
     # Cores' worth of CPU time: a fractional quota (docker --cpus=2.5) counts as 2.5.
     capacity = cpu_capacity()
-    single_sps = statistics.median(single_rounds)
-    limit = capacity * single_sps
+    single_sps = statistics.median(singles)
     rows = []
     for case, per_round in zip(cases, case_rounds):
-        # Ratios per round (against that round's single-process rate), then the median;
-        # their range shows how much the machine moved from round to round.
-        ratios = [s / (capacity * one) for s, one in zip(per_round, single_rounds)]
+        # Ratios per round (against the single process measured around it), then the
+        # median; their range shows how much the machine moved from round to round.
+        steps = [rate for rate, _ in per_round]
+        limits = [capacity * one for _, one in per_round]
+        ratios = [s / limit for s, limit in zip(steps, limits)]
         rows.append({"backend": case.backend, "series": case.series, "label": case.label, "num_envs": case.num_envs,
-                     "num_workers": case.num_workers, "steps_per_s": statistics.median(per_round),
+                     "num_workers": case.num_workers, "steps_per_s": statistics.median(steps),
                      "ratio_to_limit": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
-                     "rounds": per_round})
+                     "rounds": steps, "limits": limits})
     plain = [r for r in rows if r["series"].startswith("async, plain")]
     grouped = [r for r in rows if r["series"].startswith("async, grouped")]
     best_plain = max(plain, key=lambda r: r["steps_per_s"]) if plain else None
     best_grouped = max(grouped, key=lambda r: r["steps_per_s"]) if grouped else None
     return {
         "env_id": env_id, "device": str(device), "cores": capacity, "seconds": seconds, "rounds": rounds,
-        "single_process_steps_per_s": single_sps, "single_rounds": single_rounds,
-        "limit_steps_per_s": limit, "rows": rows,
+        "single_process_steps_per_s": single_sps, "single_measurements": singles,
+        "limit_steps_per_s": capacity * single_sps, "rows": rows,
         "best_grouped": best_grouped and {k: best_grouped[k] for k in ("label", "num_envs", "steps_per_s",
                                                                          "ratio_to_limit")},
         "best_plain": best_plain and {k: best_plain[k] for k in ("num_envs", "steps_per_s")},
@@ -224,8 +249,9 @@ def bench_collect(env_id: str, num_envs: list[int], seconds: float, rounds: int,
 
 def format_collect(result: dict) -> str:
     lines = [f"collect: {result['env_id']} into the replay ring on {result['device']}, random actions; "
-             f"median of {result['rounds']} interleaved rounds of {result['seconds']:g} s",
-             f"single process (raw env): {result['single_process_steps_per_s']:,.0f} steps/s x "
+             f"median of {result['rounds']} interleaved rounds of {result['seconds']:g} s, each ratio to the "
+             f"limit against the single process measured right before and after it",
+             f"single process (raw env): {result['single_process_steps_per_s']:,.0f} steps/s (median) x "
              f"{result['cores']:g} cores = limit {result['limit_steps_per_s']:,.0f} steps/s",
              "",
              f"| {'backend':<40} | {'envs':>5} | {'env steps/s':>11} | {'x limit':>7} | {'rounds':>9} |",

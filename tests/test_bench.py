@@ -41,9 +41,15 @@ def test_bench_all_prints_tables_and_writes_json_and_png(tmp_path):
         assert ("sync, plain SyncVectorEnv", n) in series
     assert ("async, grouped", 4) in series
     assert (("async, grouped, ready-first", 4) in series) == (collect["cores"] > 1)  # one group per worker
-    for row in collect["rows"]:
+    singles, rows = collect["single_measurements"], collect["rows"]
+    assert len(singles) == 2 * (len(rows) + 1)  # before the first case and after each, per round
+    assert collect["single_process_steps_per_s"] == statistics.median(singles)
+    for i, row in enumerate(rows):
         assert len(row["rounds"]) == 2 and row["steps_per_s"] == statistics.median(row["rounds"]) > 0
-        ratios = [s / (collect["cores"] * one) for s, one in zip(row["rounds"], collect["single_rounds"])]
+        # Each round's limit: the single process measured right before and right after the case.
+        around = [(singles[r * (len(rows) + 1) + i] + singles[r * (len(rows) + 1) + i + 1]) / 2 for r in range(2)]
+        assert row["limits"] == pytest.approx([collect["cores"] * one for one in around])
+        ratios = [s / limit for s, limit in zip(row["rounds"], row["limits"])]
         assert row["ratio_to_limit"] == pytest.approx(statistics.median(ratios))
         assert row["ratio_range"] == pytest.approx([min(ratios), max(ratios)])
         low, high = row["ratio_range"]
