@@ -26,7 +26,6 @@ and prints each as a ratio to the limit measured right before and after it
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -39,6 +38,7 @@ import torch
 
 from fastrl.bench import CollectCase, CollectorLoop, SingleProcess, bracketed, machine
 from fastrl.envs import cpu_capacity, cpu_cores, make_vector_env
+from solve import write_json
 
 ENV = "LunarLander-v3"
 
@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="vector steps per measurement")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--ahead", type=int, default=1, help="steps a worker may run ahead of the slowest")
-    parser.add_argument("--out", default="collector_ceiling.json")
+    parser.add_argument("--out", default="benchmarks/results/collector_ceiling.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cores, capacity, g = cpu_cores(), cpu_capacity(), args.envs_per_core  # processes; the limit's multiplier
@@ -201,9 +201,8 @@ def main() -> None:
              "waiting for the slower worker": (sum(slowest) - sum(busy)) / sum(wall),
              "messages and the parent": (sum(wall) - sum(slowest)) / sum(wall)}
     print("bare lockstep, share of its time: " + " | ".join(f"{k} {v:.2f}" for k, v in split.items()))
-    with open(args.out, "w") as f:
-        json.dump({"machine": machine(), "cores": capacity, "processes": cores, "envs_per_core": g, "rounds": rows,
-                   "median": medians, "bare_time_split": split}, f, indent=2)
+    write_json(args.out, {"machine": machine(), "cores": capacity, "processes": cores, "envs_per_core": g,
+                          "rounds": rows, "median": medians, "bare_time_split": split})
 
 
 if __name__ == "__main__":
