@@ -183,8 +183,8 @@ def main() -> None:
              "fastrl ready-first": fastrl_ready_first.measure}
     print(f"{machine()}\n{ENV}, {cores} processes x {g} envs; each a ratio to {capacity:g} cores x the single "
           f"process measured right before and after it")
-    _, measured = bracketed(single.measure, list(cases.values()), 2.0, args.rounds)
-    rows = {name: [rate / (capacity * one) for rate, one in per_round]
+    _, measured = bracketed(single.measure, list(cases.values()), 2.0, args.rounds, capacity)
+    rows = {name: [rate / limit for rate, limit in per_round]
             for name, per_round in zip(cases, measured)}
     for r in range(args.rounds):
         print(f"round {r + 1}: " + " | ".join(f"{k} {v[r]:.2f}" for k, v in rows.items()))

@@ -22,8 +22,8 @@ import statistics
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import gymnasium as gym
 import numpy as np
@@ -84,15 +84,14 @@ class SingleProcess:
 
 
 def bracketed(single: Callable[[float], float], cases: list[Callable[[float], float]], seconds: float,
-              rounds: int) -> tuple[list[float], list[list[tuple[float, float]]]]:
+              rounds: int, capacity: float) -> tuple[list[float], list[list[tuple[float, float]]]]:
     """Measures each case (a function of seconds returning steps/s) for `seconds`, in
     `rounds` rounds, with the single process measured for `seconds / 2` before the first
-    case and after each one. A case's limit is the mean of the two single-process rates
-    around it: a VM's speed moves by 15% within seconds, so a rate taken once per round
-    would be stale for the cases measured long after it.
+    case and after each one. A case's limit is `capacity` (cores) x the mean of the two
+    single-process rates around it: a VM's speed moves by 15% within seconds, so a rate
+    taken once per round would be stale for the cases measured long after it.
 
-    Returns every single-process rate, and per case its (rate, single-process rate
-    around it) per round."""
+    Returns every single-process rate, and per case its (rate, limit) per round."""
     singles: list[float] = []
     out: list[list[tuple[float, float]]] = [[] for _ in cases]
     for r in range(rounds):
@@ -102,7 +101,7 @@ def bracketed(single: Callable[[float], float], cases: list[Callable[[float], fl
             rate = measure(seconds)
             after = single(seconds / 2)
             singles.append(after)
-            per_round.append((rate, (before + after) / 2))
+            per_round.append((rate, capacity * (before + after) / 2))
             before = after
         this_round = singles[-len(cases) - 1:]
         print(f"  round {r + 1}/{rounds}: single process {statistics.median(this_round):,.0f} steps/s "
@@ -206,26 +205,27 @@ def bench_collect(env_id: str, num_envs: list[int], seconds: float, rounds: int,
     except ImportError:
         has_envpool = False
     cases = collect_cases(num_envs, has_envpool)
+    # Cores' worth of CPU time: a fractional quota (docker --cpus=2.5) counts as 2.5.
+    capacity = cpu_capacity()
     single = SingleProcess(env_id, seed)
     loops: list[CollectorLoop] = []
     try:
         for case in cases:
             loops.append(CollectorLoop(case, env_id, device, seed))
-        singles, case_rounds = bracketed(single.measure, [loop.measure for loop in loops], seconds, rounds)
+        singles, case_rounds = bracketed(single.measure, [loop.measure for loop in loops], seconds, rounds,
+                                         capacity)
     finally:
         single.close()
         for loop in loops:
             loop.close()
 
-    # Cores' worth of CPU time: a fractional quota (docker --cpus=2.5) counts as 2.5.
-    capacity = cpu_capacity()
     single_sps = statistics.median(singles)
     rows = []
     for case, per_round in zip(cases, case_rounds):
         # Ratios per round (against the single process measured around it), then the
         # median; their range shows how much the machine moved from round to round.
         steps = [rate for rate, _ in per_round]
-        limits = [capacity * one for _, one in per_round]
+        limits = [limit for _, limit in per_round]
         ratios = [s / limit for s, limit in zip(steps, limits)]
         rows.append({"backend": case.backend, "series": case.series, "label": case.label, "num_envs": case.num_envs,
                      "num_workers": case.num_workers, "steps_per_s": statistics.median(steps),
