@@ -35,10 +35,11 @@ import time
 import gymnasium as gym
 import numpy as np
 import torch
+from solve import write_json
 
 from fastrl.bench import CollectCase, CollectorLoop, SingleProcess, bracketed, machine
-from fastrl.envs import cpu_capacity, cpu_cores, make_vector_env
-from solve import write_json
+from fastrl.envs import make_vector_env
+from fastrl.system import cpu_capacity, cpu_cores
 
 ENV = "LunarLander-v3"
 

@@ -22,7 +22,7 @@ import time
 import torch
 
 from fastrl.bench import CollectCase, CollectorLoop, SingleProcess, machine
-from fastrl.envs import cpu_capacity
+from fastrl.system import cpu_capacity
 
 ENV = "LunarLander-v3"
 

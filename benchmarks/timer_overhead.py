@@ -15,10 +15,10 @@ import statistics
 import tempfile
 import time
 
+from solve import machine, write_json
+
 import fastrl
 from fastrl.timing import Phases
-
-from solve import machine, write_json
 
 
 def timer_cost_s(n: int = 200_000) -> float:

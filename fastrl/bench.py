@@ -33,11 +33,13 @@ from fastrl import checkpoint
 from fastrl.algos import ddqn
 from fastrl.buffer import ReplayRing
 from fastrl.collector import Collector
-from fastrl.config import ConfigError, TrainConfig, make_config
-from fastrl.envs import AUTORESET, EnvSpec, cpu_capacity, cpu_cores, default_workers, inspect_env, make_vector_env
-from fastrl.metrics import DeviceMeans
+from fastrl.config import TrainConfig, make_config
+from fastrl.envs import AUTORESET, EnvSpec, inspect_env, make_vector_env
+from fastrl.errors import ConfigError
 from fastrl.nets import build_network
 from fastrl.optim import Adam
+from fastrl.run.logs import DeviceMeans
+from fastrl.system import cpu_capacity, cpu_cores, default_workers
 
 PLAIN_MAX_ENVS = 32  # one process per env beyond this only measures the scheduler
 

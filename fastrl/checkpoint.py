@@ -11,13 +11,9 @@ from pathlib import Path
 
 import torch
 
-from fastrl.config import ConfigError
+from fastrl.errors import ConfigError, WriteFailed
 
 FORMAT = "fastrl-checkpoint-v1"
-
-
-class WriteFailed(RuntimeError):
-    """A file of the run could not be written (disk full, permissions): one line naming it."""
 
 
 @contextlib.contextmanager

@@ -13,10 +13,9 @@ import json
 import math
 import sys
 
-from fastrl.checkpoint import WriteFailed
-from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, ConfigError, TrainConfig, make_config, thread_limit
-from fastrl.envs import EnvError, WorkerDied
-from fastrl.run import Diverged
+from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, TrainConfig, make_config
+from fastrl.errors import ConfigError, Diverged, EnvError, WorkerDied, WriteFailed
+from fastrl.system import thread_limit
 
 
 class _Parser(argparse.ArgumentParser):

@@ -16,7 +16,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from fastrl.envs import WorkerDied, env_error, worker_died
+from fastrl.envs.workers import worker_died
+from fastrl.errors import WorkerDied
 from fastrl.timing import Phases
 
 _WORKER_GONE = (EOFError, ConnectionError)  # how a pipe to a dead env worker fails
@@ -85,8 +86,6 @@ class Collector:
             obs, _ = self.envs.reset(seed=seed)
         except _WORKER_GONE:
             raise self._worker_lost() from None
-        except Exception as exc:  # the env's own error
-            raise env_error(exc) from None
         self._host_np[:, :self.obs_size] = np.asarray(obs).reshape(self.num_envs, -1)
         self._host_np[:, self.obs_size:] = 0.0
         if self._upload:
@@ -143,8 +142,6 @@ class Collector:
             except KeyboardInterrupt:  # maybe in the middle of a reply: the pipes can no longer be read
                 self._unreadable = True
                 raise
-            except Exception as exc:  # the env's own error, in its step or autoreset
-                raise env_error(exc) from None
             self._track_episodes(cols, reward, terminated | truncated)
         with self.phases("h2d"):
             host, host_t, row, flags, step = self._staging[group]

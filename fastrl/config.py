@@ -14,6 +14,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastrl.errors import ConfigError
+from fastrl.system import default_workers, thread_limit
+
 ALGOS = ("ddqn", "reinforce")
 BASELINES = ("none", "mean", "value")
 BACKENDS = ("async", "sync", "envpool")
@@ -22,16 +25,6 @@ SEED_LIMIT = 2**31  # seeds (training and evaluation) are in [0, SEED_LIMIT)
 LEARNER_MODES = ("eager", "compile", "cudagraphs")
 LEARNERS = ("auto", *LEARNER_MODES)
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(ValueError):
-    """An invalid setting; the message is one line meant for the user."""
-
-
-def thread_limit() -> int:
-    """The most torch threads one may ask for: this machine's logical CPUs. (Far more makes
-    torch's thread pool exhaust memory or crash, and more than the CPUs is never faster.)"""
-    return os.cpu_count() or 1
 
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
@@ -233,7 +226,6 @@ def validate(c: TrainConfig) -> None:
     if c.num_workers:
         need(c.num_envs % c.num_workers == 0, "num_workers", f"a divisor of num_envs ({c.num_envs})")
     if c.collection == "ready-first" and c.num_envs > 1:
-        from fastrl.envs import default_workers  # here: fastrl.envs imports this module
         if (c.num_workers or default_workers(c.num_envs)) == c.num_envs:  # 0: one per core but the trainer's
             raise ConfigError(f"invalid collection='ready-first' with one env per worker process (num_workers="
                               f"num_envs={c.num_envs}{'' if c.num_workers else ' by default on this machine'}): "

@@ -14,11 +14,12 @@ import numpy as np
 import torch
 
 from fastrl import checkpoint
-from fastrl.config import SEED_LIMIT, ConfigError, TrainConfig, check, plain_value
-from fastrl.envs import (EnvError, EnvSpec, WorkerDied, close_envs, env_error, init_worker, inspect_env,
-                         make_vector_env, worker_died)
-from fastrl.metrics import Progress
+from fastrl.config import SEED_LIMIT, TrainConfig, check, plain_value
+from fastrl.envs import EnvSpec, close_envs, inspect_env, make_vector_env
+from fastrl.envs.workers import init_worker, worker_died
+from fastrl.errors import ConfigError, EnvError, WorkerDied
 from fastrl.nets import build_network, greedy_policy
+from fastrl.progress import Progress
 
 # Training envs are seeded seed + i (i < num_envs); evaluation starts far above.
 EVAL_SEED_OFFSET = 3_000_000_019
@@ -55,10 +56,7 @@ class Evaluator:
         env_steps = 0
         quota = np.full(E, episodes // E) + (np.arange(E) < episodes % E)
         returns: list[list[float]] = [[] for _ in range(E)]
-        try:
-            obs, _ = self.envs.reset(seed=self._next_seed)
-        except Exception as exc:
-            raise env_error(exc) from None
+        obs, _ = self.envs.reset(seed=self._next_seed)  # an env's error is an EnvError
         self._next_seed = None  # later evaluations continue the seeded RNG streams
         ep_return = np.zeros(E)
         prev_done = np.zeros(E, dtype=bool)
@@ -66,10 +64,7 @@ class Evaluator:
         while any(len(r) < q for r, q in zip(returns, quota)):
             obs_t = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.device)
             actions = policy(obs_t).cpu().numpy()
-            try:
-                obs, reward, terminated, truncated, _ = self.envs.step(actions)
-            except Exception as exc:  # the env's own error
-                raise env_error(exc) from None
+            obs, reward, terminated, truncated, _ = self.envs.step(actions)
             ep_return += reward * ~prev_done
             done = terminated | truncated
             for i in np.flatnonzero(done):
@@ -90,7 +85,7 @@ class Evaluator:
         bad = [x for x in flat if not math.isfinite(x)]
         if bad:  # a mean of them would mean nothing (and an inf one would "solve")
             raise EnvError(f"an env gave a non-finite reward: an evaluation episode returned {bad[0]}; "
-                           f"rewards must be finite numbers", trace="")
+                           f"rewards must be finite numbers")
         return EvalResult(float(np.mean(flat)), float(np.std(flat)), len(flat), flat)
 
     def close(self) -> None:
@@ -143,8 +138,8 @@ class BackgroundEvaluator:
             raise self._died() from None
         finally:
             self.in_flight = False
-        if isinstance(reply, dict):
-            raise EnvError(f"{reply['message']} (in the evaluation process)", reply["trace"])
+        if isinstance(reply, EnvError):
+            raise type(reply)(f"{reply} (in the evaluation process)", reply.trace, reply.error_type)
         if isinstance(reply, str):
             raise RuntimeError(f"evaluation failed in its process:\n{reply}")
         return reply
@@ -184,15 +179,15 @@ def _evaluation_worker(conn, config: TrainConfig, spec: EnvSpec) -> None:
                                                    torch.device("cpu"))
                 model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
                 conn.send(evaluator.run(greedy, episodes, screen_below))
-            except EnvError as exc:
-                conn.send({"message": str(exc), "trace": exc.trace})
+            except EnvError as exc:  # strings only: it pickles, whatever the env raised
+                conn.send(exc)
             except Exception:
                 conn.send(traceback.format_exc(limit=4))
     except (EOFError, OSError):  # the trainer is gone
         pass
     finally:
         if evaluator is not None:
-            close_envs(evaluator.close, config.env_id, where="the evaluation process")
+            close_envs(evaluator.close, where="the evaluation process")
 
 
 def _check_display() -> None:
@@ -257,4 +252,4 @@ def evaluate_checkpoint(path: str, episodes: int | None = None, seed: int = 0, d
         return evaluator.run(greedy, episodes, on_episodes=show if line.enabled else None)
     finally:
         line.close()
-        close_envs(evaluator.close, config.env_id)
+        close_envs(evaluator.close)

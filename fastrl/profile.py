@@ -1,10 +1,11 @@
-"""Profiling session for `fastrl profile`: phase times after warm-up, a verdict with
-the knob to turn, and a torch.profiler trace of a few collection cycles.
+"""Profiling for `fastrl profile`: phase times after warm-up, a verdict with the knob to
+turn, and a torch.profiler trace of a few collection cycles.
 
 The session is driven by `Run.end_cycle()`, called once per collection cycle by the
 training loops: warm-up (until the compiled learner has run), timing (profile_steps
 env steps with device-synchronised phase timers), tracing (trace_cycles cycles under
-torch.profiler), done (the run stops).
+torch.profiler), done (the run stops). While profiling, the learner runs its stages one
+by one under their own timers (`timed_learn_step`, `timed_update`).
 """
 from __future__ import annotations
 
@@ -14,10 +15,19 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 
+from fastrl import accel
+from fastrl.algos import ddqn, reinforce
+from fastrl.buffer import Episodes, Transitions
 from fastrl.checkpoint import writing
+from fastrl.config import TrainConfig
+from fastrl.nets import PolicyNetwork
+from fastrl.optim import Adam
+from fastrl.timing import Phases
 
 WARMUP_UPDATES = 3  # the first update compiles; time only the steady state
 
@@ -67,9 +77,58 @@ def native_stderr_muted():
         os.close(saved)
 
 
+def timed_learn_step(sample: Callable[[], Transitions], q: nn.Module, q_target: nn.Module, optimizer: Adam,
+                     tau: float, target_update_interval: int, learner: str,
+                     phases: Phases) -> Callable[[], ddqn.UpdateStats]:
+    """`ddqn.make_learn_step`'s stages (sample, targets, forward_backward, optimizer_step,
+    target_update) one by one, each timed: compiled one by one, forward_backward eager,
+    slower in all than the one graph. (Compiled on its own, forward_backward, with
+    torch.func gradients as graph outputs, runs slower than autograd.)"""
+    def compiled(fn: Callable) -> Callable:
+        return accel.compile_fn(fn, learner != "eager", optimizer.device)
+
+    sample, optimizer_step = compiled(sample), compiled(optimizer.step)
+    targets = compiled(lambda batch: ddqn.double_dqn_targets(q, q_target, batch))
+    target_update = compiled(lambda: ddqn.update_target(
+        q_target, q, ddqn.target_update_rate(tau, target_update_interval, optimizer.steps)))
+
+    def learn_step() -> ddqn.UpdateStats:
+        with phases("sample"):
+            batch = sample()
+        with phases("targets"):
+            y = targets(batch)
+        with phases("forward_backward"):
+            grads, loss, q_mean = ddqn.td_gradients(q, optimizer.params, batch, y)
+        with phases("optimizer_step"):
+            grad_norm = optimizer_step(grads)
+        with phases("target_update"):
+            target_update()
+        return ddqn.UpdateStats(loss, q_mean, grad_norm)
+
+    return learn_step
+
+
+def timed_update(policy: PolicyNetwork, optimizer: Adam, baseline: str, normalize_returns: bool,
+                 entropy_coef: float, value_coef: float, running_mean: torch.Tensor, learner: str,
+                 phases: Phases) -> Callable[[Episodes], reinforce.UpdateStats]:
+    """`reinforce.make_update`'s stages, forward_backward (eager) and optimizer_step, each timed."""
+    forward_backward = reinforce.make_gradients(policy, optimizer.params, baseline, normalize_returns,
+                                                entropy_coef, value_coef, running_mean)
+    optimizer_step = accel.compile_fn(optimizer.step, learner != "eager", optimizer.device)
+
+    def update(batch: Episodes) -> reinforce.UpdateStats:
+        with phases("forward_backward"):
+            grads, loss, parts = forward_backward(batch)
+        with phases("optimizer_step"):
+            grad_norm = optimizer_step(grads)
+        return reinforce.UpdateStats(loss, *parts, grad_norm)
+
+    return update
+
+
 class ProfileSession:
-    def __init__(self, run):
-        self.run = run
+    def __init__(self, config: TrainConfig, device: torch.device, phases: Phases, run_dir: Path):
+        self.config, self.device, self.phases, self.dir = config, device, phases, run_dir
         self.state = "warmup"
         self._start = (0.0, 0, 0)
         self._timed: dict | None = None
@@ -81,7 +140,7 @@ class ProfileSession:
         """Env steps the whole session takes: the progress line's total. Warm-up lasts until
         the first updates (for DDQN, learning_starts steps and a cycle or two): an estimate
         until it is over, then exact."""
-        c = self.run.config
+        c = self.config
         if self.state == "warmup":
             return (c.learning_starts if c.algo == "ddqn" else 0) + c.profile_steps
         cycle = self._cycle_steps
@@ -91,20 +150,20 @@ class ProfileSession:
     def done(self) -> bool:
         return self.state == "done"
 
-    def end_cycle(self) -> None:
-        run, c = self.run, self.run.config
-        self._cycle_steps, self._steps_at_last_cycle = run.env_steps - self._steps_at_last_cycle, run.env_steps
-        if self.state == "warmup" and run.updates >= WARMUP_UPDATES:
-            run.phases.reset()
-            self._start = (time.perf_counter(), run.env_steps, run.updates)
+    def end_cycle(self, env_steps: int, updates: int) -> None:
+        """Called once per collection cycle with the run's counters."""
+        c = self.config
+        self._cycle_steps, self._steps_at_last_cycle = env_steps - self._steps_at_last_cycle, env_steps
+        if self.state == "warmup" and updates >= WARMUP_UPDATES:
+            self.phases.reset()
+            self._start = (time.perf_counter(), env_steps, updates)
             self.state = "timing"
-            run.progress.total = self.planned_steps()
-        elif self.state == "timing" and run.env_steps - self._start[1] >= c.profile_steps:
+        elif self.state == "timing" and env_steps - self._start[1] >= c.profile_steps:
             t0, steps0, updates0 = self._start
-            self._timed = {"wall_s": time.perf_counter() - t0, "env_steps": run.env_steps - steps0,
-                           "updates": run.updates - updates0, "phase_s": dict(run.phases.seconds)}
+            self._timed = {"wall_s": time.perf_counter() - t0, "env_steps": env_steps - steps0,
+                           "updates": updates - updates0, "phase_s": dict(self.phases.seconds)}
             activities = [torch.profiler.ProfilerActivity.CPU]
-            if run.device.type == "cuda":
+            if self.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self._profiler = torch.profiler.profile(activities=activities)
             with native_stderr_muted():
@@ -118,10 +177,10 @@ class ProfileSession:
     def _finish_trace(self) -> None:
         with native_stderr_muted():
             self._profiler.__exit__(None, None, None)
-        trace, top_ops = Path(self.run.dir) / "trace.json", Path(self.run.dir) / "top_ops.txt"
+        trace, top_ops = self.dir / "trace.json", self.dir / "top_ops.txt"
         with writing(trace):
             self._profiler.export_chrome_trace(str(trace))
-        sort = "self_cuda_time_total" if self.run.device.type == "cuda" else "self_cpu_time_total"
+        sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = self._profiler.key_averages().table(sort_by=sort, row_limit=15)
         with writing(top_ops):
             top_ops.write_text(table + "\n")
@@ -135,7 +194,7 @@ class ProfileSession:
         r["bottleneck"], r["knob"] = verdict(r["phase_s"])
         r["env_steps_per_s"] = r["env_steps"] / r["wall_s"]
         r["updates_per_s"] = r["updates"] / r["wall_s"]
-        r["device"] = str(self.run.device)
+        r["device"] = str(self.device)
         return r
 
 

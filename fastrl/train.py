@@ -11,16 +11,20 @@ import time
 
 import torch
 
+from fastrl import profile
 from fastrl.algos import ddqn, reinforce
 from fastrl.buffer import ReplayRing, RolloutBuffer
 from fastrl.collector import Collector
-from fastrl.config import ConfigError, TrainConfig, validate
-from fastrl.envs import EnvSpec, WorkerDied, available_memory, close_envs, inspect_env, make_vector_env
-from fastrl.metrics import DeviceMeans
+from fastrl.config import TrainConfig, validate
+from fastrl.envs import EnvSpec, close_envs, inspect_env, make_vector_env
+from fastrl.errors import ConfigError, WorkerDied
 from fastrl.nets import build_network
 from fastrl.optim import Adam
-from fastrl.run import Run, create_run_dir, describe_failure
+from fastrl.run import Run
+from fastrl.run.artifacts import RunDir, create_run_dir, describe_failure
+from fastrl.run.logs import DeviceMeans
 from fastrl.schedules import learning_rate, linear_schedule
+from fastrl.system import available_memory
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,7 +104,7 @@ def _start_and_train(config: TrainConfig, spec: EnvSpec, device: torch.device, s
     """Starts the run's processes, runs the algorithm's loop and ends the run (see train())."""
     torch.manual_seed(config.seed)
     loop = {"ddqn": train_ddqn, "reinforce": train_reinforce}[config.algo]
-    run_dir = create_run_dir(config)
+    run_dir = RunDir(create_run_dir(config), config, spec)
     # Worker processes are forked before any CUDA state exists.
     envs = make_vector_env(config.env_id, config.num_envs, config.backend, config.env_kwargs, config.num_workers,
                            config.pin_workers)
@@ -123,7 +127,7 @@ def _start_and_train(config: TrainConfig, spec: EnvSpec, device: torch.device, s
                 run.finish(error=describe_failure(exc))
                 raise
         finally:
-            close_envs(collector.close, config.env_id)
+            close_envs(collector.close)
         return run.finish()
 
 
@@ -146,8 +150,8 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
     optimizer = Adam(q, c.lr, c.max_grad_norm)
     # Sampling, the update and the target-network update run as one compiled step (or
     # CUDA graph); profiling times their stages one by one instead.
-    learn = ddqn.make_learn_step(ring.sampler(c.batch_size), q, q_target, optimizer, c.tau,
-                                 c.target_update_interval, c.learner, phases if c.profile else None)
+    learner = (ring.sampler(c.batch_size), q, q_target, optimizer, c.tau, c.target_update_interval, c.learner)
+    learn = profile.timed_learn_step(*learner, phases) if c.profile else ddqn.make_learn_step(*learner)
     act = ddqn.make_act(q)
     run.watch(q, ring)
     learner_stats = DeviceMeans(("losses/td_loss", "losses/q_mean", "losses/grad_norm"), device)
@@ -187,11 +191,11 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
         optimizer.lr.fill_(lr_now)
 
         if run.log_due():
-            run.log(collector, learner_stats, {"charts/epsilon": eps_now, "charts/lr": lr_now})
+            run.write_log(collector, learner_stats, {"charts/epsilon": eps_now, "charts/lr": lr_now})
         if run.eval_due() and run.evaluate():
             break
         run.end_cycle()
-    run.log(collector, learner_stats, {"charts/epsilon": eps_now, "charts/lr": lr_now})  # the last window
+    run.write_log(collector, learner_stats, {"charts/epsilon": eps_now, "charts/lr": lr_now})  # the last window
 
 
 def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Run) -> None:
@@ -200,8 +204,9 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
     policy = build_network(c, spec.obs_shape, spec.n_actions).to(device)  # a PolicyNetwork
     optimizer = Adam(policy, c.lr, c.max_grad_norm)
     running_mean = torch.zeros((), device=device)
-    update = reinforce.make_update(policy, optimizer, c.baseline, c.normalize_returns, c.entropy_coef,
-                                   c.value_coef, running_mean, c.learner, phases if c.profile else None)
+    learner = (policy, optimizer, c.baseline, c.normalize_returns, c.entropy_coef, c.value_coef, running_mean,
+               c.learner)
+    update = profile.timed_update(*learner, phases) if c.profile else reinforce.make_update(*learner)
     act = reinforce.make_act(policy)
     run.watch(policy, buffer)
     learner_stats = DeviceMeans(("losses/loss", "losses/policy_loss", "losses/value_loss",
@@ -238,8 +243,8 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
         optimizer.lr.fill_(lr_now)
 
         if run.log_due():
-            run.log(collector, learner_stats, {"charts/lr": lr_now})
+            run.write_log(collector, learner_stats, {"charts/lr": lr_now})
         if run.eval_due() and run.evaluate():
             break
         run.end_cycle()
-    run.log(collector, learner_stats, {"charts/lr": lr_now})  # the last window
+    run.write_log(collector, learner_stats, {"charts/lr": lr_now})  # the last window

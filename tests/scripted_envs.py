@@ -249,6 +249,27 @@ class WrongOutputEnv(CounterEnv):
 
 
 # Terminates after 3 steps (never truncated).
+class RandomEndEnv(gym.Env):
+    """One unchanging observation [1.0]. Action 0 pays 0.1, action 1 pays 0.05; after either
+    the episode terminates with probability 0.1 (the env's seeded RNG). Registered with a
+    time limit of 5 steps, so most episodes are truncated and the rest terminate. With
+    discount gamma the true values are Q(0) = 0.1 / (1 - 0.9 gamma) and
+    Q(1) = 0.05 + 0.9 gamma Q(0): for gamma = 0.9, 0.526 and 0.476. (Small rewards keep
+    every TD error inside the Huber loss's quadratic part, whose minimum is the mean
+    target: beyond it the loss is robust, and its fixed point is no longer the mean.)"""
+
+    observation_space = gym.spaces.Box(0.0, 1.0, (1,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.ones(1, np.float32), {}
+
+    def step(self, action):
+        reward = 0.1 if int(action) == 0 else 0.05
+        return np.ones(1, np.float32), reward, bool(self.np_random.random() < 0.1), False, {}
+
+
 gym.register("fastrl-test/Terminating-v0", entry_point=CounterEnv, kwargs={"length": 3}, max_episode_steps=100)
 # Would last 50 steps but the time limit truncates it after 4.
 gym.register("fastrl-test/Truncating-v0", entry_point=CounterEnv, kwargs={"length": 50}, max_episode_steps=4)
@@ -275,3 +296,4 @@ gym.register("fastrl-test/SimulatorFailing-v0", entry_point=SimulatorFailingEnv,
              max_episode_steps=50)
 gym.register("fastrl-test/WrongOutput-v0", entry_point=WrongOutputEnv, kwargs={"length": 3}, max_episode_steps=50,
              disable_env_checker=True)  # the checker's warnings are not what is tested
+gym.register("fastrl-test/RandomEnd-v0", entry_point=RandomEndEnv, max_episode_steps=5)

@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 from test_cli import call_main, run_cli
 
 
@@ -79,7 +78,7 @@ def test_the_limit_counts_a_fractional_cpu_quota(monkeypatch):
     cores = sorted(os.sched_getaffinity(0))[:2]  # real ones: the workers pin to them
     quota = len(cores) - 0.5
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(cores))
-    monkeypatch.setattr("fastrl.envs.cgroup_cpu_quota", lambda: quota)
+    monkeypatch.setattr("fastrl.system.cgroup_cpu_quota", lambda: quota)
     result = bench_collect("CartPole-v1", [4], 0.1, 1, torch.device("cpu"))
     assert result["cores"] == quota
     assert result["limit_steps_per_s"] == pytest.approx(quota * result["single_process_steps_per_s"])

@@ -20,9 +20,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import fastrl
 from fastrl import checkpoint, timing
 from fastrl.cli import build_parser, config_from_args, main
-from fastrl.config import ConfigError
 from fastrl.envs import inspect_env
-from fastrl.metrics import Writer
+from fastrl.errors import ConfigError
+from fastrl.run.logs import Writer
 from fastrl.train import check_storage_fits, replay_ring, rollout_buffer
 
 TINY = ["--env", "CartPole-v1", "--total-steps", "1200", "--learning-starts", "400", "--num-envs", "4",
@@ -275,7 +275,7 @@ def test_a_ring_above_80_percent_of_the_available_memory_is_refused_before_any_w
 
 
 def test_ready_first_where_workers_would_step_one_env_each_is_one_line_exit_2(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr("fastrl.envs.cpu_cores", lambda: 16)  # 8 envs: 8 workers by default
+    monkeypatch.setattr("fastrl.system.cpu_cores", lambda: 16)  # 8 envs: 8 workers by default
     code = call_main(["train", "--collection", "ready-first", "--run-dir", str(tmp_path / "never")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
@@ -313,7 +313,7 @@ def test_a_run_dir_that_holds_a_run_is_refused_and_left_as_it_was(tiny_run, caps
     assert multiprocessing.active_children() == []
 
 
-@pytest.mark.parametrize("broken", [("fastrl.train", "Run"), ("fastrl.run", "Writer")], ids=["run", "writer"])
+@pytest.mark.parametrize("broken", [("fastrl.train", "Run"), ("fastrl.run.logs", "Writer")], ids=["run", "writer"])
 def test_a_failure_setting_up_the_run_leaves_no_process(broken, monkeypatch, tmp_path):
     def fails(*args, **kwargs):
         raise RuntimeError("cannot set up the run")
@@ -532,7 +532,7 @@ def test_a_failed_write_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch
     checkpoint.save_json(path, {"v": 1})
     full_disk_after(monkeypatch, "summary.json", 0)
     full = rf"^cannot write {re.escape(str(path))}: No space left on device$"
-    with pytest.raises(checkpoint.WriteFailed, match=full):
+    with pytest.raises(fastrl.WriteFailed, match=full):
         checkpoint.save_json(path, {"v": 2})
     assert json.loads(path.read_text()) == {"v": 1}
     assert os.listdir(tmp_path) == ["summary.json"]  # no temporary file left
@@ -662,7 +662,7 @@ def test_from_python_a_divergence_is_a_fastrl_diverged_raised_after_the_summary(
     with pytest.raises(fastrl.Diverged, match=r"^training diverged at .+ the env gave non-finite observations"):
         fastrl.train(config)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert "fastrl.run.Diverged: training diverged" in summary["error"] and summary["checkpoint"] is None
+    assert "fastrl.errors.Diverged: training diverged" in summary["error"] and summary["checkpoint"] is None
 
 
 @pytest.mark.filterwarnings("ignore:.*The reward is an inf value")  # gymnasium's env checker: right
@@ -753,7 +753,7 @@ def test_an_env_registered_by_a_module_trains_and_evaluates_from_the_command_lin
 
 
 def test_the_default_run_dir_is_one_level_below_runs_whatever_the_env_id():
-    from fastrl.run import default_run_dir
+    from fastrl.run.artifacts import default_run_dir
     for env_id, name in [("CartPole-v1", "CartPole-v1"), ("my_envs:Maze-v0", "Maze-v0"),
                          ("fastrl-test/Terminating-v0", "fastrl-test-Terminating-v0"),
                          ("my_envs:ns/Maze-v0", "ns-Maze-v0")]:

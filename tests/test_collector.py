@@ -18,10 +18,18 @@ import torch
 
 from fastrl.buffer import ReplayRing, transitions_at
 from fastrl.collector import Collector
-from fastrl.config import ConfigError
-from fastrl.envs import (WorkerDied, _receive, _StepRequest, available_memory, cgroup_cpu_quota, cgroup_memory_limit,
-                         cpu_capacity, cpu_cores, default_workers, make_vector_env)
-from fastrl.run import StopRequest
+from fastrl.envs import make_vector_env
+from fastrl.envs.workers import StepRequest, receive
+from fastrl.errors import ConfigError, WorkerDied
+from fastrl.run.signals import StopRequest
+from fastrl.system import (
+    available_memory,
+    cgroup_cpu_quota,
+    cgroup_memory_limit,
+    cpu_capacity,
+    cpu_cores,
+    default_workers,
+)
 
 CPU = torch.device("cpu")
 
@@ -237,15 +245,15 @@ def test_raw_step_messages_and_pickled_commands_share_a_pipe():
     # Grouped workers' steps travel as raw bytes; every other message is a pickle, shorter
     # or longer than a step message. Each must come out as it went in.
     sender, receiver = multiprocessing.Pipe()
-    sent, got = _StepRequest(4), _StepRequest(4)
+    sent, got = StepRequest(4), StepRequest(4)
     sent.actions[:] = [0, 3, 128, 2**40]
     short, long = ("reset", {"seed": [1]}), ("reset", {"seed": list(range(100)), "options": None})
     sender.send_bytes(sent.buffer)
     sender.send(short)
     sender.send(long)
-    assert _receive(receiver, got.buffer) is None and got.actions.tolist() == [0, 3, 128, 2**40]
-    assert _receive(receiver, got.buffer) == short
-    assert _receive(receiver, got.buffer) == long
+    assert receive(receiver, got.buffer) is None and got.actions.tolist() == [0, 3, 128, 2**40]
+    assert receive(receiver, got.buffer) == short
+    assert receive(receiver, got.buffer) == long
 
 
 def test_a_grouped_worker_closes_cleanly_with_a_step_in_flight():
@@ -356,7 +364,7 @@ def test_cgroup_memory_limit_is_read_from_either_cgroup_version(files, limit, tm
         (tmp_path / name).write_text(text)
     assert cgroup_memory_limit(str(tmp_path)) == limit
     # MemAvailable counts the host's memory: a container's limit caps it.
-    monkeypatch.setattr("fastrl.envs.cgroup_memory_limit", lambda: limit)
+    monkeypatch.setattr("fastrl.system.cgroup_memory_limit", lambda: limit)
     host = int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable:")).split()[1]) * 1024
     assert abs(available_memory() - (host if limit is None else min(host, limit))) < 2 ** 28  # it moves a little
 
@@ -364,12 +372,12 @@ def test_cgroup_memory_limit_is_read_from_either_cgroup_version(files, limit, tm
 def test_a_cpu_quota_caps_the_cores_and_so_the_default_workers(monkeypatch):
     # On a 64-core host, docker --cpus=2.5 leaves all 64 in the affinity: 3 cores' time, not 64.
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
-    monkeypatch.setattr("fastrl.envs.cgroup_cpu_quota", lambda: 2.5)
+    monkeypatch.setattr("fastrl.system.cgroup_cpu_quota", lambda: 2.5)
     assert cpu_capacity() == 2.5  # the time granted: fastrl bench's limit counts it (tests/test_bench.py)
     assert cpu_cores() == 3 and default_workers(8) == 2  # the trainer keeps one core; 2 divides 8
-    monkeypatch.setattr("fastrl.envs.cgroup_cpu_quota", lambda: 0.5)
+    monkeypatch.setattr("fastrl.system.cgroup_cpu_quota", lambda: 0.5)
     assert cpu_capacity() == 0.5 and cpu_cores() == 1 and default_workers(8) == 1
-    monkeypatch.setattr("fastrl.envs.cgroup_cpu_quota", lambda: None)
+    monkeypatch.setattr("fastrl.system.cgroup_cpu_quota", lambda: None)
     assert cpu_capacity() == 64 and cpu_cores() == 64 and default_workers(8) == 8
 
 

@@ -8,8 +8,8 @@ from torch import nn
 
 from fastrl.algos import ddqn
 from fastrl.buffer import ReplayRing, Transitions
-from fastrl.metrics import DeviceMeans
 from fastrl.optim import Adam
+from fastrl.run.logs import DeviceMeans
 from fastrl.schedules import linear_schedule
 
 

@@ -6,8 +6,8 @@ import pytest
 
 import fastrl
 from fastrl.cli import main
-from fastrl.metrics import Progress
 from fastrl.optim import Adam
+from fastrl.progress import Progress
 from fastrl.timing import Phases
 
 SMALL = dict(hidden=(16, 16), batch_size=32, buffer_size=5_000, learning_starts=200, replay_ratio=0.25,

@@ -11,7 +11,6 @@ from torch.nn import functional as F
 from fastrl import accel
 from fastrl.buffer import Transitions
 from fastrl.optim import Adam, Params, gradients
-from fastrl.timing import Phases
 
 
 class UpdateStats(NamedTuple):
@@ -38,63 +37,35 @@ def td_loss(q: Callable[[torch.Tensor], torch.Tensor], batch: Transitions,
     return loss, q_sa.detach().mean()
 
 
+def td_gradients(q: nn.Module, params: Params, batch: Transitions,
+                 y: torch.Tensor) -> tuple[Params, torch.Tensor, torch.Tensor]:
+    """Gradients of `td_loss` with respect to `params` (q's own): (grads, loss, mean Q(s, a))."""
+    def loss_fn(p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        return td_loss(lambda obs: functional_call(q, p, (obs,)), batch, y)
+
+    return gradients(loss_fn, params)
+
+
 def make_learn_step(sample: Callable[[], Transitions], q: nn.Module, q_target: nn.Module, optimizer: Adam,
-                    tau: float, target_update_interval: int, learner: str = "eager",
-                    phases: Phases | None = None) -> Callable[[], UpdateStats]:
+                    tau: float, target_update_interval: int, learner: str = "eager") -> Callable[[], UpdateStats]:
     """One gradient step on a fresh batch from `sample` (e.g. `ReplayRing.sampler(B)`):
     Double-DQN targets, Huber TD loss, gradients, clipped Adam step on `q` in place,
     then the target-network update (rate `tau`) on every `target_update_interval`-th step.
 
     Argument-free and fixed-shape, so the whole step compiles into one graph
     (learner="compile") and can be recorded as one CUDA graph (learner="cudagraphs").
-    With `phases` (profiling) its stages (sample, targets, forward_backward,
-    optimizer_step, target_update) are timed one by one instead: compiled one by one,
-    forward_backward eager, slower in all than the one graph.
+    (`fastrl.profile.timed_learn_step` runs the same stages one by one, timed.)
     """
 
-    def targets(batch: Transitions) -> torch.Tensor:
-        return double_dqn_targets(q, q_target, batch)
-
-    def forward_backward(batch: Transitions, y: torch.Tensor) -> tuple[Params, torch.Tensor, torch.Tensor]:
-        def loss_fn(params: Params) -> tuple[torch.Tensor, torch.Tensor]:
-            return td_loss(lambda obs: functional_call(q, params, (obs,)), batch, y)
-
-        return gradients(loss_fn, optimizer.params)
-
-    def target_update() -> None:
+    def learn_step() -> UpdateStats:
+        batch = sample()
+        grads, loss, q_mean = td_gradients(q, optimizer.params, batch, double_dqn_targets(q, q_target, batch))
+        grad_norm = optimizer.step(grads)
         # Counted by the optimizer's device-side step count: no host branch in the step.
         update_target(q_target, q, target_update_rate(tau, target_update_interval, optimizer.steps))
-
-    if phases is None:
-        def learn_step() -> UpdateStats:
-            batch = sample()
-            grads, loss, q_mean = forward_backward(batch, targets(batch))
-            grad_norm = optimizer.step(grads)
-            target_update()
-            return UpdateStats(loss, q_mean, grad_norm)
-
-        return accel.learner_fn(learn_step, learner, optimizer.device)
-
-    # forward_backward stays eager here: compiled on its own (torch.func, gradients as
-    # graph outputs) it runs twice as slowly as autograd, unlike inside the one graph.
-    sample, targets, optimizer_step, target_update = (
-        accel.compile_fn(f, learner != "eager", optimizer.device)
-        for f in (sample, targets, optimizer.step, target_update))
-
-    def timed_learn_step() -> UpdateStats:
-        with phases("sample"):
-            batch = sample()
-        with phases("targets"):
-            y = targets(batch)
-        with phases("forward_backward"):
-            grads, loss, q_mean = forward_backward(batch, y)
-        with phases("optimizer_step"):
-            grad_norm = optimizer_step(grads)
-        with phases("target_update"):
-            target_update()
         return UpdateStats(loss, q_mean, grad_norm)
 
-    return timed_learn_step
+    return accel.learner_fn(learn_step, learner, optimizer.device)
 
 
 def target_update_rate(tau: float, interval: int, updates: torch.Tensor) -> float | torch.Tensor:

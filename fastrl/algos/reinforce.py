@@ -12,7 +12,6 @@ from fastrl import accel
 from fastrl.buffer import Episodes
 from fastrl.nets import PolicyNetwork
 from fastrl.optim import Adam, Params, gradients
-from fastrl.timing import Phases
 
 
 class UpdateStats(NamedTuple):
@@ -27,14 +26,14 @@ def masked_mean(x: torch.Tensor, w: torch.Tensor, count: torch.Tensor) -> torch.
     return (x * w).sum() / count
 
 
-def make_update(policy: PolicyNetwork, optimizer: Adam, baseline: str, normalize_returns: bool,
-                entropy_coef: float, value_coef: float, running_mean: torch.Tensor, learner: str = "eager",
-                phases: Phases | None = None) -> Callable[[Episodes], UpdateStats]:
-    """One gradient step on every masked step of `batch` (fixed shapes: compiles once).
+def make_gradients(policy: PolicyNetwork, params: Params, baseline: str, normalize_returns: bool,
+                   entropy_coef: float, value_coef: float, running_mean: torch.Tensor
+                   ) -> Callable[[Episodes], tuple[Params, torch.Tensor, tuple[torch.Tensor, ...]]]:
+    """batch -> (gradients of the REINFORCE loss with respect to `params` (the policy's own),
+    the loss, (policy loss, value loss, mean entropy)) over the masked steps of the batch.
 
-    `running_mean` (0-d tensor) is the 'mean' baseline, updated in place. With `phases`
-    (profiling) the stages forward_backward (eager) and optimizer_step are timed apart.
-    """
+    `running_mean` (0-d tensor) is the 'mean' baseline: each batch is measured against
+    it, then it moves 10% of the way to the batch's mean return (in place)."""
 
     def forward_backward(batch: Episodes) -> tuple[Params, torch.Tensor, tuple[torch.Tensor, ...]]:
         w = batch.mask.to(torch.float32)
@@ -61,29 +60,27 @@ def make_update(policy: PolicyNetwork, optimizer: Adam, baseline: str, normalize
             loss = policy_loss - entropy_coef * mean_entropy + value_coef * value_loss
             return loss, (policy_loss.detach(), value_loss.detach(), mean_entropy.detach())
 
-        grads, loss, parts = gradients(loss_fn, optimizer.params)
+        grads, loss, parts = gradients(loss_fn, params)
         if baseline == "mean":  # after its use as this batch's baseline
             running_mean.lerp_(masked_mean(returns, w, count), 0.1)
         return grads, loss, parts
 
-    if phases is None:
-        def update(batch: Episodes) -> UpdateStats:
-            grads, loss, parts = forward_backward(batch)
-            return UpdateStats(loss, *parts, optimizer.step(grads))
+    return forward_backward
 
-        return accel.learner_fn(update, learner, optimizer.device)
 
-    # forward_backward stays eager when profiling: see ddqn.make_learn_step.
-    optimizer_step = accel.compile_fn(optimizer.step, learner != "eager", optimizer.device)
+def make_update(policy: PolicyNetwork, optimizer: Adam, baseline: str, normalize_returns: bool,
+                entropy_coef: float, value_coef: float, running_mean: torch.Tensor,
+                learner: str = "eager") -> Callable[[Episodes], UpdateStats]:
+    """One gradient step on every masked step of `batch` (fixed shapes: compiles once).
+    (`fastrl.profile.timed_update` runs its two stages apart, timed.)"""
+    forward_backward = make_gradients(policy, optimizer.params, baseline, normalize_returns, entropy_coef,
+                                      value_coef, running_mean)
 
-    def timed_update(batch: Episodes) -> UpdateStats:
-        with phases("forward_backward"):
-            grads, loss, parts = forward_backward(batch)
-        with phases("optimizer_step"):
-            grad_norm = optimizer_step(grads)
-        return UpdateStats(loss, *parts, grad_norm)
+    def update(batch: Episodes) -> UpdateStats:
+        grads, loss, parts = forward_backward(batch)
+        return UpdateStats(loss, *parts, optimizer.step(grads))
 
-    return timed_update
+    return accel.learner_fn(update, learner, optimizer.device)
 
 
 def make_act(policy: PolicyNetwork) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -1,0 +1,434 @@
+"""Async env workers: each worker process steps a group of envs per message
+(`GroupedAsyncVectorEnv`), so the pipe round trip is paid once per group, not once per
+env. Step messages are raw bytes, not pickles, and each worker runs the autoresets of
+ended episodes right after replying, while the trainer works. A worker's group can also
+be stepped on its own (`send_group`, `ready_groups`, `recv_group`), for a collector that
+acts on each group as soon as it is ready.
+
+Process start, reset, close and error reports ride on gymnasium's AsyncVectorEnv. Its
+private internals (its worker function, its error queue and state) are used in the last
+section of this module only, marked as such.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import queue
+import signal
+import sys
+import time
+from functools import partial
+from typing import Any, Callable
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector.async_vector_env import AsyncState
+from gymnasium.vector.utils import batch_space, write_to_shared_memory
+
+from fastrl.envs.group import AUTORESET, InProcessVectorEnv, merge_infos
+from fastrl.envs.spec import env_name
+from fastrl.errors import EnvCloseError, EnvError, WorkerDied
+from fastrl.system import pin_to_core
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def init_worker() -> None:
+    """Readies a worker process (env or evaluation) that the trainer started.
+
+    Ctrl-C goes to the whole process group; the trainer handles it and closes the
+    workers, which must not die mid-step with a traceback of their own. And on Linux the
+    worker is killed when the trainer dies, however it dies (`kill -9`, the OOM killer):
+    blocked on its pipe, it would otherwise wait forever, since processes forked after
+    it hold copies of the pipe's other end, so the trainer's death does not close it.
+    (Linux ties the worker to the trainer thread that started it: `train()` ends its
+    workers before it returns.)
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        parent = os.getppid()
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # it died before the request
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def worker_died(what: str, processes: list) -> WorkerDied:
+    """The error naming the first of `processes` found dead. Waits up to a second for
+    the death to show: a pipe can read as closed before its process is reaped."""
+    deadline = time.monotonic() + 1.0
+    while (dead := next((p for p in processes if not p.is_alive()), None)) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if dead is None:
+        return WorkerDied(f"{what} closed its pipe unexpectedly")
+    how = f"killed by signal {-dead.exitcode}" if dead.exitcode < 0 else f"exit code {dead.exitcode}"
+    return WorkerDied(f"{what} (pid {dead.pid}) ended unexpectedly ({how})")
+
+
+# A step travels as raw bytes, not pickled: it is the hot path (one round trip per worker
+# per vector step), and pickling its small arrays costs more than the pipe's own round
+# trip. Out: [_STEP | actions int64[G]]; back: [_STEP | rewards float64[G] | terminated
+# bool[G] | truncated bool[G]]. A reply with infos or an error, and every other command
+# (reset, close, ...), is AsyncVectorEnv's usual pickled message, which never starts
+# with _STEP (a pickle starts with its PROTO opcode, 0x80).
+_STEP = b"fastrl-step\0\0\0\0\0"  # 16 bytes: the arrays after it stay 8-byte aligned
+
+
+class StepRequest:
+    """One group's step message, preallocated: `actions` is a view into `buffer`."""
+
+    def __init__(self, group_size: int):
+        self.buffer = bytearray(_STEP + bytes(8 * group_size))
+        self.actions = np.frombuffer(self.buffer, np.int64, group_size, len(_STEP))
+
+
+class StepReply:
+    """One group's step results, preallocated: the arrays are views into `buffer`."""
+
+    def __init__(self, group_size: int):
+        G, o = group_size, len(_STEP)
+        self.buffer = bytearray(_STEP + bytes(10 * G))
+        self.rewards = np.frombuffer(self.buffer, np.float64, G, o)
+        self.terminated = np.frombuffer(self.buffer, np.bool_, G, o + 8 * G)
+        self.truncated = np.frombuffer(self.buffer, np.bool_, G, o + 9 * G)
+
+
+def receive(pipe, raw: bytearray) -> Any:
+    """The next message on `pipe`: None for a raw step message (now in `raw`), else the
+    unpickled object."""
+    try:
+        size = pipe.recv_bytes_into(raw)
+    except multiprocessing.BufferTooShort as exc:  # a pickled message longer than a step
+        return pickle.loads(exc.args[0])
+    if size == len(raw) and raw.startswith(_STEP):
+        return None
+    return pickle.loads(raw[:size])
+
+
+class _ErrorReports:
+    """A worker's side of AsyncVectorEnv's error queue, gymnasium's worker's too: every
+    error an env raised goes as an EnvError with the env's traceback. Only strings cross
+    the pipe then: an env's exception class that would not unpickle in the trainer (a
+    constructor that takes more than the message) or not pickle at all (a class made on
+    the fly) is reported by its name and message, not lost on the way."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def put(self, item: tuple) -> None:
+        """gymnasium's worker reports (index, type, error, traceback) here."""
+        self.put_error(item[0], item[2])
+
+    def put_current(self, index: int) -> None:
+        """Puts the error being handled in worker `index`."""
+        self.put_error(index, sys.exc_info()[1])
+
+    def put_error(self, index: int, error: BaseException) -> None:
+        if isinstance(error, Exception):  # a KeyboardInterrupt goes as itself
+            error = EnvError.of(error)
+        self.queue.put((index, type(error), error, getattr(error, "trace", "")))
+
+
+def _start_worker(env_fn: Callable[[], Any], index: int, pipe, parent_pipe, error_queue) -> tuple[Any, Any]:
+    """Readies an env worker process (init_worker) and makes its env (or group of envs);
+    returns it, or None, and the error queue to report through (see _ErrorReports).
+
+    If making the env raises, the worker answers the trainer's first command
+    (AsyncVectorEnv's space check) with that error, as it would a step's (the error queue,
+    then a failure on the pipe), and gets None: gymnasium's own worker dies instead, and
+    the trainer reads a closed pipe."""
+    init_worker()
+    error_queue = _ErrorReports(error_queue)
+    try:
+        return env_fn(), error_queue
+    except Exception:
+        error_queue.put_current(index)
+        parent_pipe.close()
+        with contextlib.suppress(EOFError, OSError):  # the trainer is gone
+            pipe.recv()
+            pipe.send((None, False))
+        return None, error_queue
+
+
+def _report_not_closed(error_queue: _ErrorReports, index: int, env: gym.Env) -> None:
+    """Puts the error `env`'s close() is raising, as an EnvCloseError, for the trainer,
+    which reports it once the workers have ended (QuietAsyncVectorEnv.close_extras): a
+    worker's own traceback would come once per worker, in the middle of the run's summary."""
+    error = EnvCloseError.of(sys.exc_info()[1], failed=f"{env_name(env)} could not be closed")
+    error_queue.put_error(index, error)
+
+
+def _make_group(env_fns: list[Callable[[], gym.Env]], core: int | None, trainer: int) -> InProcessVectorEnv:
+    # AsyncVectorEnv builds one of these in the trainer (pid `trainer`) as a probe for
+    # spaces and metadata; in a worker, `_group_worker` steps its EnvGroup.
+    if core is not None and os.getpid() != trainer:
+        pin_to_core(core)
+    return InProcessVectorEnv(env_fns)
+
+
+def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, autoreset_mode, semaphore):
+    """An AsyncVectorEnv worker (same signature and protocol as gymnasium's own, but for
+    raw step messages) that steps a group of envs per message."""
+    local, error_queue = _start_worker(env_fn, index, pipe, parent_pipe, error_queue)
+    if local is None:
+        return
+    parent_pipe.close()
+    group, space = local.group, local.observation_space
+    request, reply = StepRequest(local.num_envs), StepReply(local.num_envs)
+    # The group writes its step results straight into the reply message.
+    group.rewards, group.terminated, group.truncated = reply.rewards, reply.terminated, reply.truncated
+    try:
+        while True:
+            message = receive(pipe, request.buffer)
+            if message is None:  # a step
+                infos = group.step(request.actions)
+                write_to_shared_memory(space, index, group.obs, shared_memory)
+                if infos:
+                    pipe.send(((None, group.rewards, group.terminated, group.truncated, _pack(infos)), True))
+                else:
+                    pipe.send_bytes(reply.buffer)
+                group.reset_ended()  # while the trainer works
+                continue
+            command, data = message
+            if command == "reset":
+                infos = group.reset(data["seed"], data["options"])
+                write_to_shared_memory(space, index, group.obs, shared_memory)
+                pipe.send(((None, _pack(infos)), True))
+            elif command == "_check_spaces":
+                _, single_obs_space, single_action_space = data
+                pipe.send(((single_obs_space == space, single_action_space == local.action_space), True))
+            elif command == "close":
+                # The trainer may be gone by now (killed): exit quietly all the same.
+                with contextlib.suppress(BrokenPipeError):
+                    pipe.send((None, True))
+                break
+            else:
+                raise ValueError(f"fastrl's grouped env workers support reset, step and close, not {command!r}")
+    except (KeyboardInterrupt, Exception):
+        error_queue.put_current(index)
+        pipe.send((None, False))
+    finally:
+        try:
+            local.close()
+        except Exception:
+            _report_not_closed(error_queue, index, local)
+
+
+_GROUP_INFOS = "fastrl_group_infos"  # carries a group's per-env infos through AsyncVectorEnv
+
+
+def _pack(infos: list[tuple[int, dict]]) -> dict:
+    # Empty infos (the usual case) cost nothing; others travel as (env-in-group, info) pairs.
+    return {_GROUP_INFOS: tuple(infos)} if infos else {}
+
+
+class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
+    """`len(env_fns)` envs in `num_workers` AsyncVectorEnv worker processes, an equal
+    group per worker. Env i is env i % G of worker i // G; it gets seed `seed + i`, as
+    in plain AsyncVectorEnv, so both give identical transitions.
+
+    AsyncVectorEnv starts, resets and closes the workers and reports their errors; steps
+    go over its pipes as raw step messages (see _STEP)."""
+
+    def __init__(self, env_fns: list[Callable[[], gym.Env]], num_workers: int, pin_workers: bool = True):
+        self.num_envs = len(env_fns)
+        self.num_workers = num_workers
+        self.group_size = G = self.num_envs // num_workers
+        probe = env_fns[0]()
+        self.single_observation_space = probe.observation_space
+        self.single_action_space = probe.action_space
+        self.metadata = {**probe.metadata, "autoreset_mode": AUTORESET}
+        probe.close()
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        groups = [partial(_make_group, env_fns[w * G:(w + 1) * G], w if pin_workers else None, os.getpid())
+                  for w in range(num_workers)]
+        self.workers = QuietAsyncVectorEnv(groups, shared_memory=True, copy=False, worker=_group_worker)
+        # [W, G, *obs] in shared memory, seen as [N, *obs] without a copy.
+        self._obs = self.workers.observations.reshape(self.num_envs, *self.single_observation_space.shape)
+        self._requests = [StepRequest(G) for _ in range(num_workers)]
+        self._replies = [StepReply(G) for _ in range(num_workers)]
+        self._pending = [False] * num_workers  # worker w owes a step reply
+        # step_wait()'s rewards, terminated, truncated [N]: every worker's reply copied in, no allocation
+        self._results = (np.zeros(self.num_envs, np.float64), np.zeros(self.num_envs, np.bool_),
+                         np.zeros(self.num_envs, np.bool_))
+
+    def reset(self, *, seed: int | list | None = None, options: dict | None = None):
+        if any(self._pending):
+            raise gym.error.AlreadyPendingCallError("Calling `reset` while waiting for a pending call to `step`",
+                                                    "step")
+        if seed is None or isinstance(seed, int):
+            seed = [None if seed is None else seed + i for i in range(self.num_envs)]
+        G = self.group_size
+        _, infos = self.workers.reset(seed=[seed[w * G:(w + 1) * G] for w in range(self.num_workers)],
+                                      options=options)
+        infos_by_worker = infos.get(_GROUP_INFOS, [None] * self.num_workers)
+        return self._obs, self._merge_group_infos(enumerate(infos_by_worker), {})
+
+    def step_async(self, actions) -> None:
+        if any(self._pending):
+            raise gym.error.AlreadyPendingCallError("Calling `step_async` while waiting for a pending call to "
+                                                    "`step`", "step")
+        actions = np.asarray(actions).reshape(self.num_workers, self.group_size)
+        for w in range(self.num_workers):
+            self.send_group(w, actions[w])
+
+    def step_wait(self, timeout: float | None = None):
+        if not any(self._pending):
+            raise gym.error.NoAsyncCallError("Calling `step_wait` without any prior call to `step_async`", "step")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        infos = {}
+        for w, pipe in enumerate(self.workers.parent_pipes):
+            if not self._pending[w]:
+                continue
+            if deadline is not None and not pipe.poll(max(0.0, deadline - time.monotonic())):
+                raise multiprocessing.TimeoutError(f"The call to `step_wait` has timed out after {timeout} second(s).")
+            *_, group_infos = self.recv_group(w)
+            infos = self._merge_group_infos([(w, group_infos)], infos)
+        rewards, terminated, truncated = self._results  # reused by the next step, like the obs
+        replies = self._replies
+        np.concatenate([r.rewards for r in replies], out=rewards)
+        np.concatenate([r.terminated for r in replies], out=terminated)
+        np.concatenate([r.truncated for r in replies], out=truncated)
+        return self._obs, rewards, terminated, truncated, infos
+
+    # Per worker, for a collector that acts on each group as soon as it has stepped,
+    # without waiting for the others (step_async/step_wait are these for every worker).
+
+    def send_group(self, w: int, actions) -> None:
+        """Sends worker w its group's actions [G] (no step of that worker may be pending)."""
+        if self.closed:
+            raise gym.error.ClosedEnvironmentError("GroupedAsyncVectorEnv: a step after close()")
+        if self._pending[w]:
+            raise gym.error.AlreadyPendingCallError(f"worker {w} is still stepping", "step")
+        request = self._requests[w]
+        request.actions[:] = actions
+        self.workers.parent_pipes[w].send_bytes(request.buffer)
+        self._pending[w] = True
+
+    def ready_groups(self) -> list[int]:
+        """The workers whose step reply has arrived, waiting until there is at least one."""
+        pending = [pipe for w, pipe in enumerate(self.workers.parent_pipes) if self._pending[w]]
+        if not pending:
+            raise gym.error.NoAsyncCallError("Calling `ready_groups` without any step in flight", "step")
+        ready = multiprocessing.connection.wait(pending)
+        return [w for w, pipe in enumerate(self.workers.parent_pipes) if pipe in ready]
+
+    def recv_group(self, w: int):
+        """Worker w's step: (obs [G, *obs] in shared memory, rewards, terminated, truncated,
+        its (env-in-group, info) pairs); the arrays are reused by its next step. Raises the
+        worker's error, as step_wait() does."""
+        pipe, reply, G = self.workers.parent_pipes[w], self._replies[w], self.group_size
+        message = receive(pipe, reply.buffer)
+        self._pending[w] = False
+        pairs = ()
+        if message is not None:  # pickled: with infos, or a worker's error
+            result, success = message
+            if not success:  # closes the failed worker's pipe and raises its error
+                self.workers.raise_error_of(w)
+            _, reply.rewards[:], reply.terminated[:], reply.truncated[:], group_infos = result
+            pairs = group_infos[_GROUP_INFOS]
+        return self._obs[w * G:(w + 1) * G], reply.rewards, reply.terminated, reply.truncated, pairs
+
+    def step(self, actions):
+        self.step_async(actions)
+        return self.step_wait()
+
+    @property
+    def processes(self) -> list:
+        """The worker processes, as on gymnasium's AsyncVectorEnv."""
+        return self.workers.processes
+
+    @property
+    def parent_pipes(self) -> list:
+        """The trainer's ends of the workers' pipes, as on gymnasium's AsyncVectorEnv."""
+        return self.workers.parent_pipes
+
+    def close_extras(self, timeout: float | None = None, terminate: bool = False) -> None:
+        try:
+            if any(self._pending) and not terminate:
+                # Collects the step in flight, so that the pipes carry only close messages.
+                try:
+                    self.step_wait(timeout)
+                except multiprocessing.TimeoutError:
+                    terminate = True
+        finally:
+            self.workers.close(timeout=timeout, terminate=terminate)
+
+    def _merge_group_infos(self, pairs_by_worker, infos: dict) -> dict:
+        # (worker w, its (env-in-group, info) pairs or None) -> gymnasium's batched infos.
+        for w, pairs in pairs_by_worker:
+            infos = merge_infos(self, pairs or (), infos, w * self.group_size)
+        return infos
+
+
+# --- gymnasium internals ------------------------------------------------------------------
+# Everything below leans on AsyncVectorEnv's private API (its worker function, its error
+# queue, `_raise_if_errors` and `_state`): a gymnasium upgrade that changes them breaks
+# this section alone, and tests/test_envs_semantics.py and test_envs_lifecycle.py say so.
+
+def plain_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, autoreset_mode, semaphore):
+    """gymnasium's AsyncVectorEnv worker, readied as a worker (init_worker), and reporting
+    an env that cannot be made (see _start_worker) or closed."""
+    env, error_queue = _start_worker(env_fn, index, pipe, parent_pipe, error_queue)
+    if env is not None:
+        try:
+            gym.vector.async_vector_env._async_worker(index, lambda: env, pipe, parent_pipe, shared_memory,
+                                                      error_queue, autoreset_mode, semaphore)
+        # Its last act, env.close(), raised: the env's own errors go to the queue in it. (Or
+        # it could not send one because the trainer is gone, and then no one reads this.)
+        except Exception:
+            _report_not_closed(error_queue, index, env)
+
+
+class QuietAsyncVectorEnv(gym.vector.AsyncVectorEnv):
+    """gymnasium's AsyncVectorEnv, but a worker's error (an EnvError carrying the env's
+    traceback, see _ErrorReports) is raised rather than logged as warnings: gymnasium's
+    logger also fails on a '%' in the traceback, raising a TypeError instead of the error.
+    If starting fails (an env that cannot be made), no worker is left running."""
+
+    def __init__(self, *args, **kwargs):
+        self._not_closed: list[tuple] = []  # error reports of envs whose close() raised
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            if hasattr(self, "processes"):
+                self._state = AsyncState.DEFAULT  # nothing to wait for: end them
+                self.close(terminate=True)
+            raise
+
+    def raise_error_of(self, w: int) -> None:
+        """Raises the error that worker w reported (its step's reply said it failed)."""
+        self._raise_if_errors([v != w for v in range(self.num_envs)])
+
+    def _raise_if_errors(self, successes) -> None:
+        if all(successes):  # every step, in plain AsyncVectorEnv's step_wait: nothing more
+            return
+        errors = []
+        while len(errors) < len(successes) - sum(successes):
+            report = self.error_queue.get()  # a failed worker closes its env next: its report may be next
+            (self._not_closed if isinstance(report[2], EnvCloseError) else errors).append(report)
+        for index, *_ in errors:  # as gymnasium does: the failed workers' pipes are closed
+            self.parent_pipes[index].close()
+            self.parent_pipes[index] = None
+        self._state = AsyncState.DEFAULT
+        raise errors[-1][2]
+
+    def close_extras(self, timeout: float | None = None, terminate: bool = False) -> None:
+        super().close_extras(timeout=timeout, terminate=terminate)
+        # Raises the first env error from a close() in a worker (see _report_not_closed).
+        # Every worker has ended, so its reports are all in the queue; none is read if one
+        # was killed (terminate: a report it was writing then would never end).
+        if any(p.exitcode != 0 for p in self.processes):
+            return
+        reports = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                reports.append(self.error_queue.get_nowait())
+        not_closed = self._not_closed + [r for r in reports if isinstance(r[2], EnvCloseError)]
+        if not_closed:
+            self.closed = True
+            raise not_closed[0][2]

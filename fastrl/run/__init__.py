@@ -1,0 +1,262 @@
+"""A training run's bookkeeping, one concern per module, put together by `Run`:
+
+  artifacts.py  the run directory: config.json, checkpoint.pt, summary.json
+  logs.py       TensorBoard and the progress line, once per log window
+  evals.py      the evaluation schedule: background evaluations, stop-on-solve
+  signals.py    Ctrl-C and SIGTERM: a stop at the end of the step in progress
+
+The training loops (fastrl.train) see only `Run`: its counters (env_steps, updates),
+its budget, and the calls `log`, `evaluate` and `end_cycle` once per collection cycle.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, NoReturn
+
+import torch
+
+from fastrl import checkpoint
+from fastrl.buffer import ReplayRing
+from fastrl.collector import Collector
+from fastrl.config import TrainConfig
+from fastrl.envs import EnvSpec
+from fastrl.errors import Diverged, EnvError, WorkerDied, WriteFailed
+from fastrl.evaluate import BackgroundEvaluator
+from fastrl.profile import ProfileSession
+from fastrl.run.artifacts import RunDir, create_run_dir, describe_failure
+from fastrl.run.evals import Evaluations
+from fastrl.run.logs import DeviceMeans, TrainingLog, nonfinite
+from fastrl.run.signals import StopRequest
+from fastrl.timing import Phases, startup_s
+
+__all__ = ["Run", "StopRequest", "create_run_dir", "describe_failure"]
+
+
+class Run:
+    def __init__(self, config: TrainConfig, spec: EnvSpec, device: torch.device, run_dir: RunDir, started: float):
+        """`started`: `time.perf_counter()` when `train()` was called."""
+        self.config, self.spec, self.device, self.dir = config, spec, device, run_dir
+        # Started first, like the env workers: before any thread, compilation or CUDA state.
+        evaluator = BackgroundEvaluator(config, spec)
+        sync = torch.cuda.synchronize if config.profile and device.type == "cuda" else None
+        self.phases = Phases(enabled=config.timers or config.profile, sync=sync)
+        self.profiler = ProfileSession(config, device, self.phases, run_dir.path) if config.profile else None
+        try:
+            run_dir.write_config()
+            self.log = TrainingLog(run_dir.path, config, self.profiler.planned_steps() if self.profiler
+                                   else config.total_steps)
+        except BaseException:
+            evaluator.close()
+            raise
+        # Said first, so that TensorBoard can watch the run from its start. The first update
+        # compiles, which stalls the first window's rate: the note says why.
+        compiles = (" (the first update compiles it: a few seconds, longer with a cold compile cache)"
+                    if config.learner != "eager" else "")
+        self.log.message(f"{config.algo} on {config.env_id}, seed {config.seed}: {config.num_envs} envs "
+                         f"({config.backend} backend), {config.learner} learner on {device}{compiles}\n"
+                         f"{run_dir.where()}")
+        # Installed by train() around the loop and the final evaluation.
+        self.stop = StopRequest(announce=self.log.message)
+        # Time to solve is what a fresh `fastrl train` process would take: its start-up
+        # (interpreter, imports) plus this run, never what the process did before train()
+        # (earlier runs of a sweep, an idle notebook).
+        threshold = config.solve_threshold if not math.isnan(config.solve_threshold) else spec.reward_threshold
+        self.evals = Evaluations(config, threshold, evaluator, self.log, give_up=lambda: self.stop.requested,
+                                 solve_clock0=started - startup_s())
+        self.env_steps = 0
+        self.updates = 0
+        self.model: torch.nn.Module | None = None
+        self.storage: ReplayRing | None = None
+        self.diverged = False
+        self._t0 = time.perf_counter()
+
+    def watch(self, model: torch.nn.Module, storage: ReplayRing) -> None:
+        """The network to checkpoint and to evaluate greedily (argmax of its outputs), and
+        the storage it learns from (looked at if training diverges)."""
+        self.model, self.storage = model, storage
+
+    @property
+    def wall_s(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def budget_left(self) -> bool:
+        """False once the env-step or wall-clock budget is spent, a profile is complete or
+        a stop is requested."""
+        c = self.config
+        if self.stop.requested or (self.profiler is not None and self.profiler.done):
+            return False
+        return self.env_steps < c.total_steps and not (0 < c.time_limit_s <= self.wall_s)
+
+    def end_cycle(self) -> None:
+        """Called once per collection cycle: drives a profiling session, if any."""
+        if self.profiler is not None:
+            warming_up = self.profiler.state == "warmup"
+            self.profiler.end_cycle(self.env_steps, self.updates)
+            if warming_up and self.profiler.state != "warmup":  # the planned steps are exact from now on
+                self.log.progress.total = self.profiler.planned_steps()
+
+    def log_due(self) -> bool:
+        return self.log.due(self.env_steps, self.updates)
+
+    def write_log(self, collector: Collector, learner_stats: DeviceMeans, scalars: dict[str, float]) -> None:
+        """Writes the log window (see TrainingLog.write) with the learner's means: the one
+        host sync of the learner statistics is here. The loops call it once more when they
+        end, so the last window, however short, is not lost."""
+        with self.phases("log"):
+            stats = learner_stats.read()
+            returns, lengths = collector.pop_episodes()
+            last_eval = self.evals.last.mean if self.evals.last else None
+            self.log.write(self.env_steps, self.updates, self.wall_s, (returns, lengths, collector.episodes),
+                           {**stats, **scalars}, self.phases.seconds, last_eval)
+        if nonfinite(stats):  # written first: the curves show where it happened
+            self._diverged(", ".join(nonfinite(stats)))
+
+    def eval_due(self) -> bool:
+        return self.evals.due(self.env_steps)
+
+    def evaluate(self) -> bool:
+        """Collects a finished evaluation and, when one is due, submits the current weights
+        and saves them as the checkpoint; True when training should stop (solved)."""
+        with self.phases("eval"):
+            self.evals.collect_finished()
+            if self.evals.start_due(self.env_steps):
+                self._check_weights()
+                self.evals.submit(self.model, self.env_steps, self.updates, screen=self.config.stop_on_solve)
+                self.save_checkpoint()
+        return self.evals.stopping
+
+    # --- divergence ----------------------------------------------------------------------
+    def _check_weights(self) -> None:
+        """Raises Diverged if the weights hold a nan or an infinity."""
+        if not checkpoint.all_finite(self.model.state_dict()):
+            self._diverged("the network's weights are no longer finite")
+
+    def _diverged(self, what: str) -> NoReturn:
+        """Raises Diverged. The weights are never saved from now on: finite or not, they
+        learned from what diverged, and the last checkpoint has better ones."""
+        self.diverged = True
+        fields = self.storage.nonfinite_fields() if self.storage is not None else []
+        if fields:
+            names = " and ".join({"obs": "observations"}.get(f, f) for f in fields)
+            cause = (f"the env gave non-finite {names} (nan or inf, still in the ring): "
+                     f"make the env's observations and rewards finite")
+        else:
+            cause = ("the env's observations and rewards in the ring are all finite, so the learner "
+                     "itself diverged: lower --lr")
+        raise Diverged(f"training diverged at {self.env_steps:,} env steps: {what}; {cause}")
+
+    # --- the end -------------------------------------------------------------------------
+    def _weights_at(self) -> tuple[int, int]:
+        """(env steps, updates) after which the model held its current weights."""
+        return self.evals.rolled_back_to or (self.env_steps, self.updates)
+
+    def save_checkpoint(self) -> str:
+        self._check_weights()  # never overwrites the last good weights
+        return self.dir.save_checkpoint(self.model, *self._weights_at())
+
+    def _final_evaluation(self) -> None:
+        """Collects the evaluation in flight (its result belongs in the log) and, unless
+        the current weights had a full one, evaluates them."""
+        evals = self.evals
+        if evals.in_flight:
+            evals.collect()
+        if evals.last_full_at != self._weights_at()[0]:
+            self._check_weights()
+            evals.submit(self.model, *self._weights_at(), screen=False)
+            evals.collect()
+
+    def finish(self, error: str | None = None) -> dict:
+        """Final evaluation (unless the loop stopped on request or failed), checkpoint,
+        summary.json; returns the summary. A stop requested meanwhile abandons the final
+        evaluation, and the summary says the run was interrupted. If the evaluation process
+        dies meanwhile (WorkerDied), a write fails (WriteFailed: a full disk) or the weights
+        are not finite (Diverged: no weights are saved), the rest is still written, with the
+        error in the summary, and then that error raised.
+
+        `error`: how the loop failed (see describe_failure), which its caller raises once
+        this returns. That is the error to report: a write that fails here as well (the
+        disk that filled up is often why) is only printed with the summary."""
+        self.log.close()
+        loop_failed = error is not None
+        failures: list[Exception] = []  # raised once the rest is written: the first one
+        try:
+            if self.model is not None and not self.stop.requested and error is None and not self.config.profile:
+                with self.phases("eval"):
+                    self._final_evaluation()
+        except KeyboardInterrupt:  # a stop request gave up the wait, or a signal came while none was installed
+            self.stop.requested = True
+        except (WorkerDied, WriteFailed, EnvError, Diverged) as exc:
+            # SIGTERM to the whole process group kills the evaluation process with the stop: no error.
+            if not (self.stop.requested and isinstance(exc, WorkerDied)):
+                failures.append(exc)
+                error = error or describe_failure(exc)
+        finally:
+            self.evals.close()
+
+        def attempt(write: Callable[[], Any]) -> Any:
+            """Each of the last writes is tried though one before it failed (a full disk), or
+            the checkpoint found its weights not finite (after a stop: no final evaluation
+            checked them)."""
+            try:
+                return write()
+            except (WriteFailed, Diverged) as exc:
+                failures.append(exc)
+
+        interrupted = self.stop.requested
+        ckpt = attempt(self.save_checkpoint) if self.model is not None and not self.diverged else None
+        ckpt = ckpt or self.dir.saved_checkpoint()  # an earlier one (its meta says when)
+        summary = self._summary(error or (str(failures[0]) if failures else None), ckpt, interrupted)
+        attempt(lambda: self.dir.write_summary(summary))
+        attempt(self.log.writer.close)
+        self._print_summary(summary, also_failed=failures if loop_failed else [])
+        if failures and not loop_failed:
+            raise failures[0]
+        return summary
+
+    def _summary(self, error: str | None, ckpt: str | None, interrupted: bool) -> dict:
+        evals, last, wall = self.evals, self.evals.last, self.wall_s
+        return {
+            "env_id": self.config.env_id,
+            "algo": self.config.algo,
+            "seed": self.config.seed,
+            "solved": evals.solved,
+            "solve_threshold": None if math.isnan(evals.threshold) else evals.threshold,
+            "solve_wall_s": evals.solve_wall_s,
+            "solve_env_steps": evals.solve_env_steps,
+            "final_eval_mean": last.mean if last else None,
+            "final_eval_std": last.std if last else None,
+            "final_eval_episodes": last.episodes if last else 0,
+            "best_eval_mean": evals.best_mean,
+            "env_steps": self.env_steps,
+            "updates": self.updates,
+            "wall_s": wall,
+            "env_steps_per_s": self.env_steps / wall if wall > 0 else 0.0,
+            "phase_s": dict(self.phases.seconds),
+            "profile": self.profiler.report() if self.profiler is not None else None,
+            "interrupted": interrupted,
+            "error": error,
+            "checkpoint": ckpt,
+            "run_dir": str(self.dir.path),
+        }
+
+    def _print_summary(self, s: dict, also_failed: list[Exception]) -> None:
+        status = "interrupted" if s["interrupted"] else ("failed" if s["error"] else "done")
+        lines = [f"{status}: {s['env_steps']:,} env steps, {s['updates']:,} updates in {s['wall_s']:.1f} s "
+                 f"({s['env_steps_per_s']:,.0f} env steps/s)"]
+        lines += [f"also failed: {exc}" for exc in also_failed]
+        if self.config.profile:
+            lines.append(f"run dir: {s['run_dir']}")
+            print("\n".join(lines), flush=True)
+            return
+        if s["final_eval_mean"] is not None:
+            lines.append(f"final eval: {s['final_eval_mean']:.1f} ± {s['final_eval_std']:.1f} "
+                         f"over {s['final_eval_episodes']} episodes")
+        if s["solved"]:
+            lines.append(f"solved after {s['solve_env_steps']:,} env steps, {s['solve_wall_s']:.1f} s "
+                         f"(start-up included)")
+        elif s["solve_threshold"] is not None:
+            lines.append(f"not solved (threshold {s['solve_threshold']:g})")
+        lines.append(self.dir.where())
+        print("\n".join(lines), flush=True)
+
