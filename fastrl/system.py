@@ -44,12 +44,12 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
         return None
 
 
-def available_memory() -> int | None:
+def available_memory(meminfo: str = "/proc/meminfo") -> int | None:
     """Bytes this process may still allocate: the kernel's MemAvailable, capped by a cgroup
     memory limit (docker --memory, a Kubernetes memory limit), which MemAvailable ignores;
     None where it is unknown (not Linux)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(meminfo) as f:
             available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError, IndexError):
         return None

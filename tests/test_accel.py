@@ -1,10 +1,12 @@
 """compile_fn's fallbacks when compiling fails: with the C++ wrapper, then at all. (That
 the CPU learner's kernels are called from C++: test_optim.py.)"""
+import pytest
 import torch
 
 from fastrl import accel
 
 
+@pytest.mark.slow
 def test_a_failing_compile_falls_back_one_way_at_a_time_and_says_so_once(monkeypatch, capsys):
     real_compile = torch.compile
     fails = set()  # "wrapper": compiling with the C++ wrapper fails; "plain": compiling without it fails

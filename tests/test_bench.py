@@ -19,6 +19,7 @@ def at_most_two_cores():
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])
 
 
+@pytest.mark.slow
 def test_bench_all_prints_tables_and_writes_json_and_png(tmp_path):
     out = tmp_path / "bench"
     proc = run_cli("bench", "all", "--env", "CartPole-v1", "--num-envs", "2", "4", "--batch-sizes", "32",
@@ -69,6 +70,7 @@ def test_bench_all_prints_tables_and_writes_json_and_png(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+@pytest.mark.slow
 def test_the_limit_counts_a_fractional_cpu_quota(monkeypatch):
     # docker --cpus=1.5 on 2 cores grants one and a half cores' time: 2 worker processes,
     # and a limit of 1.5 x the single process, not 2 x.
@@ -86,6 +88,7 @@ def test_the_limit_counts_a_fractional_cpu_quota(monkeypatch):
     assert f" x {quota:g} cores = limit " in format_collect(result)
 
 
+@pytest.mark.slow
 def test_a_bench_all_interrupted_while_learning_keeps_the_collect_results(tmp_path, monkeypatch, capsys):
     import fastrl.bench
 
@@ -120,6 +123,7 @@ def test_bench_bad_input_is_one_line_exit_2(args, named, capsys, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_bench_is_one_line_exit_130_and_leaves_no_process(tmp_path):
     cmd = [sys.executable, "-m", "fastrl", "bench", "collect", "--env", "CartPole-v1", "--num-envs", "4",
            "--seconds", "30", "--rounds", "1", "--out", str(tmp_path)]

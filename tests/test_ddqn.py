@@ -84,6 +84,7 @@ def test_update_moves_q_towards_target_and_target_update_rules():
     assert torch.equal(q_t.w, q.w.detach())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["eager", "compile"])
 def test_learn_step_updates_the_target_on_schedule(mode):
     """Polyak every step, or a hard copy every 3rd step: inside the (compiled) step, by the
@@ -157,6 +158,7 @@ def _learner_after_updates(mode, device, updates=6):
     return [p.detach().cpu() for p in (*q.parameters(), *q_t.parameters())], losses
 
 
+@pytest.mark.slow
 def test_learner_modes_change_speed_not_maths():
     eager, eager_losses = _learner_after_updates("eager", torch.device("cpu"))
     compiled, compiled_losses = _learner_after_updates("compile", torch.device("cpu"))

@@ -83,6 +83,7 @@ def test_a_dead_evaluation_process_is_a_clear_error():
     evaluator.close()
 
 
+@pytest.mark.slow
 def test_training_goes_on_during_evaluation_and_keeps_the_policy_that_solved(tmp_path, monkeypatch):
     # Evaluation takes 0.5 s here (the process is forked with this patch), so training runs
     # on past the evaluated weights; once they solve, the run must report, save and keep them.

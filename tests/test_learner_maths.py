@@ -53,6 +53,7 @@ def test_double_dqn_targets_bootstrap_from_the_next_state_with_online_argmax_and
     assert torch.allclose(y, torch.tensor([19.0, -25.3, -9.5]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["eager", "compile"])
 def test_a_ddqn_learn_step_matches_the_hand_computed_loss_update_and_target_update(mode):
     """Catches: targets from s instead of s', online and target swapped in the argmax, the
@@ -232,6 +233,7 @@ def test_the_training_loop_acts_with_the_scheduled_epsilon_and_learns_with_the_s
 
 # --- end to end: DDQN learns the known Q-values of a tiny env ------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_step", [1, 3])
 def test_ddqn_learns_the_known_q_values_with_terminations_and_truncations(tmp_path, n_step):
     """fastrl-test/RandomEnd-v0: action 0 pays 0.1, action 1 pays 0.05, and each step

@@ -20,6 +20,7 @@ def _net(seed=0):
     return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, True])  # autograd eagerly, torch.func when compiled
 def test_gradients_match_backward(compiled):
     net, x = _net(), torch.randn(32, 5)
@@ -69,6 +70,7 @@ def _small_learn_step(learner: str = "eager"):
                                 tau=0.005, target_update_interval=2, learner=learner)
 
 
+@pytest.mark.slow
 def test_ddqn_learn_step_is_one_graph():
     # loss.backward() and torch.optim's step would each break it (9 graphs before).
     explanation = torch._dynamo.explain(_small_learn_step())()
@@ -76,6 +78,7 @@ def test_ddqn_learn_step_is_one_graph():
     assert explanation.graph_count == 1
 
 
+@pytest.mark.slow
 def test_the_compiled_cpu_learner_calls_its_kernels_from_cpp():
     # The same maths as eager: test_ddqn.py::test_learner_modes_change_speed_not_maths.
     torch._dynamo.reset()  # compile afresh, so that the code is generated here

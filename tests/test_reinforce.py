@@ -90,6 +90,7 @@ def test_policy_gradient_raises_probability_of_rewarded_action():
     assert torch.softmax(policy(obs[:1]), 1)[0, 0].item() > p0 + 0.1
 
 
+@pytest.mark.slow
 def test_reinforce_cartpole_learns_to_greedy_195(tmp_path):
     config = fastrl.make_config(algo="reinforce", env_id="CartPole-v1", total_steps=60_000,
                                 eval_episodes=20, progress=False, run_dir=str(tmp_path / "r"))
