@@ -19,9 +19,8 @@ def _warn(message: str) -> None:
 
 def compile_fn(fn: Callable, enabled: bool = True, device: torch.device | None = None) -> Callable:
     """`torch.compile(fn)` when enabled. On the CPU, generated C++ rather than Python calls
-    its kernels (inductor's `cpp_wrapper`): the same kernels and results, and up to 1.17x
-    the learner's updates/s at small batches, since a step's Python calls cost up to 0.1 ms
-    (benchmarks/compile_wrapper.py). If compiling fails on this machine (e.g. no C++
+    its kernels (inductor's `cpp_wrapper`): the same kernels and results, with less Python
+    per step (benchmarks/compile_wrapper.py measures the gain). If compiling fails on this machine (e.g. no C++
     compiler), it warns once per failure and runs `fn` the next way: compiled without the
     C++ wrapper, then eagerly."""
     if not enabled:

@@ -90,7 +90,7 @@ def bracketed(single: Callable[[float], float], cases: list[Callable[[float], fl
     """Measures each case (a function of seconds returning steps/s) for `seconds`, in
     `rounds` rounds, with the single process measured for `seconds / 2` before the first
     case and after each one. A case's limit is `capacity` (cores) x the mean of the two
-    single-process rates around it: a VM's speed moves by 15% within seconds, so a rate
+    single-process rates around it: a VM's speed moves within seconds, so a rate
     taken once per round would be stale for the cases measured long after it.
 
     Returns every single-process rate, and per case its (rate, limit) per round."""

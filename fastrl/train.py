@@ -54,7 +54,7 @@ def train(config: TrainConfig) -> dict:
         raise ConfigError(f"env {config.env_id!r} has no time limit, and REINFORCE needs episodes that end: "
                           f"pass --env-kwargs max_episode_steps=N")
     device = resolve_device(config.device)
-    if config.learner == "auto":  # CUDA graphs: 5-7x the updates/s of compile on an H100 (README)
+    if config.learner == "auto":  # CUDA graphs replay a whole update in one launch (`fastrl bench learn`)
         config = dataclasses.replace(config, learner="cudagraphs" if device.type == "cuda" else "compile")
     if config.learner == "cudagraphs" and device.type != "cuda":
         raise ConfigError(f"invalid learner='cudagraphs': CUDA graphs need a CUDA device, and this run trains "

@@ -163,11 +163,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def readme_commands() -> list[tuple[str, str]]:
-    """(file, command) for every fastrl and benchmark-script command the READMEs show: each
+    """(file, command) for every fastrl and benchmark-script command the READMEs and docs/ show: each
     line of a bash block, and each inline code span of three words or more (`fastrl bench`
     names a command in prose; `fastrl profile [options] --steps N` is a synopsis: skipped)."""
     found = []
-    for name in ("README.md", os.path.join("benchmarks", "README.md")):
+    pages = ["README.md", os.path.join("benchmarks", "README.md")]
+    pages += [os.path.join("docs", page) for page in sorted(os.listdir(os.path.join(REPO, "docs")))]
+    for name in pages:
         with open(os.path.join(REPO, name)) as f:
             text = f.read()
         lines = [line.split("#")[0].split("&&")[-1] for block in re.findall(r"```bash\n(.*?)```", text, re.S)

@@ -28,8 +28,7 @@ class EnvGroup:
 
     Autoresets can run early: `reset_ended()` resets the envs whose episode just ended
     and keeps the results for the next step(), which then only hands them out. Async
-    workers call it right after replying, so the resets (a tenth of LunarLander's stepping
-    time under random actions) run while the trainer works, off the next step's critical
+    workers call it right after replying, so the resets run while the trainer works, off the next step's critical
     path. The transitions are the same: the next step would make the very same call.
     """
 
