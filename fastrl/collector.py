@@ -16,7 +16,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from fastrl.envs.workers import worker_died
+from fastrl.envs.process import worker_died
 from fastrl.errors import WorkerDied
 from fastrl.timing import Phases
 

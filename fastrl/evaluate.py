@@ -16,7 +16,7 @@ import torch
 from fastrl import checkpoint
 from fastrl.config import SEED_LIMIT, TrainConfig, check, plain_value
 from fastrl.envs import EnvSpec, close_envs, inspect_env, make_vector_env
-from fastrl.envs.workers import init_worker, worker_died
+from fastrl.envs.process import init_worker, worker_died
 from fastrl.errors import ConfigError, EnvError, WorkerDied
 from fastrl.nets import build_network, greedy_policy
 from fastrl.progress import Progress

@@ -4,6 +4,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from by_hand import Table
 from torch import nn
 
 from fastrl.algos import ddqn
@@ -11,17 +12,6 @@ from fastrl.buffer import ReplayRing, Transitions
 from fastrl.optim import Adam
 from fastrl.run.logs import DeviceMeans
 from fastrl.schedules import linear_schedule
-
-
-class Table(nn.Module):
-    """Q(s) = W s: a linear 'table' whose values are easy to compute by hand."""
-
-    def __init__(self, w):
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(w, dtype=torch.float32))
-
-    def forward(self, obs):
-        return obs @ self.w.T
 
 
 def batch(next_obs, returns, discount, obs=None, actions=None, weight=None):

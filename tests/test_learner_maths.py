@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from by_hand import Table
 from torch import nn
 
 import fastrl
@@ -16,18 +17,6 @@ from fastrl.buffer import Episodes, Transitions
 from fastrl.nets import PolicyNetwork, QNetwork
 from fastrl.optim import Adam
 from fastrl.schedules import learning_rate, linear_schedule
-
-
-class Table(nn.Module):
-    """Q(s) = W s: a linear 'table' whose values are easy to compute by hand."""
-
-    def __init__(self, w):
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(w, dtype=torch.float32))
-
-    def forward(self, obs):
-        return obs @ self.w.T
-
 
 ONLINE = [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]   # 3 actions, 2-d observations
 TARGET = [[10.0, 0.0], [0.0, -10.0], [1.0, 1.0]]

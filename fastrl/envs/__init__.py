@@ -1,10 +1,12 @@
 """The env layer: N copies of a gymnasium env behind one VectorEnv interface, every
 backend with NEXT_STEP autoreset (see `fastrl.envs.group`).
 
-  spec.py     EnvSpec and inspect_env: what the learner needs to know, checked up front
-  group.py    EnvGroup, the stepping loop of the sync backend and of every async worker
-  workers.py  the async backend: grouped worker processes and their pipe protocol
-  envpool.py  the envpool backend: EnvPool's C++ envs (optional extra)
+  spec.py       EnvSpec and inspect_env: what the learner needs to know, checked up front
+  group.py      EnvGroup, the stepping loop of the sync backend and of every async worker
+  workers.py    the async backend: grouped worker processes and their pipe protocol
+  process.py    an env worker process: readying it, making its envs, reporting their errors
+  gym_async.py  the one place that leans on gymnasium's private AsyncVectorEnv internals
+  envpool.py    the envpool backend: EnvPool's C++ envs (optional extra)
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import gymnasium as gym
 from fastrl.config import BACKENDS
 from fastrl.envs.envpool import EnvPoolVectorEnv
 from fastrl.envs.group import AUTORESET, InProcessVectorEnv
+from fastrl.envs.gym_async import QuietAsyncVectorEnv, plain_worker
 from fastrl.envs.spec import EnvSpec, inspect_env, make_env
-from fastrl.envs.workers import GroupedAsyncVectorEnv, QuietAsyncVectorEnv, plain_worker
+from fastrl.envs.workers import GroupedAsyncVectorEnv
 from fastrl.errors import ConfigError, EnvCloseError
 from fastrl.system import default_workers
 

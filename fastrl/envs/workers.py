@@ -1,72 +1,32 @@
-"""Async env workers: each worker process steps a group of envs per message
+"""The grouped async backend: each worker process steps a group of envs per message
 (`GroupedAsyncVectorEnv`), so the pipe round trip is paid once per group, not once per
 env. Step messages are raw bytes, not pickles, and each worker runs the autoresets of
 ended episodes right after replying, while the trainer works. A worker's group can also
 be stepped on its own (`send_group`, `ready_groups`, `recv_group`), for a collector that
 acts on each group as soon as it is ready.
 
-Process start, reset, close and error reports ride on gymnasium's AsyncVectorEnv. Its
-private internals (its worker function, its error queue and state) are used in the last
-section of this module only, marked as such.
+Process start, reset, close and error reports ride on gymnasium's AsyncVectorEnv
+(through `fastrl.envs.gym_async`, the one place that touches its internals).
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
-import queue
-import signal
-import sys
 import time
 from functools import partial
 from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
-from gymnasium.vector.async_vector_env import AsyncState
 from gymnasium.vector.utils import batch_space, write_to_shared_memory
 
 from fastrl.envs.group import AUTORESET, InProcessVectorEnv, merge_infos
-from fastrl.envs.spec import env_name
-from fastrl.errors import EnvCloseError, EnvError, WorkerDied
+from fastrl.envs.gym_async import QuietAsyncVectorEnv
+from fastrl.envs.process import report_not_closed, start_worker
 from fastrl.system import pin_to_core
-
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-def init_worker() -> None:
-    """Readies a worker process (env or evaluation) that the trainer started.
-
-    Ctrl-C goes to the whole process group; the trainer handles it and closes the
-    workers, which must not die mid-step with a traceback of their own. And on Linux the
-    worker is killed when the trainer dies, however it dies (`kill -9`, the OOM killer):
-    blocked on its pipe, it would otherwise wait forever, since processes forked after
-    it hold copies of the pipe's other end, so the trainer's death does not close it.
-    (Linux ties the worker to the trainer thread that started it: `train()` ends its
-    workers before it returns.)
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        parent = os.getppid()
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # it died before the request
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def worker_died(what: str, processes: list) -> WorkerDied:
-    """The error naming the first of `processes` found dead. Waits up to a second for
-    the death to show: a pipe can read as closed before its process is reaped."""
-    deadline = time.monotonic() + 1.0
-    while (dead := next((p for p in processes if not p.is_alive()), None)) is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if dead is None:
-        return WorkerDied(f"{what} closed its pipe unexpectedly")
-    how = f"killed by signal {-dead.exitcode}" if dead.exitcode < 0 else f"exit code {dead.exitcode}"
-    return WorkerDied(f"{what} (pid {dead.pid}) ended unexpectedly ({how})")
-
 
 # A step travels as raw bytes, not pickled: it is the hot path (one round trip per worker
 # per vector step), and pickling its small arrays costs more than the pipe's own round
@@ -108,59 +68,6 @@ def receive(pipe, raw: bytearray) -> Any:
     return pickle.loads(raw[:size])
 
 
-class _ErrorReports:
-    """A worker's side of AsyncVectorEnv's error queue, gymnasium's worker's too: every
-    error an env raised goes as an EnvError with the env's traceback. Only strings cross
-    the pipe then: an env's exception class that would not unpickle in the trainer (a
-    constructor that takes more than the message) or not pickle at all (a class made on
-    the fly) is reported by its name and message, not lost on the way."""
-
-    def __init__(self, queue):
-        self.queue = queue
-
-    def put(self, item: tuple) -> None:
-        """gymnasium's worker reports (index, type, error, traceback) here."""
-        self.put_error(item[0], item[2])
-
-    def put_current(self, index: int) -> None:
-        """Puts the error being handled in worker `index`."""
-        self.put_error(index, sys.exc_info()[1])
-
-    def put_error(self, index: int, error: BaseException) -> None:
-        if isinstance(error, Exception):  # a KeyboardInterrupt goes as itself
-            error = EnvError.of(error)
-        self.queue.put((index, type(error), error, getattr(error, "trace", "")))
-
-
-def _start_worker(env_fn: Callable[[], Any], index: int, pipe, parent_pipe, error_queue) -> tuple[Any, Any]:
-    """Readies an env worker process (init_worker) and makes its env (or group of envs);
-    returns it, or None, and the error queue to report through (see _ErrorReports).
-
-    If making the env raises, the worker answers the trainer's first command
-    (AsyncVectorEnv's space check) with that error, as it would a step's (the error queue,
-    then a failure on the pipe), and gets None: gymnasium's own worker dies instead, and
-    the trainer reads a closed pipe."""
-    init_worker()
-    error_queue = _ErrorReports(error_queue)
-    try:
-        return env_fn(), error_queue
-    except Exception:
-        error_queue.put_current(index)
-        parent_pipe.close()
-        with contextlib.suppress(EOFError, OSError):  # the trainer is gone
-            pipe.recv()
-            pipe.send((None, False))
-        return None, error_queue
-
-
-def _report_not_closed(error_queue: _ErrorReports, index: int, env: gym.Env) -> None:
-    """Puts the error `env`'s close() is raising, as an EnvCloseError, for the trainer,
-    which reports it once the workers have ended (QuietAsyncVectorEnv.close_extras): a
-    worker's own traceback would come once per worker, in the middle of the run's summary."""
-    error = EnvCloseError.of(sys.exc_info()[1], failed=f"{env_name(env)} could not be closed")
-    error_queue.put_error(index, error)
-
-
 def _make_group(env_fns: list[Callable[[], gym.Env]], core: int | None, trainer: int) -> InProcessVectorEnv:
     # AsyncVectorEnv builds one of these in the trainer (pid `trainer`) as a probe for
     # spaces and metadata; in a worker, `_group_worker` steps its EnvGroup.
@@ -172,7 +79,7 @@ def _make_group(env_fns: list[Callable[[], gym.Env]], core: int | None, trainer:
 def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, autoreset_mode, semaphore):
     """An AsyncVectorEnv worker (same signature and protocol as gymnasium's own, but for
     raw step messages) that steps a group of envs per message."""
-    local, error_queue = _start_worker(env_fn, index, pipe, parent_pipe, error_queue)
+    local, error_queue = start_worker(env_fn, index, pipe, parent_pipe, error_queue)
     if local is None:
         return
     parent_pipe.close()
@@ -214,7 +121,7 @@ def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, 
         try:
             local.close()
         except Exception:
-            _report_not_closed(error_queue, index, local)
+            report_not_closed(error_queue, index, local)
 
 
 _GROUP_INFOS = "fastrl_group_infos"  # carries a group's per-env infos through AsyncVectorEnv
@@ -363,72 +270,3 @@ class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
         for w, pairs in pairs_by_worker:
             infos = merge_infos(self, pairs or (), infos, w * self.group_size)
         return infos
-
-
-# --- gymnasium internals ------------------------------------------------------------------
-# Everything below leans on AsyncVectorEnv's private API (its worker function, its error
-# queue, `_raise_if_errors` and `_state`): a gymnasium upgrade that changes them breaks
-# this section alone, and tests/test_envs_semantics.py and test_envs_lifecycle.py say so.
-
-def plain_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, autoreset_mode, semaphore):
-    """gymnasium's AsyncVectorEnv worker, readied as a worker (init_worker), and reporting
-    an env that cannot be made (see _start_worker) or closed."""
-    env, error_queue = _start_worker(env_fn, index, pipe, parent_pipe, error_queue)
-    if env is not None:
-        try:
-            gym.vector.async_vector_env._async_worker(index, lambda: env, pipe, parent_pipe, shared_memory,
-                                                      error_queue, autoreset_mode, semaphore)
-        # Its last act, env.close(), raised: the env's own errors go to the queue in it. (Or
-        # it could not send one because the trainer is gone, and then no one reads this.)
-        except Exception:
-            _report_not_closed(error_queue, index, env)
-
-
-class QuietAsyncVectorEnv(gym.vector.AsyncVectorEnv):
-    """gymnasium's AsyncVectorEnv, but a worker's error (an EnvError carrying the env's
-    traceback, see _ErrorReports) is raised rather than logged as warnings: gymnasium's
-    logger also fails on a '%' in the traceback, raising a TypeError instead of the error.
-    If starting fails (an env that cannot be made), no worker is left running."""
-
-    def __init__(self, *args, **kwargs):
-        self._not_closed: list[tuple] = []  # error reports of envs whose close() raised
-        try:
-            super().__init__(*args, **kwargs)
-        except BaseException:
-            if hasattr(self, "processes"):
-                self._state = AsyncState.DEFAULT  # nothing to wait for: end them
-                self.close(terminate=True)
-            raise
-
-    def raise_error_of(self, w: int) -> None:
-        """Raises the error that worker w reported (its step's reply said it failed)."""
-        self._raise_if_errors([v != w for v in range(self.num_envs)])
-
-    def _raise_if_errors(self, successes) -> None:
-        if all(successes):  # every step, in plain AsyncVectorEnv's step_wait: nothing more
-            return
-        errors = []
-        while len(errors) < len(successes) - sum(successes):
-            report = self.error_queue.get()  # a failed worker closes its env next: its report may be next
-            (self._not_closed if isinstance(report[2], EnvCloseError) else errors).append(report)
-        for index, *_ in errors:  # as gymnasium does: the failed workers' pipes are closed
-            self.parent_pipes[index].close()
-            self.parent_pipes[index] = None
-        self._state = AsyncState.DEFAULT
-        raise errors[-1][2]
-
-    def close_extras(self, timeout: float | None = None, terminate: bool = False) -> None:
-        super().close_extras(timeout=timeout, terminate=terminate)
-        # Raises the first env error from a close() in a worker (see _report_not_closed).
-        # Every worker has ended, so its reports are all in the queue; none is read if one
-        # was killed (terminate: a report it was writing then would never end).
-        if any(p.exitcode != 0 for p in self.processes):
-            return
-        reports = []
-        with contextlib.suppress(queue.Empty):
-            while True:
-                reports.append(self.error_queue.get_nowait())
-        not_closed = self._not_closed + [r for r in reports if isinstance(r[2], EnvCloseError)]
-        if not_closed:
-            self.closed = True
-            raise not_closed[0][2]
