@@ -7,7 +7,9 @@ speed, never maths.
 from __future__ import annotations
 
 import functools
+import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -15,6 +17,28 @@ import torch
 
 def _warn(message: str) -> None:
     print(f"fastrl: {message}", file=sys.stderr)
+
+
+def kernel_cache_dir() -> str:
+    """Where compiled kernels are kept: TORCHINDUCTOR_CACHE_DIR if the user set it, else
+    fastrl's folder in the user's cache ($XDG_CACHE_HOME, or ~/.cache), which a reboot
+    does not empty, unlike torch's default under /tmp: a compiled learner step is then
+    built once per machine, not once per boot."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(root) / "fastrl" / "torchinductor")
+
+
+def use_kernel_cache() -> None:
+    """Points torch's inductor at `kernel_cache_dir()` (torch reads the variable when it
+    compiles). Where that folder cannot be made (no writable home), torch's default stays."""
+    path = kernel_cache_dir()
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
 
 
 def compile_fn(fn: Callable, enabled: bool = True, device: torch.device | None = None) -> Callable:
@@ -25,6 +49,7 @@ def compile_fn(fn: Callable, enabled: bool = True, device: torch.device | None =
     C++ wrapper, then eagerly."""
     if not enabled:
         return fn
+    use_kernel_cache()
     # Best first: (what is tried, how `fn` runs when the way before it failed, the callable)
     ways = [("torch.compile", "compiled without the C++ wrapper", torch.compile(fn, dynamic=False)),
             (None, "eagerly", fn)]

@@ -1,7 +1,10 @@
 """compile_fn's fallbacks when compiling fails: with the C++ wrapper, then at all. (That
 the CPU learner's kernels are called from C++: test_optim.py.)"""
+import os
+
 import pytest
 import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from fastrl import accel
 
@@ -51,3 +54,22 @@ def test_a_failing_compile_falls_back_one_way_at_a_time_and_says_so_once(monkeyp
     assert capsys.readouterr().err.splitlines() == [
         "fastrl: torch.compile failed for double (RuntimeError: no C++ compiler for the plain build); running it "
         "eagerly"]
+
+
+def test_compiled_kernels_are_kept_in_the_users_cache_unless_the_user_chose_a_folder(monkeypatch, tmp_path):
+    """torch's default under /tmp is emptied by a reboot, and the next run compiles cold."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    accel.compile_fn(lambda x: x + 1, device=torch.device("cpu"))  # compiles lazily: nothing runs yet
+    chosen = tmp_path / "cache" / "fastrl" / "torchinductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(chosen) and chosen.is_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    accel.compile_fn(lambda x: x + 1, device=torch.device("cpu"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")  # the user's choice stands
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))  # the cache folder cannot be made there
+    accel.compile_fn(lambda x: x + 1, device=torch.device("cpu"))
+    # torch's own default (torch.compile sets it), rather than a compile that fails
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir()
