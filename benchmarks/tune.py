@@ -1,0 +1,90 @@
+"""Searches the DDQN configuration that solves an env fastest on this machine (Optuna).
+
+Each trial runs `fastrl train` (one process per tuning seed, see solve.py) with sampled
+options on top of the preset, each under a wall-clock budget; its cost is the mean time
+to solve from process start, an unsolved seed costing twice the budget (and ending the
+trial: the other seeds are not run). The study lives in a SQLite file, so a search can
+be stopped and resumed. Tune on some seeds, then report the best configuration on
+others with `python benchmarks/solve_lunarlander.py --seeds ... -- <its options>`.
+
+    pip install -e ".[tune]"
+    python benchmarks/tune.py --trials 40 --seeds 100 101 --budget-s 90
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from solve import machine, run_seeds, write_json
+
+
+def sample_options(trial) -> dict:
+    """The search space: `fastrl train` options (names as in TrainConfig)."""
+    width = trial.suggest_categorical("width", [64, 128, 256])
+    return {
+        "hidden": [width, width],
+        "batch_size": trial.suggest_categorical("batch_size", [64, 128, 256]),
+        "replay_ratio": trial.suggest_float("replay_ratio", 0.03, 0.25, log=True),
+        "lr": trial.suggest_float("lr", 2e-4, 3e-3, log=True),
+        "n_step": trial.suggest_categorical("n_step", [1, 3, 5]),
+        "tau": trial.suggest_float("tau", 0.002, 0.05, log=True),
+        "eps_decay_steps": trial.suggest_int("eps_decay_steps", 10_000, 60_000, step=5_000),
+        "eps_end": trial.suggest_float("eps_end", 0.01, 0.1, log=True),
+        "learning_starts": trial.suggest_int("learning_starts", 1_000, 10_000, step=1_000),
+        "num_envs": trial.suggest_categorical("num_envs", [4, 8, 16]),
+        "eval_interval": trial.suggest_categorical("eval_interval", [10_000, 20_000]),
+    }
+
+
+def train_args(options: dict, budget_s: float) -> list[str]:
+    args = ["--time-limit-s", str(budget_s)]
+    for name, value in options.items():
+        args += [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
+    return args
+
+
+def main() -> None:
+    import optuna
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="LunarLander-v3")
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[100, 101], help="tuning seeds (never report on them)")
+    parser.add_argument("--budget-s", type=float, default=90.0, help="wall-clock budget of each run's training loop")
+    parser.add_argument("--study", default="benchmarks/results/tune.db", help="SQLite file holding the study")
+    parser.add_argument("--out", default="benchmarks/results/tune.json")
+    parser.add_argument("--runs-dir", default="runs/bench_tune")
+    args = parser.parse_args()
+    Path(args.study).parent.mkdir(parents=True, exist_ok=True)
+    name = f"ddqn-{args.env}-seeds-{'-'.join(map(str, args.seeds))}"
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{args.study}", load_if_exists=True,
+                                direction="minimize", sampler=optuna.samplers.TPESampler(seed=0))
+    print(f"{name} on {machine()}: {len(study.trials)} trials so far", flush=True)
+
+    def objective(trial) -> float:
+        options = sample_options(trial)
+        costs = []
+        for seed in args.seeds:
+            (row,) = run_seeds(args.env, "ddqn", [seed], train_args(options, args.budget_s), args.runs_dir)
+            trial.set_user_attr(f"seed_{seed}", {k: row[k] for k in ("solved", "solve_wall_s", "solve_env_steps")})
+            if not row["solved"]:
+                costs.append(2 * args.budget_s)
+                break
+            costs.append(row["solve_wall_s"])
+        cost = sum(costs) / len(costs) if all(c < 2 * args.budget_s for c in costs) else 2 * args.budget_s
+        print(f"trial {trial.number}: {cost:.1f} | {json.dumps(options)}", flush=True)
+        return cost
+
+    study.optimize(objective, n_trials=args.trials)
+    best = study.best_trial
+    options = " ".join(train_args(sample_options(best), 0)[2:])
+    print(f"best: trial {best.number}, {best.value:.1f} s: fastrl train {options}")
+    write_json(args.out, {"env": args.env, "seeds": args.seeds, "budget_s": args.budget_s, "machine": machine(),
+                          "best": {"number": best.number, "value": best.value, "params": best.params},
+                          "trials": [{"number": t.number, "value": t.value, "params": t.params, **t.user_attrs}
+                                     for t in study.trials if t.value is not None]})
+
+
+if __name__ == "__main__":
+    main()
