@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--seeds", type=int, nargs="+", default=[100, 101], help="tuning seeds (never report on them)")
     parser.add_argument("--budget-s", type=float, default=90.0, help="wall-clock budget of each run's training loop")
+    parser.add_argument("--timeout-s", type=float, default=None, help="stop starting trials after this many seconds")
     parser.add_argument("--study", default="benchmarks/results/tune.db", help="SQLite file holding the study")
     parser.add_argument("--out", default="benchmarks/results/tune.json")
     parser.add_argument("--runs-dir", default="runs/bench_tune")
@@ -76,7 +77,7 @@ def main() -> None:
         print(f"trial {trial.number}: {cost:.1f} | {json.dumps(options)}", flush=True)
         return cost
 
-    study.optimize(objective, n_trials=args.trials)
+    study.optimize(objective, n_trials=args.trials, timeout=args.timeout_s)
     best = study.best_trial
     options = " ".join(train_args(sample_options(best), 0)[2:])
     print(f"best: trial {best.number}, {best.value:.1f} s: fastrl train {options}")
