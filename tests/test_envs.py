@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import fastrl
 from fastrl.buffer import ReplayRing, transitions_at
 from fastrl.collector import Collector
 from fastrl.envs import make_vector_env
@@ -314,3 +315,31 @@ def test_envpool_backend_refuses_what_it_cannot_run(monkeypatch):
     monkeypatch.setitem(sys.modules, "envpool", None)  # as if the extra were not installed
     with pytest.raises(ConfigError, match="backend='envpool' needs EnvPool: pip install envpool"):
         make_vector_env("CartPole-v1", 2, "envpool")
+
+
+def test_an_envpool_error_is_an_env_error_with_its_traceback():
+    """As on every other backend: one line naming the error, the traceback kept."""
+    pytest.importorskip("envpool")
+    envs = make_vector_env("CartPole-v1", 2, "envpool")
+    collector = Collector(envs, CPU)
+    collector.reset(seed=0)
+
+    class Broken:
+        def __init__(self, pool):
+            self.pool = pool
+
+        def send(self, actions):
+            self.pool.send(actions)
+
+        def recv(self):
+            raise RuntimeError("the simulator stopped")
+
+        def close(self):
+            self.pool.close()
+
+    envs.pool = Broken(envs.pool)
+    collector.step_async(torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(fastrl.EnvError, match=r"^an env raised RuntimeError: the simulator stopped$") as info:
+        collector.step_wait()
+    assert 'raise RuntimeError("the simulator stopped")' in info.value.trace
+    collector.close()

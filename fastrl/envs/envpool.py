@@ -11,7 +11,7 @@ import numpy as np
 from gymnasium.vector.utils import batch_space
 
 from fastrl.envs.group import AUTORESET
-from fastrl.errors import ConfigError
+from fastrl.errors import ConfigError, EnvError
 from fastrl.system import cpu_cores
 
 
@@ -59,17 +59,26 @@ class EnvPoolVectorEnv(gym.vector.VectorEnv):
             return envpool.make_gymnasium(self._env_id, seed=seed, **self._options)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        if seed is not None:  # EnvPool takes its seed when it is built
-            self.pool.close()
-            self.pool = self._make(seed=seed)
-        with _quiet_envpool():
-            return self.pool.reset()
+        try:
+            if seed is not None:  # EnvPool takes its seed when it is built
+                self.pool.close()
+                self.pool = self._make(seed=seed)
+            with _quiet_envpool():
+                return self.pool.reset()
+        except Exception as exc:  # EnvPool's own error, as every backend reports an env's
+            raise EnvError.of(exc) from None
 
     def step_async(self, actions) -> None:
-        self.pool.send(np.asarray(actions, dtype=np.int32))
+        try:
+            self.pool.send(np.asarray(actions, dtype=np.int32))
+        except Exception as exc:
+            raise EnvError.of(exc) from None
 
     def step_wait(self, timeout: float | None = None):  # EnvPool's recv has no timeout
-        return self.pool.recv()
+        try:
+            return self.pool.recv()
+        except Exception as exc:
+            raise EnvError.of(exc) from None
 
     def step(self, actions):
         self.step_async(actions)
