@@ -28,8 +28,8 @@ class EnvGroup:
 
     Autoresets can run early: `reset_ended()` resets the envs whose episode just ended
     and keeps the results for the next step(), which then only hands them out. Async
-    workers call it right after replying, so the resets run while the trainer works, off the next step's critical
-    path. The transitions are the same: the next step would make the very same call.
+    workers call it right after replying, so the resets run while the trainer works, off
+    the next step's critical path. The transitions are the same: the next step would make the very same call.
     """
 
     def __init__(self, envs: list[gym.Env], observation_space: gym.spaces.Box):

@@ -6,7 +6,7 @@
   signals.py    Ctrl-C and SIGTERM: a stop at the end of the step in progress
 
 The training loops (fastrl.train) see only `Run`: its counters (env_steps, updates),
-its budget, and the calls `log`, `evaluate` and `end_cycle` once per collection cycle.
+its budget, and the calls `write_log`, `evaluate` and `end_cycle` once per collection cycle.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ __all__ = ["Run", "StopRequest", "create_run_dir", "describe_failure"]
 class Run:
     def __init__(self, config: TrainConfig, spec: EnvSpec, device: torch.device, run_dir: RunDir, started: float):
         """`started`: `time.perf_counter()` when `train()` was called."""
-        self.config, self.spec, self.device, self.dir = config, spec, device, run_dir
+        self.config, self.device, self.dir = config, device, run_dir
         # Started first, like the env workers: before any thread, compilation or CUDA state.
         evaluator = BackgroundEvaluator(config, spec)
         sync = torch.cuda.synchronize if config.profile and device.type == "cuda" else None
@@ -109,8 +109,9 @@ class Run:
             last_eval = self.evals.last.mean if self.evals.last else None
             self.log.write(self.env_steps, self.updates, self.wall_s, (returns, lengths, collector.episodes),
                            {**stats, **scalars}, self.phases.seconds, last_eval)
-        if nonfinite(stats):  # written first: the curves show where it happened
-            self._diverged(", ".join(nonfinite(stats)))
+        bad = nonfinite(stats)
+        if bad:  # written first: the curves show where it happened
+            self._diverged(", ".join(bad))
 
     def eval_due(self) -> bool:
         return self.evals.due(self.env_steps)

@@ -152,7 +152,8 @@ class TrainingLog:
                      f"over {result.episodes} episodes{note}")
 
     def close(self) -> None:
-        """Ends the progress line; the writer is closed by `close_writer` (it may fail)."""
+        """Ends the progress line. The writer is closed apart (`writer.close()`): that
+        last write may fail, and the run's other files are written first."""
         self.progress.close()
 
 
