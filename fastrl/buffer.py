@@ -175,6 +175,37 @@ class ReplayRing:
         head_t.fill_(head)
         size_t.fill_(min(written, self.rows - 1))
 
+    def cut(self, obs: torch.Tensor) -> None:
+        """Where a resumed run starts again ([N, *obs_shape], the envs' new first observations):
+        every episode in progress ends at the last written row as a truncation, so no
+        n-step window spans the cut and the last one bootstraps from its last observation,
+        then `obs` is written as NEXT_STEP autoreset writes a reset (a row that is never
+        learned from)."""
+        G = self.num_envs // len(self.written)
+        for g, (s, prev_done, _, _) in enumerate(self._group_views):
+            if self.written[g] == 0:  # nothing written: the run had not stepped yet
+                s.obs[0].copy_(obs[g * G:(g + 1) * G])
+                continue
+            s.dones[(self.written[g] - 1) % self.rows].fill_(True)
+            prev_done.fill_(True)
+            zeros = torch.zeros(G, device=obs.device)
+            self.add(zeros.long(), zeros, zeros.bool(), zeros.bool(), obs[g * G:(g + 1) * G], g)
+
+    def state_dict(self) -> dict:
+        """The storage and its write heads, for a resumed run (CPU tensors)."""
+        return {"storage": {name: x.cpu() for name, x in zip(RingStorage._fields, self.storage)},
+                "prev_done": self._prev_done.cpu(), "written": list(self.written)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what state_dict() saved, in place (compiled steps keep their tensors)."""
+        for name, x in zip(RingStorage._fields, self.storage):
+            x.copy_(state["storage"][name])
+        self._prev_done.copy_(state["prev_done"])
+        self.written[:] = state["written"]
+        for g, written in enumerate(self.written):
+            self._head_t[g].fill_(written % self.rows)
+            self._size_t[g].fill_(min(written, self.rows - 1))
+
     def sample(self, batch_size: int) -> Transitions:
         if self.size < 1:
             raise RuntimeError("ReplayRing.sample() before any step was added")
@@ -223,6 +254,21 @@ class RolloutBuffer(ReplayRing):
         row = self.head  # one group: on-policy rollouts step in lockstep
         super().add(actions, rewards, terminated, truncated, next_obs, group)
         self.learned[row].fill_(False)
+
+    def cut(self, obs: torch.Tensor) -> None:
+        """As ReplayRing.cut, but the episodes in progress are dropped, not truncated: their
+        returns are unknown, so their steps are never learned from."""
+        if self.written[0] > 0:
+            pending = self.episodes(1.0)
+            self.learned[pending.rows] |= ~pending.complete
+        super().cut(obs)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "learned": self.learned.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.learned.copy_(state["learned"])
 
     def episodes(self, gamma: float) -> Episodes:
         """Returns and learning mask for every stored row (fixed shapes: all rows but the head)."""

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     train_p = sub.add_parser("train", help="train an agent (default: Double DQN on LunarLander-v3)",
                              epilog=_presets_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    train_p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                         help="go on with the stopped run in RUN_DIR from its last saved state (state.pt); options "
+                              "given may change only its budgets, checkpointing and logging")
     _add_train_options(train_p)
     profile_p = sub.add_parser(
         "profile", help="short training run that shows where the time goes",
@@ -146,19 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace, **fixed) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None, **fixed) -> TrainConfig:
+    """The options given, over `base` (a resumed run's config) or else the defaults and preset."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name, None) is not None}
     overrides.update(fixed)
     if "env_kwargs" in overrides:
         overrides["env_kwargs"] = parse_env_kwargs(overrides["env_kwargs"])
-    return make_config(**overrides)
+    return dataclasses.replace(base, **overrides) if base is not None else make_config(**overrides)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from fastrl.run.resume import saved_config
     from fastrl.train import train
 
-    summary = train(config_from_args(args))
+    if args.resume is not None:
+        summary = train(config_from_args(args, base=saved_config(args.resume)), resume=args.resume)
+    else:
+        summary = train(config_from_args(args))
     return 130 if summary["interrupted"] else 0
 
 

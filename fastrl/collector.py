@@ -78,6 +78,8 @@ class Collector:
         self._prev_done = np.zeros(N, dtype=bool)
         self.finished_returns: list[float] = []
         self.finished_lengths: list[int] = []
+        self.finished_at: list[int] = []
+        self.env_steps = 0  # env steps received (a resumed run sets it to where it goes on)
         self.episodes = 0
 
     def reset(self, seed: int | None = None) -> torch.Tensor:
@@ -161,6 +163,7 @@ class Collector:
         return worker_died("an env worker process", getattr(self.envs, "processes", []))
 
     def _track_episodes(self, cols: slice, reward: np.ndarray, done: np.ndarray) -> None:
+        self.env_steps += cols.stop - cols.start
         active = ~self._prev_done[cols]
         self._ep_return[cols] += reward * active
         self._ep_length[cols] += active
@@ -168,28 +171,31 @@ class Collector:
             idx = np.flatnonzero(done) + cols.start
             self.finished_returns.extend(self._ep_return[idx].tolist())
             self.finished_lengths.extend(self._ep_length[idx].tolist())
+            self.finished_at.extend([self.env_steps] * len(idx))
             self.episodes += len(idx)
             self._ep_return[idx] = 0.0
             self._ep_length[idx] = 0
         self._prev_done[cols] = done
 
-    def pop_episodes(self) -> tuple[list[float], list[int]]:
-        """Returns and forgets the (return, length) of episodes finished since the last call."""
-        out = (self.finished_returns, self.finished_lengths)
-        self.finished_returns, self.finished_lengths = [], []
+    def pop_episodes(self) -> tuple[list[float], list[int], list[int]]:
+        """Returns and forgets the returns, lengths and end steps (`env_steps` when each
+        ended) of the episodes finished since the last call."""
+        out = (self.finished_returns, self.finished_lengths, self.finished_at)
+        self.finished_returns, self.finished_lengths, self.finished_at = [], [], []
         return out
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self, timeout: float = 10.0, terminate: bool = False) -> None:
         """Closes the envs. The vector env collects a step still in flight (e.g. sent before
         an exception) first, waiting at most `timeout` seconds. The workers are terminated
-        instead when one died unannounced (killed: before or during the close), or when an
-        interrupt inside step_wait() may have left a reply half read. A worker whose env
+        instead when asked (`terminate`: a forced stop), when one died unannounced (killed:
+        before or during the close), or when an interrupt inside step_wait() may have
+        left a reply half read. A worker whose env
         raised has ended after closing it, and the others still close theirs (an env may
         hold a simulator process that a terminated worker would leave running)."""
         pipes = getattr(self.envs, "parent_pipes", [])  # None: a worker whose error was raised
         processes = getattr(self.envs, "processes", [])
         killed = any(not p.is_alive() and pipe is not None for p, pipe in zip(processes, pipes))
-        terminate = self._unreadable or killed
+        terminate = terminate or self._unreadable or killed
         if terminate:
             # gymnasium's close reads a pending step's replies even when terminating, and a
             # torn reply would hang it, a dead worker's end of file raise EOFError there.

@@ -97,6 +97,9 @@ class TrainConfig:
     eval_envs: int = _f(20, "vectorized envs used by evaluation")
     stop_on_solve: bool = _f(True, "stop once the greedy eval mean reaches the solve threshold")
     solve_threshold: float = _f(math.nan, "eval mean that counts as solved (nan = the env's reward_threshold)")
+    checkpoint_interval: str = _f("30s", "how often the training state is saved for --resume: Ns (seconds), "
+                                         "Nmin or Nsteps (env steps), e.g. 30s, 5min, 100000steps "
+                                         "(0 = only when the run stops or ends)")
     log_interval: float = _f(2.0, "seconds between TensorBoard flushes / progress updates")
     progress: bool = _f(True, "show the live progress line (eval results and the final summary print either way)")
     timers: bool = _f(True, "time the training phases (TensorBoard time/*); off = no timer calls at all")
@@ -182,6 +185,26 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
+def checkpoint_every(text: str) -> tuple[str, float] | None:
+    """`checkpoint_interval` as ("seconds" or "steps", amount), or None for 0 (only at the
+    end); a ConfigError naming the value otherwise."""
+    units = {"s": ("seconds", 1.0), "min": ("seconds", 60.0), "steps": ("steps", 1.0)}
+    text = str(text).strip()
+    if text in ("0", "0s", "0min", "0steps"):
+        return None
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = text[len(number):].strip()
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = math.nan
+    if unit not in units or not 0 < amount < math.inf:
+        raise invalid("checkpoint_interval", text, "a positive number with a unit: Ns, Nmin or Nsteps "
+                                                    "(e.g. 30s, 5min, 100000steps), or 0")
+    kind, scale = units[unit]
+    return kind, amount * scale
+
+
 def field_docs() -> dict[str, str]:
     return {f.name: f.metadata["doc"] for f in dataclasses.fields(TrainConfig)}
 
@@ -264,5 +287,6 @@ def validate(c: TrainConfig) -> None:
     need(c.eval_episodes >= 1, "eval_episodes", "a positive integer")
     need(c.eval_envs >= 1, "eval_envs", "a positive integer")
     need(c.log_interval > 0, "log_interval", "a positive number of seconds")
+    checkpoint_every(c.checkpoint_interval)
     need(c.profile_steps >= 1, "profile_steps", "a positive integer")
     need(c.trace_cycles >= 1, "trace_cycles", "a positive integer")

@@ -2,6 +2,7 @@
 (`Evaluator`) or in a process of its own while training goes on (`BackgroundEvaluator`)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -16,13 +17,20 @@ import torch
 from fastrl import checkpoint
 from fastrl.config import SEED_LIMIT, TrainConfig, check, plain_value
 from fastrl.envs import EnvSpec, close_envs, inspect_env, make_vector_env
-from fastrl.envs.process import init_worker, worker_died
+from fastrl.envs.process import end_processes, init_worker, worker_died
 from fastrl.errors import ConfigError, EnvError, WorkerDied
 from fastrl.nets import build_network, greedy_policy
 from fastrl.progress import Progress
 
 # Training envs are seeded seed + i (i < num_envs); evaluation starts far above.
 EVAL_SEED_OFFSET = 3_000_000_019
+
+
+def evaluation_seed(seed: int, index: int) -> int:
+    """The env seed of evaluation number `index` of a training run with `seed`: each
+    evaluation starts from seeds of its own, so a resumed run evaluates as the
+    uninterrupted run would have."""
+    return EVAL_SEED_OFFSET + seed + 1_000_003 * index
 
 
 class EvalResult(NamedTuple):
@@ -47,16 +55,19 @@ class Evaluator:
 
     @torch.no_grad()
     def run(self, policy: Callable[[torch.Tensor], torch.Tensor], episodes: int,
-            screen_below: float = math.nan, on_episodes: Callable[[int, int], None] | None = None) -> EvalResult:
+            screen_below: float = math.nan, on_episodes: Callable[[int, int], None] | None = None,
+            seed: int | None = None) -> EvalResult:
         """policy: obs [E, *obs] -> actions [E]. With `screen_below`, stop after the first
         round (one episode per env) if its mean is already below that value: a cheap
         screen before paying for the full evaluation. `on_episodes(episodes, env_steps)`
-        is called, if given, after each step that ended an episode (for a progress line)."""
+        is called, if given, after each step that ended an episode (for a progress line).
+        `seed` reseeds the envs (else the first run uses the evaluator's seed and later
+        runs continue its envs' random streams)."""
         E = self.num_envs
         env_steps = 0
         quota = np.full(E, episodes // E) + (np.arange(E) < episodes % E)
         returns: list[list[float]] = [[] for _ in range(E)]
-        obs, _ = self.envs.reset(seed=self._next_seed)  # an env's error is an EnvError
+        obs, _ = self.envs.reset(seed=seed if seed is not None else self._next_seed)  # an env's error: EnvError
         self._next_seed = None  # later evaluations continue the seeded RNG streams
         ep_return = np.zeros(E)
         prev_done = np.zeros(E, dtype=bool)
@@ -112,12 +123,13 @@ class BackgroundEvaluator:
         child.close()
         self.in_flight = False
 
-    def submit(self, weights: dict[str, torch.Tensor], episodes: int, screen_below: float = math.nan) -> None:
+    def submit(self, weights: dict[str, torch.Tensor], episodes: int, screen_below: float = math.nan,
+               seed: int | None = None) -> None:
         """Starts evaluating a network with these weights (a state dict, copied as it is sent:
-        training may change it at once)."""
+        training may change it at once), its envs reseeded with `seed` if given."""
         assert not self.in_flight, "one evaluation at a time: collect result() first"
         try:
-            self._conn.send(({k: v.cpu().numpy() for k, v in weights.items()}, episodes, screen_below))
+            self._conn.send(({k: v.cpu().numpy() for k, v in weights.items()}, episodes, screen_below, seed))
         except OSError:
             raise self._died() from None
         self.in_flight = True
@@ -147,20 +159,15 @@ class BackgroundEvaluator:
     def _died(self) -> WorkerDied:
         return worker_died("the evaluation process", [self._process])
 
-    def close(self) -> None:
-        """Stops the process; an evaluation in flight is abandoned."""
-        if self._process.is_alive():
-            try:
-                if self.in_flight:
-                    self._process.terminate()
-                else:
-                    self._conn.send(None)
-            except OSError:
-                pass
-            self._process.join(timeout=5.0)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join()
+    def close(self, terminate: bool = False) -> None:
+        """Stops the process; an evaluation in flight is abandoned. With `terminate` (a
+        forced stop) or an evaluation in flight, the process is given 1 s to end after
+        SIGTERM, else 5 s to close its envs; then it is killed (see end_processes)."""
+        terminate = terminate or self.in_flight
+        if self._process.is_alive() and not terminate:
+            with contextlib.suppress(OSError):
+                self._conn.send(None)
+        end_processes([self._process], terminate, 1.0 if terminate else 5.0)
         self._conn.close()
         self.in_flight = False
 
@@ -173,12 +180,12 @@ def _evaluation_worker(conn, config: TrainConfig, spec: EnvSpec) -> None:
     evaluator = None  # its envs are made for the first evaluation: an env that cannot be made is its error
     try:
         while (request := conn.recv()) is not None:
-            weights, episodes, screen_below = request
+            weights, episodes, screen_below, seed = request
             try:
                 evaluator = evaluator or Evaluator(config.env_id, config.env_kwargs, config.eval_envs, config.seed,
                                                    torch.device("cpu"))
                 model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-                conn.send(evaluator.run(greedy, episodes, screen_below))
+                conn.send(evaluator.run(greedy, episodes, screen_below, seed=seed))
             except EnvError as exc:  # strings only: it pickles, whatever the env raised
                 conn.send(exc)
             except Exception:
@@ -203,11 +210,22 @@ def _check_display() -> None:
 def load_policy(path: str, device: torch.device | str = "cpu"):
     """Rebuilds a trained network from a checkpoint (or a run directory holding one).
     Returns (config, model, greedy_fn)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"fastrl.load() takes the path of a checkpoint.pt or of a run directory, "
+                        f"not {type(path).__name__}")
     payload = checkpoint.load(path)
-    config = TrainConfig.from_dict(payload["config"])
+    try:
+        config = TrainConfig.from_dict(payload["config"])
+    except (ConfigError, TypeError) as exc:
+        raise ValueError(f"checkpoint {str(path)!r} holds a config that is not valid: {exc}") from None
     meta = payload["meta"]
     model = build_network(config, tuple(meta["obs_shape"]), int(meta["n_actions"]))
-    model.load_state_dict(payload["model"])
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:  # missing, unexpected or mis-shaped weights: torch's many-line message
+        detail = "; ".join(line.strip() for line in str(exc).strip().splitlines()[1:])
+        raise ValueError(f"checkpoint {str(path)!r} holds weights that do not fit the network its config "
+                         f"describes ({detail[:300]})") from None
     model.to(device).eval()
     return config, model, greedy_policy(model)
 

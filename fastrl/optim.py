@@ -70,3 +70,17 @@ class Adam:
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps).div_(step_size)
             param.addcdiv_(exp_avg, denom, value=-1.0)
         return norm
+
+    def state_dict(self) -> dict:
+        """The moments, the step count and the learning rate (CPU tensors)."""
+        return {"steps": self.steps.cpu(), "lr": self.lr.cpu(),
+                "exp_avg": {k: v.cpu() for k, v in self.exp_avg.items()},
+                "exp_avg_sq": {k: v.cpu() for k, v in self.exp_avg_sq.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what state_dict() saved, in place (compiled steps keep their tensors)."""
+        self.steps.copy_(state["steps"])
+        self.lr.copy_(state["lr"])
+        for name in self.params:
+            self.exp_avg[name].copy_(state["exp_avg"][name])
+            self.exp_avg_sq[name].copy_(state["exp_avg_sq"][name])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import multiprocessing
+import os
 import time
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from fastrl import profile
 from fastrl.algos import ddqn, reinforce
 from fastrl.buffer import ReplayRing, RolloutBuffer
+from fastrl.checkpoint import make_dir
 from fastrl.collector import Collector
 from fastrl.config import TrainConfig, validate
 from fastrl.envs import EnvSpec, close_envs, inspect_env, make_vector_env
@@ -23,6 +25,7 @@ from fastrl.optim import Adam
 from fastrl.run import Run
 from fastrl.run.artifacts import RunDir, create_run_dir, describe_failure
 from fastrl.run.logs import DeviceMeans
+from fastrl.run.resume import resumed
 from fastrl.schedules import learning_rate, linear_schedule
 from fastrl.system import available_memory
 
@@ -38,12 +41,25 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def train(config: TrainConfig) -> dict:
+def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None = None) -> dict:
     """Trains per `config`; returns the run summary (also written to <run_dir>/summary.json).
+
+    `resume`: a run directory whose run goes on from its state.pt (see fastrl.run.resume),
+    with its own config, or `config` where it differs only in what a resumed run may change.
 
     Everything is validated before any work starts; invalid settings raise ConfigError.
     """
     started = time.perf_counter()  # time to solve counts from here, plus the process's start-up
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"fastrl.train() takes a TrainConfig (from fastrl.make_config(**settings)), "
+                        f"not {type(config).__name__}")
+    if resume is not None and not isinstance(resume, (str, os.PathLike)):
+        raise TypeError(f"fastrl.train(resume=...) takes a run directory's path, not {type(resume).__name__}")
+    if config is None and resume is None:
+        raise TypeError("fastrl.train() needs a TrainConfig (from fastrl.make_config(**settings)) or resume=RUN_DIR")
+    state = None
+    if resume is not None:
+        config, state = resumed(resume, config)
     validate(config)
     if multiprocessing.current_process().daemon:
         raise ConfigError(f"fastrl.train() starts env worker and evaluation processes, which a daemonic process "
@@ -63,7 +79,7 @@ def train(config: TrainConfig) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        return _start_and_train(config, spec, device, started)
+        return _start_and_train(config, spec, device, started, state)
     finally:
         torch.set_num_threads(threads)  # the calling process (a notebook, a sweep) keeps its own setting
 
@@ -100,16 +116,18 @@ def check_storage_fits(c: TrainConfig, spec: EnvSpec, device: torch.device) -> N
                           f"{available / 1e9:.1f} GB of memory available ({0.8 * available / 1e9:.1f} GB): {fix}")
 
 
-def _start_and_train(config: TrainConfig, spec: EnvSpec, device: torch.device, started: float) -> dict:
+def _start_and_train(config: TrainConfig, spec: EnvSpec, device: torch.device, started: float,
+                     state: dict | None) -> dict:
     """Starts the run's processes, runs the algorithm's loop and ends the run (see train())."""
     torch.manual_seed(config.seed)
     loop = {"ddqn": train_ddqn, "reinforce": train_reinforce}[config.algo]
-    run_dir = RunDir(create_run_dir(config), config, spec)
+    path = make_dir(config.run_dir, "run_dir") if state is not None else create_run_dir(config)
+    run_dir = RunDir(path, config, spec)
     # Worker processes are forked before any CUDA state exists.
     envs = make_vector_env(config.env_id, config.num_envs, config.backend, config.env_kwargs, config.num_workers,
                            config.pin_workers)
     try:
-        run = Run(config, spec, device, run_dir, started)
+        run = Run(config, spec, device, run_dir, started, resumed=state)
     except BaseException:
         envs.close()
         raise
@@ -119,7 +137,7 @@ def _start_and_train(config: TrainConfig, spec: EnvSpec, device: torch.device, s
             with run.stop.forced_after_grace():  # a SIGTERM's stop that does not come in 5 s is forced
                 loop(config, spec, collector, run)
         except KeyboardInterrupt:  # a second signal, or a stop that gave up waiting for an evaluation
-            run.stop.requested = True
+            run.stop.requested = run.stop.forced = True  # the workers are ended at once, not waited for
         except Exception as exc:
             # Workers that died after a stop request got its signal too (SIGTERM to the
             # whole process group: systemd, Slurm): the stop, not a failure.
@@ -127,7 +145,7 @@ def _start_and_train(config: TrainConfig, spec: EnvSpec, device: torch.device, s
                 run.finish(error=describe_failure(exc))
                 raise
         finally:
-            close_envs(collector.close)
+            close_envs(lambda: collector.close(terminate=run.stop.forced))
         return run.finish()
 
 
@@ -155,14 +173,28 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
     act = ddqn.make_act(q)
     run.watch(q, ring)
     learner_stats = DeviceMeans(("losses/td_loss", "losses/q_mean", "losses/grad_norm"), device)
-    eps = torch.tensor(c.eps_start, device=device)
+    update_credit = 0.0
 
-    obs = collector.reset(seed=c.seed)  # [N, *obs]: each group's rows change when its step arrives
-    ring.start(obs)
+    def state() -> dict:  # what a resumed run goes on from (with the run's own, see Run.save_state)
+        return {"q": q.state_dict(), "q_target": q_target.state_dict(), "optimizer": optimizer.state_dict(),
+                "ring": ring.state_dict(), "update_credit": update_credit}
+
+    obs = collector.reset(seed=run.reset_seed)  # [N, *obs]: each group's rows change when its step arrives
+    saved = run.restore(collector)
+    if saved is None:
+        ring.start(obs)
+    else:
+        q.load_state_dict(saved["q"])
+        q_target.load_state_dict(saved["q_target"])
+        optimizer.load_state_dict(saved["optimizer"])
+        ring.load_state_dict(saved["ring"])
+        ring.cut(obs)  # the episodes in progress ended as truncations; new ones start
+        update_credit = saved["update_credit"]
+    eps_now = linear_schedule(run.env_steps, c.eps_start, c.eps_end, c.eps_decay_steps)
+    eps = torch.tensor(eps_now, device=device)
+    lr_now = learning_rate(c, run.env_steps)
     actions: list = [None] * len(groups)  # each group's actions in flight
     ready = range(len(groups))  # the groups whose step has arrived: at first, all
-    update_credit = 0.0
-    eps_now, lr_now = c.eps_start, learning_rate(c, 0)
     while run.budget_left():
         # One forward pass for all envs, however many groups are ready: the actions of
         # groups still stepping are discarded.
@@ -194,8 +226,11 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
             run.write_log(collector, learner_stats, {"charts/epsilon": eps_now, "charts/lr": lr_now})
         if run.eval_due() and run.evaluate():
             break
+        if run.checkpoint_due():
+            run.save_state(collector, state())
         run.end_cycle()
     run.write_log(collector, learner_stats, {"charts/epsilon": eps_now, "charts/lr": lr_now})  # the last window
+    run.save_state(collector, state())  # where a resumed run goes on
 
 
 def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Run) -> None:
@@ -211,11 +246,24 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
     run.watch(policy, buffer)
     learner_stats = DeviceMeans(("losses/loss", "losses/policy_loss", "losses/value_loss",
                                  "losses/entropy", "losses/grad_norm"), device)
-
-    obs = collector.reset(seed=c.seed)
-    buffer.start(obs)
     episodes_learned = 0
-    lr_now = learning_rate(c, 0)
+
+    def state() -> dict:  # what a resumed run goes on from (with the run's own, see Run.save_state)
+        return {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "buffer": buffer.state_dict(),
+                "running_mean": running_mean.cpu(), "episodes_learned": episodes_learned}
+
+    obs = collector.reset(seed=run.reset_seed)
+    saved = run.restore(collector)
+    if saved is None:
+        buffer.start(obs)
+    else:
+        policy.load_state_dict(saved["policy"])
+        optimizer.load_state_dict(saved["optimizer"])
+        buffer.load_state_dict(saved["buffer"])
+        buffer.cut(obs)  # the episodes in progress are dropped; new ones start
+        running_mean.copy_(saved["running_mean"])
+        episodes_learned = saved["episodes_learned"]
+    lr_now = learning_rate(c, run.env_steps)
     while run.budget_left():
         for _ in range(c.rollout_steps):
             if run.stop.requested:  # a long rollout ends early
@@ -246,5 +294,8 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
             run.write_log(collector, learner_stats, {"charts/lr": lr_now})
         if run.eval_due() and run.evaluate():
             break
+        if run.checkpoint_due():
+            run.save_state(collector, state())
         run.end_cycle()
     run.write_log(collector, learner_stats, {"charts/lr": lr_now})  # the last window
+    run.save_state(collector, state())  # where a resumed run goes on

@@ -156,15 +156,19 @@ class HangingEnv(CounterEnv):
     episodes): a simulator stuck in a loop, or waiting on a server that is gone. With
     `mark`, each env hangs after making a file of its own in that directory."""
 
-    def __init__(self, after=100, mark=None, **kw):
+    def __init__(self, after=100, mark=None, ignore_sigterm=False, **kw):
         super().__init__(**kw)
         self.after, self.mark, self.steps = after, mark, 0
+        self.ignore_sigterm = ignore_sigterm  # then SIGTERM cannot end the process once it hangs
 
     def step(self, action):
+        import signal
         import time
         import uuid
         self.steps += 1
         if self.steps > self.after:
+            if self.ignore_sigterm:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             if self.mark is not None:
                 (Path(self.mark) / uuid.uuid4().hex).touch()
             time.sleep(3600)

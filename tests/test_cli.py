@@ -367,7 +367,7 @@ def test_eval_refuses_a_checkpoint_of_weights_that_are_not_finite_in_one_line(ti
     # fastrl no longer saves them, but an older version did: argmax over nan would play one action.
     saved = checkpoint.load(str(tiny_run[0] / "checkpoint.pt"))
     saved["model"]["torso.0.bias"][3] = float("nan")
-    torch.save(saved, tmp_path / "diverged.pt")
+    checkpoint.save_payload(tmp_path / "diverged.pt", saved)  # whole: its checksum matches
     path = str(tmp_path / "diverged.pt")
     assert call_main(["eval", path]) == 2
     assert capsys.readouterr().err == (f"fastrl eval: error: checkpoint {path!r} holds weights that are not finite "
@@ -396,7 +396,8 @@ def test_a_plain_eval_never_draws_though_the_run_was_trained_with_a_window(tiny_
     _, model, _ = fastrl.load(str(run_dir))
     payload = checkpoint.load(run_dir)
     old = tmp_path / "checkpoint.pt"
-    checkpoint.save(old, {**payload["config"], "env_kwargs": {"render_mode": "human"}}, model, payload["meta"])
+    checkpoint.save(old, {**payload["config"], "env_kwargs": {"render_mode": "human"}}, model.state_dict(),
+                    payload["meta"])
     assert fastrl.load(str(old))[0].env_kwargs == {"render_mode": "human"}
     drawn = []  # CartPole draws in step() when its render_mode is 'human'
     monkeypatch.setattr(CartPoleEnv, "render", lambda self: drawn.append(1))

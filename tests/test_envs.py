@@ -153,15 +153,16 @@ def test_ready_first_groups_give_each_env_the_lockstep_transitions(env_id):
     assert most_apart >= 30 and ring.heads == [ref_ring.head] * 2
     for field, x, y in zip(ring.storage._fields, ring.storage, ref_ring.storage):
         assert torch.equal(x, y), field
-    ref_episodes = sorted(zip(*ref.pop_episodes()))
-    assert ref_episodes and sorted(zip(*got.pop_episodes())) == ref_episodes
+    # (return, length) per episode; the env steps counted when each ended follow the order of groups.
+    ref_episodes = sorted(zip(*ref.pop_episodes()[:2]))
+    assert ref_episodes and sorted(zip(*got.pop_episodes()[:2])) == ref_episodes
 
 
 def test_ready_first_acts_on_the_workers_as_they_get_ready():
     (ref, ref_ring), (got, ring), _ = lockstep_and_ready_first("LunarLander-v3", None, num_envs=8, steps=100)
     for field, x, y in zip(ring.storage._fields, ring.storage, ref_ring.storage):
         assert torch.equal(x, y), field
-    assert sorted(zip(*got.pop_episodes())) == sorted(zip(*ref.pop_episodes()))
+    assert sorted(zip(*got.pop_episodes()[:2])) == sorted(zip(*ref.pop_episodes()[:2]))
 
 
 def step_until_an_episode_ends(envs_by_name, rng, num_envs):
@@ -272,11 +273,13 @@ def test_infos_match_plain_async(name):
 
 def test_episode_statistics_skip_reset_steps():
     collector, _ = collect("fastrl-test/Terminating-v0", "sync", num_envs=2, steps=17)
-    returns, lengths = collector.pop_episodes()
+    returns, lengths, ends = collector.pop_episodes()
     # 17 steps per env = 4 episodes of 3 steps + 4 reset steps, with one step left over.
     assert lengths == [3] * 8
+    # Each pair ends at vector step 3, 7, 11, 15 (of 2 envs): the env steps counted by then.
+    assert ends == [6, 6, 14, 14, 22, 22, 30, 30]
     assert all(1 + 2 + 3 <= r <= 1 + 2 + 3 + 1.5 for r in returns)
-    assert collector.pop_episodes() == ([], [])
+    assert collector.pop_episodes() == ([], [], [])
 
 
 def test_envpool_backend_has_the_same_autoreset_and_truncation_semantics():
@@ -297,7 +300,7 @@ def test_envpool_backend_has_the_same_autoreset_and_truncation_semantics():
     t = t + 1
     assert torch.all(s.obs[t + 1, e].abs() <= 0.05)
     # No episode outlives the 5-step limit; cut episodes bootstrap with gamma.
-    _, lengths = collector.pop_episodes()
+    _, lengths, _ = collector.pop_episodes()
     assert lengths and max(lengths) == 5 and min(lengths) >= 1
     tr = all_transitions(ring)
     cut = (tr.weight == 1) & (s.dones[:rows] & ~s.terminated[:rows]).flatten()

@@ -58,14 +58,18 @@ def test_background_evaluations_equal_in_process_ones_in_order():
     here = Evaluator("CartPole-v1", {}, config.eval_envs, config.seed, torch.device("cpu"))
     there = BackgroundEvaluator(config, spec)
     try:
-        counts = []
-        for net, episodes, screen in [(nets[0], 7, math.nan), (nets[1], 9, 1e9), (nets[2], 5, math.nan)]:
-            there.submit(net.state_dict(), episodes, screen)
-            expected = here.run(greedy_policy(net), episodes, screen)  # meanwhile, in this process
+        counts, results = [], []
+        plan = [(nets[0], 7, math.nan, None), (nets[1], 9, 1e9, None), (nets[2], 5, math.nan, 77),
+                (nets[0], 7, math.nan, 77)]
+        for net, episodes, screen, seed in plan:
+            there.submit(net.state_dict(), episodes, screen, seed)
+            expected = here.run(greedy_policy(net), episodes, screen, seed=seed)  # meanwhile, in this process
             got = there.result()
             assert got == expected and not there.in_flight
             counts.append(got.episodes)
-        assert counts == [7, 3, 5]  # the second was screened after one round of 3 envs
+            results.append(got)
+        assert counts == [7, 3, 5, 7]  # the second was screened after one round of 3 envs
+        assert results[3].returns != results[0].returns  # the same policy, reseeded: other episodes
     finally:
         here.close()
         there.close()

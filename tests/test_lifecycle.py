@@ -242,6 +242,34 @@ def test_one_sigterm_while_an_env_hangs_stops_and_saves_after_a_grace_period(tmp
     assert StopRequest.GRACE_S <= saved_in < 10.0, saved_in
 
 
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c twice"])
+@pytest.mark.parametrize("worker", ["ignores sigterm", "stopped (SIGSTOP)"])
+def test_a_stop_never_waits_for_a_worker_that_sigterm_cannot_end(tmp_path, monkeypatch, stop, worker):
+    # The forced stop kills (SIGKILL) a worker that SIGTERM has not ended, and the run is
+    # saved within the 10 s a container's stop allows.
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    args = hanging_run(tmp_path)
+    if worker == "ignores sigterm":
+        args[args.index("--env-kwargs") + 1:args.index("--env-kwargs") + 1] = ["ignore_sigterm=true"]
+    with training_process(tmp_path, *args) as proc:
+        wait_until_the_run_hangs(tmp_path)
+        if worker == "stopped (SIGSTOP)":
+            for pid in children(proc):
+                os.kill(pid, signal.SIGSTOP)
+        sent = time.time()
+        if stop == "sigterm":
+            os.kill(proc.pid, signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+            read_until(proc, "Ctrl-C: the run stops after the step in progress and saves")
+            os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        took = time.time() - sent
+        assert no_process_left(proc)
+    assert_stopped_at_the_hang_and_saved(proc, tmp_path, err)
+    assert took < 10.0, took
+
+
 def children(proc: subprocess.Popen) -> list[int]:
     """The trainer's child processes, oldest first (the env worker, then the evaluation process)."""
     return sorted(int(pid) for pid in (Path("/proc") / str(proc.pid) / "task" / str(proc.pid) / "children")

@@ -9,12 +9,14 @@ process, readied as fastrl's workers are.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import queue
+import time
 
 import gymnasium as gym
 from gymnasium.vector.async_vector_env import AsyncState
 
-from fastrl.envs.process import report_not_closed, start_worker
+from fastrl.envs.process import end_processes, report_not_closed, start_worker
 from fastrl.errors import EnvCloseError
 
 
@@ -65,8 +67,25 @@ class QuietAsyncVectorEnv(gym.vector.AsyncVectorEnv):
         self._state = AsyncState.DEFAULT
         raise errors[-1][2]
 
+    TERMINATE_WAIT_S = 1.0  # after SIGTERM, how long a worker may take to end before SIGKILL
+    CLOSE_WAIT_S = 10.0  # how long workers may take to close their envs when no timeout is given
+
     def close_extras(self, timeout: float | None = None, terminate: bool = False) -> None:
-        super().close_extras(timeout=timeout, terminate=terminate)
+        """gymnasium's close, bounded: workers that do not answer the close within
+        `timeout` are terminated, and workers that a SIGTERM does not end in
+        TERMINATE_WAIT_S are killed (see end_processes)."""
+        wait_s = self.CLOSE_WAIT_S if timeout is None else timeout
+        try:
+            if self._state != AsyncState.DEFAULT and not terminate:  # a step in flight: collect it first
+                getattr(self, f"{self._state.value}_wait")(wait_s)
+        except multiprocessing.TimeoutError:
+            terminate = True
+        pipes = [pipe for pipe in self.parent_pipes if pipe is not None and not pipe.closed]
+        if not terminate:
+            terminate = not _closed_in_time(pipes, wait_s)
+        for pipe in pipes:
+            pipe.close()
+        end_processes(self.processes, terminate, self.TERMINATE_WAIT_S if terminate else wait_s)
         # Raises the first env error from a close() in a worker (see report_not_closed).
         # Every worker has ended, so its reports are all in the queue; none is read if one
         # was killed (terminate: a report it was writing then would never end).
@@ -80,3 +99,19 @@ class QuietAsyncVectorEnv(gym.vector.AsyncVectorEnv):
         if not_closed:
             self.closed = True
             raise not_closed[0][2]
+
+
+def _closed_in_time(pipes: list, wait_s: float) -> bool:
+    """Asks each worker to close its env (gymnasium's "close" command); True if all
+    answered within `wait_s` seconds."""
+    deadline = time.monotonic() + wait_s
+    try:
+        for pipe in pipes:
+            pipe.send(("close", None))
+        for pipe in pipes:
+            if not pipe.poll(max(0.0, deadline - time.monotonic())):
+                return False
+            pipe.recv()
+    except (OSError, EOFError):  # a worker gone already
+        return False
+    return True

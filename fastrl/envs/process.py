@@ -38,6 +38,23 @@ def init_worker() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def end_processes(processes: list, terminate: bool, wait_s: float) -> None:
+    """Waits up to `wait_s` for `processes` to end (with `terminate`, after a SIGTERM
+    each), then kills those still running (SIGKILL): a worker stopped with SIGSTOP, or
+    whose env ignores SIGTERM, would otherwise keep a stop waiting forever."""
+    if terminate:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+    deadline = time.monotonic() + wait_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
 def worker_died(what: str, processes: list) -> WorkerDied:
     """The error naming the first of `processes` found dead. Waits up to a second for
     the death to show: a pipe can read as closed before its process is reaped."""

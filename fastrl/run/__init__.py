@@ -1,12 +1,14 @@
 """A training run's bookkeeping, one concern per module, put together by `Run`:
 
-  artifacts.py  the run directory: config.json, checkpoint.pt, summary.json
+  artifacts.py  the run directory: config.json, checkpoint.pt, state.pt, summary.json
+  resume.py     what a resumed run starts from, and which settings it may change
   logs.py       TensorBoard and the progress line, once per log window
   evals.py      the evaluation schedule: background evaluations, stop-on-solve
   signals.py    Ctrl-C and SIGTERM: a stop at the end of the step in progress
 
 The training loops (fastrl.train) see only `Run`: its counters (env_steps, updates),
-its budget, and the calls `write_log`, `evaluate` and `end_cycle` once per collection cycle.
+its budget, the calls `write_log`, `evaluate`, `save_state` and `end_cycle` once per
+collection cycle, and `restore` once at the start.
 """
 from __future__ import annotations
 
@@ -19,10 +21,10 @@ import torch
 from fastrl import checkpoint
 from fastrl.buffer import ReplayRing
 from fastrl.collector import Collector
-from fastrl.config import TrainConfig
+from fastrl.config import TrainConfig, checkpoint_every
 from fastrl.envs import EnvSpec
 from fastrl.errors import Diverged, EnvError, WorkerDied, WriteFailed
-from fastrl.evaluate import BackgroundEvaluator
+from fastrl.evaluate import BackgroundEvaluator, EvalResult
 from fastrl.profile import ProfileSession
 from fastrl.run.artifacts import RunDir, create_run_dir, describe_failure
 from fastrl.run.evals import Evaluations
@@ -34,9 +36,13 @@ __all__ = ["Run", "StopRequest", "create_run_dir", "describe_failure"]
 
 
 class Run:
-    def __init__(self, config: TrainConfig, spec: EnvSpec, device: torch.device, run_dir: RunDir, started: float):
-        """`started`: `time.perf_counter()` when `train()` was called."""
+    def __init__(self, config: TrainConfig, spec: EnvSpec, device: torch.device, run_dir: RunDir, started: float,
+                 resumed: dict | None = None):
+        """`started`: `time.perf_counter()` when `train()` was called; `resumed`: the saved
+        state (state.pt) a resumed run continues from."""
         self.config, self.device, self.dir = config, device, run_dir
+        self.resumed = resumed
+        saved = resumed or {"env_steps": 0, "updates": 0, "wall_s": 0.0, "resumes": -1}
         # Started first, like the env workers: before any thread, compilation or CUDA state.
         evaluator = BackgroundEvaluator(config, spec)
         sync = torch.cuda.synchronize if config.profile and device.type == "cuda" else None
@@ -45,7 +51,7 @@ class Run:
         try:
             run_dir.write_config()
             self.log = TrainingLog(run_dir.path, config, self.profiler.planned_steps() if self.profiler
-                                   else config.total_steps)
+                                   else config.total_steps, resumed_at=saved["env_steps"] if resumed else None)
         except BaseException:
             evaluator.close()
             raise
@@ -53,7 +59,8 @@ class Run:
         # compiles, which stalls the first window's rate: the note says why.
         compiles = (" (the first update compiles it: a few seconds, longer with a cold compile cache)"
                     if config.learner != "eager" else "")
-        self.log.message(f"{config.algo} on {config.env_id}, seed {config.seed}: {config.num_envs} envs "
+        again = f"resumed at {saved['env_steps']:,} env steps: " if resumed else ""
+        self.log.message(f"{again}{config.algo} on {config.env_id}, seed {config.seed}: {config.num_envs} envs "
                          f"({config.backend} backend), {config.learner} learner on {device}{compiles}\n"
                          f"{run_dir.where()}")
         # Installed by train() around the loop and the final evaluation.
@@ -62,14 +69,19 @@ class Run:
         # (interpreter, imports) plus this run, never what the process did before train()
         # (earlier runs of a sweep, an idle notebook).
         threshold = config.solve_threshold if not math.isnan(config.solve_threshold) else spec.reward_threshold
+        # A resumed run's clocks go on from the saved run's.
         self.evals = Evaluations(config, threshold, evaluator, self.log, give_up=lambda: self.stop.requested,
-                                 solve_clock0=started - startup_s())
-        self.env_steps = 0
-        self.updates = 0
+                                 solve_clock0=started - startup_s() - saved["wall_s"], on_result=self._evaluated)
+        self.env_steps = saved["env_steps"]
+        self.updates = saved["updates"]
+        self.resumes = saved["resumes"] + 1
         self.model: torch.nn.Module | None = None
         self.storage: ReplayRing | None = None
         self.diverged = False
-        self._t0 = time.perf_counter()
+        self._t0 = time.perf_counter() - saved["wall_s"]
+        self._checkpoint_every = None if config.profile else checkpoint_every(config.checkpoint_interval)
+        self._checkpoint_last = {"steps": self.env_steps, "seconds": saved["wall_s"]}
+        self.state_saves = {"count": 0, "bytes": 0, "seconds": 0.0}  # what saving state.pt cost
 
     def watch(self, model: torch.nn.Module, storage: ReplayRing) -> None:
         """The network to checkpoint and to evaluate greedily (argmax of its outputs), and
@@ -88,6 +100,58 @@ class Run:
             return False
         return self.env_steps < c.total_steps and not (0 < c.time_limit_s <= self.wall_s)
 
+    @property
+    def reset_seed(self) -> int:
+        """The seed the envs are reset with: the config's, and another for each resume (the
+        episodes in progress when the run stopped start again, on new seeds)."""
+        return self.config.seed + 1_000_003 * self.resumes
+
+    def restore(self, collector: Collector) -> dict | None:
+        """For a resumed run, restores the run's own state (counters, evaluations, the
+        random-number generators, the episode count) and returns what the loop saved (see
+        save_state) for it to restore its own; None for a new run. Called once the loop
+        has built and `watch`ed its network, and has reset the envs."""
+        s = self.resumed
+        if s is None:
+            return None
+        collector.episodes, collector.env_steps = s["episodes"], self.env_steps
+        self.log.recent_returns.extend(s["recent_returns"])
+        self.evals.load_state_dict(s["evals"], self.model)
+        torch.set_rng_state(s["rng"]["cpu"])
+        if self.device.type == "cuda" and s["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(s["rng"]["cuda"], self.device)
+        return s["loop"]
+
+    def checkpoint_due(self) -> bool:
+        """True every `checkpoint_interval` (seconds or env steps) since the last save_state."""
+        if self._checkpoint_every is None:
+            return False
+        kind, every = self._checkpoint_every
+        now = self.env_steps if kind == "steps" else self.wall_s
+        return now - self._checkpoint_last[kind] >= every
+
+    def save_state(self, collector: Collector, loop: dict) -> None:
+        """Saves everything a resumed run continues from to state.pt: `loop`, the loop's own
+        state (networks, optimizer, storage, its counters; CPU tensors or plain values),
+        and the run's. Called at the end of a cycle, when no step is half done."""
+        if self.config.profile:
+            return
+        with self.phases("checkpoint"):
+            t0 = time.perf_counter()
+            self._check_weights()  # a diverged run's state is never saved
+            self.log.writer.flush()  # the curves up to here survive a kill -9, as the state does
+            cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+            state = {"format": checkpoint.STATE_FORMAT, "config": self.config.to_dict(), "env_steps": self.env_steps,
+                     "updates": self.updates, "wall_s": self.wall_s, "resumes": self.resumes,
+                     "episodes": collector.episodes, "recent_returns": list(self.log.recent_returns),
+                     "evals": self.evals.state_dict(), "rng": {"cpu": torch.get_rng_state(), "cuda": cuda},
+                     "loop": loop}
+            size = self.dir.save_state(state)
+            self.state_saves["count"] += 1
+            self.state_saves["bytes"] = size
+            self.state_saves["seconds"] += time.perf_counter() - t0
+        self._checkpoint_last = {"steps": self.env_steps, "seconds": self.wall_s}
+
     def end_cycle(self) -> None:
         """Called once per collection cycle: drives a profiling session, if any."""
         if self.profiler is not None:
@@ -105,9 +169,9 @@ class Run:
         end, so the last window, however short, is not lost."""
         with self.phases("log"):
             stats = learner_stats.read()
-            returns, lengths = collector.pop_episodes()
+            returns, lengths, ends = collector.pop_episodes()
             last_eval = self.evals.last.mean if self.evals.last else None
-            self.log.write(self.env_steps, self.updates, self.wall_s, (returns, lengths, collector.episodes),
+            self.log.write(self.env_steps, self.updates, self.wall_s, (returns, lengths, ends, collector.episodes),
                            {**stats, **scalars}, self.phases.seconds, last_eval)
         bad = nonfinite(stats)
         if bad:  # written first: the curves show where it happened
@@ -124,8 +188,13 @@ class Run:
             if self.evals.start_due(self.env_steps):
                 self._check_weights()
                 self.evals.submit(self.model, self.env_steps, self.updates, screen=self.config.stop_on_solve)
-                self.save_checkpoint()
         return self.evals.stopping
+
+    def _evaluated(self, weights: dict, env_steps: int, updates: int, result: EvalResult) -> None:
+        """Each evaluation's weights become the checkpoint, with its result: checkpoint.pt
+        always holds weights whose evaluation the summary can report."""
+        if not self.diverged:
+            self.dir.save_checkpoint(weights, env_steps, updates, result)
 
     # --- divergence ----------------------------------------------------------------------
     def _check_weights(self) -> None:
@@ -153,8 +222,9 @@ class Run:
         return self.evals.rolled_back_to or (self.env_steps, self.updates)
 
     def save_checkpoint(self) -> str:
+        """Saves the current weights, not evaluated (when no evaluation ever ran)."""
         self._check_weights()  # never overwrites the last good weights
-        return self.dir.save_checkpoint(self.model, *self._weights_at())
+        return self.dir.save_checkpoint(self.model.state_dict(), *self._weights_at(), None)
 
     def _final_evaluation(self) -> None:
         """Collects the evaluation in flight (its result belongs in the log) and, unless
@@ -186,14 +256,14 @@ class Run:
                 with self.phases("eval"):
                     self._final_evaluation()
         except KeyboardInterrupt:  # a stop request gave up the wait, or a signal came while none was installed
-            self.stop.requested = True
+            self.stop.requested = self.stop.forced = True
         except (WorkerDied, WriteFailed, EnvError, Diverged) as exc:
             # SIGTERM to the whole process group kills the evaluation process with the stop: no error.
             if not (self.stop.requested and isinstance(exc, WorkerDied)):
                 failures.append(exc)
                 error = error or describe_failure(exc)
         finally:
-            self.evals.close()
+            self.evals.close(terminate=self.stop.forced)
 
         def attempt(write: Callable[[], Any]) -> Any:
             """Each of the last writes is tried though one before it failed (a full disk), or
@@ -205,9 +275,12 @@ class Run:
                 failures.append(exc)
 
         interrupted = self.stop.requested
-        ckpt = attempt(self.save_checkpoint) if self.model is not None and not self.diverged else None
-        ckpt = ckpt or self.dir.saved_checkpoint()  # an earlier one (its meta says when)
-        summary = self._summary(error or (str(failures[0]) if failures else None), ckpt, interrupted)
+        # After a stop (no final evaluation) the checkpoint stays the last evaluated weights,
+        # so that the summary's final evaluation describes it; the newest weights are in
+        # state.pt, for --resume. Before any evaluation, the current weights are saved.
+        if self.dir.saved_checkpoint() is None and self.model is not None and not self.diverged:
+            attempt(self.save_checkpoint)
+        summary = self._summary(error or (str(failures[0]) if failures else None), interrupted)
         attempt(lambda: self.dir.write_summary(summary))
         attempt(self.log.writer.close)
         self._print_summary(summary, also_failed=failures if loop_failed else [])
@@ -215,8 +288,10 @@ class Run:
             raise failures[0]
         return summary
 
-    def _summary(self, error: str | None, ckpt: str | None, interrupted: bool) -> dict:
+    def _summary(self, error: str | None, interrupted: bool) -> dict:
         evals, last, wall = self.evals, self.evals.last, self.wall_s
+        ckpt = self.dir.saved_checkpoint()
+        ckpt_meta = self.dir.checkpoint_meta() if ckpt else {}
         return {
             "env_id": self.config.env_id,
             "algo": self.config.algo,
@@ -228,6 +303,8 @@ class Run:
             "final_eval_mean": last.mean if last else None,
             "final_eval_std": last.std if last else None,
             "final_eval_episodes": last.episodes if last else 0,
+            # The env steps of the weights that evaluation measured: the checkpoint's.
+            "final_eval_env_steps": ckpt_meta.get("env_steps") if last else None,
             "best_eval_mean": evals.best_mean,
             "env_steps": self.env_steps,
             "updates": self.updates,
@@ -238,6 +315,10 @@ class Run:
             "interrupted": interrupted,
             "error": error,
             "checkpoint": ckpt,
+            "checkpoint_env_steps": ckpt_meta.get("env_steps"),
+            "state": self.dir.saved_state(),
+            "state_saves": dict(self.state_saves),
+            "resumes": self.resumes,
             "run_dir": str(self.dir.path),
         }
 
@@ -252,12 +333,15 @@ class Run:
             return
         if s["final_eval_mean"] is not None:
             lines.append(f"final eval: {s['final_eval_mean']:.1f} ± {s['final_eval_std']:.1f} "
-                         f"over {s['final_eval_episodes']} episodes")
+                         f"over {s['final_eval_episodes']} episodes, of the weights after "
+                         f"{s['final_eval_env_steps']:,} env steps (checkpoint.pt)")
         if s["solved"]:
             lines.append(f"solved after {s['solve_env_steps']:,} env steps, {s['solve_wall_s']:.1f} s "
                          f"(start-up included)")
         elif s["solve_threshold"] is not None:
             lines.append(f"not solved (threshold {s['solve_threshold']:g})")
+        if s["interrupted"] and s["state"]:
+            lines.append(f"go on with: fastrl train --resume {s['run_dir']}")
         lines.append(self.dir.where())
         print("\n".join(lines), flush=True)
 

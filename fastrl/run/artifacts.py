@@ -1,6 +1,8 @@
 """The run directory and what a run leaves in it: config.json (written once the run has
-started), checkpoint.pt (after each evaluation and at the end) and summary.json. Every
-file is written atomically: an interrupted or failed write leaves the last good one."""
+started), checkpoint.pt (the weights of each evaluation, with its result), state.pt
+(everything `--resume` continues from, every checkpoint_interval and when the run stops)
+and summary.json. Every file is written atomically, with a checksum for the checkpoints:
+an interrupted or failed write leaves the last good one."""
 from __future__ import annotations
 
 import time
@@ -13,6 +15,7 @@ from fastrl import checkpoint
 from fastrl.config import TrainConfig
 from fastrl.envs import EnvSpec
 from fastrl.errors import ConfigError, EnvError
+from fastrl.evaluate import EvalResult
 
 
 def default_run_dir(config: TrainConfig) -> str:
@@ -47,20 +50,40 @@ class RunDir:
     def __init__(self, path: Path, config: TrainConfig, spec: EnvSpec):
         self.path, self.config, self.spec = path, config, spec
         self.checkpoint = path / "checkpoint.pt"
+        self.state = path / "state.pt"
+        self._checkpoint_meta: dict | None = None
 
     def write_config(self) -> None:
         checkpoint.save_json(self.path / "config.json", self.config.to_dict())
 
-    def save_checkpoint(self, model: torch.nn.Module, env_steps: int, updates: int) -> str:
-        """The weights, with the env steps and updates after which the model held them."""
-        checkpoint.save(self.checkpoint, self.config.to_dict(), model,
-                        meta={"env_steps": env_steps, "updates": updates,
+    def save_checkpoint(self, weights: dict[str, torch.Tensor], env_steps: int, updates: int,
+                        evaluation: EvalResult | None) -> str:
+        """The weights (a state dict), with the env steps and updates after which the model
+        held them, and their evaluation (None: not evaluated)."""
+        result = (None if evaluation is None else
+                  {"mean": evaluation.mean, "std": evaluation.std, "episodes": evaluation.episodes})
+        checkpoint.save(self.checkpoint, self.config.to_dict(), weights,
+                        meta={"env_steps": env_steps, "updates": updates, "evaluation": result,
                               "obs_shape": list(self.spec.obs_shape), "n_actions": self.spec.n_actions})
+        self._checkpoint_meta = {"env_steps": env_steps, "updates": updates, "evaluation": result}
         return str(self.checkpoint)
 
     def saved_checkpoint(self) -> str | None:
         """The checkpoint saved last, if any (its meta says when)."""
         return str(self.checkpoint) if self.checkpoint.exists() else None
+
+    def checkpoint_meta(self) -> dict:
+        """The meta of checkpoint.pt (saved by this run, or by the run it resumes)."""
+        if self._checkpoint_meta is None:
+            self._checkpoint_meta = checkpoint.load(self.checkpoint)["meta"]
+        return self._checkpoint_meta
+
+    def save_state(self, state: dict) -> int:
+        """Writes state.pt (see Run.save_state); returns its size in bytes."""
+        return checkpoint.save_payload(self.state, state)
+
+    def saved_state(self) -> str | None:
+        return str(self.state) if self.state.exists() else None
 
     def write_summary(self, summary: dict) -> None:
         checkpoint.save_json(self.path / "summary.json", summary)

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from fastrl.config import TrainConfig
-from fastrl.evaluate import BackgroundEvaluator, EvalResult
+from fastrl.evaluate import BackgroundEvaluator, EvalResult, evaluation_seed
 from fastrl.run.logs import TrainingLog
 
 
@@ -24,14 +24,20 @@ class Evaluations:
     solves with stop-on-solve, the model rolls back to the weights it evaluated."""
 
     def __init__(self, config: TrainConfig, threshold: float, evaluator: BackgroundEvaluator, log: TrainingLog,
-                 give_up: Callable[[], bool], solve_clock0: float):
+                 give_up: Callable[[], bool], solve_clock0: float,
+                 on_result: Callable[[dict, int, int, EvalResult], None]):
         """`give_up()`: True when a wait for an evaluation should end (a stop request);
-        `solve_clock0`: the `time.perf_counter()` from which time to solve counts."""
+        `solve_clock0`: the `time.perf_counter()` from which time to solve counts;
+        `on_result(weights, env_steps, updates, result)`: called with each result and the
+        weights it measured (the run saves them as its checkpoint)."""
         self.config, self.threshold = config, threshold
         self._evaluator, self._log, self._give_up = evaluator, log, give_up
         self._solve_clock0 = solve_clock0
+        self._on_result = on_result
         self._next = config.eval_interval if config.eval_interval > 0 else math.inf
-        self._evaluating: tuple[tuple[int, int], dict, torch.nn.Module] | None = None  # in flight
+        self._count = 0  # evaluations submitted: each one's env seeds follow from its number
+        # In flight: ((env steps, updates), weights, the model, screened)
+        self._evaluating: tuple[tuple[int, int], dict, torch.nn.Module, bool] | None = None
         self.last: EvalResult | None = None
         self.best_mean: float | None = None  # over full-size evaluations
         self.last_full_at: int | None = None  # the env steps of the weights it evaluated
@@ -69,16 +75,23 @@ class Evaluations:
 
     def submit(self, model: torch.nn.Module, env_steps: int, updates: int, screen: bool) -> None:
         """Starts evaluating a copy of `model`'s weights (trained for `env_steps`, `updates`)."""
-        screen_below = self.threshold if screen and not math.isnan(self.threshold) else math.nan
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self._evaluator.submit(weights, self.config.eval_episodes, screen_below)
-        self._evaluating = ((env_steps, updates), weights, model)
+        self._submit(weights, env_steps, updates, model, screen)
+
+    def _submit(self, weights: dict, env_steps: int, updates: int, model: torch.nn.Module, screen: bool) -> None:
+        screen_below = self.threshold if screen and not math.isnan(self.threshold) else math.nan
+        seed = evaluation_seed(self.config.seed, self._count)
+        self._evaluator.submit(weights, self.config.eval_episodes, screen_below, seed)
+        self._count += 1
+        self._evaluating = ((env_steps, updates), weights, model, screen)
 
     def collect(self) -> None:
-        """Waits for the evaluation in flight; logs it and checks it for a solve."""
-        ((steps, updates), weights, model), self._evaluating = self._evaluating, None
+        """Waits for the evaluation in flight; logs it, hands it to `on_result` and checks
+        it for a solve."""
+        ((steps, updates), weights, model, _), self._evaluating = self._evaluating, None
         result = self._evaluator.result(give_up=self._give_up)
         self.last = result
+        self._on_result(weights, steps, updates, result)
         full = result.episodes == self.config.eval_episodes
         if full:
             self.last_full_at = steps
@@ -94,6 +107,34 @@ class Evaluations:
                 model.load_state_dict(weights)  # the policy that solved, not the one trained since
                 self.rolled_back_to = (steps, updates)
 
-    def close(self) -> None:
-        self._evaluator.close()
+    def state_dict(self) -> dict:
+        """The schedule, the results so far and the evaluation in flight (its weights: a
+        resumed run evaluates them first), for a resumed run."""
+        evaluating = None
+        if self._evaluating is not None:
+            (steps, updates), weights, _, screen = self._evaluating
+            evaluating = {"env_steps": steps, "updates": updates, "screen": screen,
+                          "weights": {k: v.cpu() for k, v in weights.items()}}
+        return {"next": self._next, "count": self._count, "evaluating": evaluating,
+                "last": self.last._asdict() if self.last else None, "best_mean": self.best_mean,
+                "last_full_at": self.last_full_at, "rolled_back_to": self.rolled_back_to, "solved": self.solved,
+                "solve_wall_s": self.solve_wall_s, "solve_env_steps": self.solve_env_steps}
+
+    def load_state_dict(self, state: dict, model: torch.nn.Module) -> None:
+        """Restores what state_dict() saved and submits the evaluation that was in flight
+        (of a copy of `model`'s weights as they were then) again."""
+        self._next, self._count = state["next"], state["count"] - (state["evaluating"] is not None)
+        self.last = EvalResult(**state["last"]) if state["last"] else None
+        self.best_mean, self.last_full_at = state["best_mean"], state["last_full_at"]
+        self.rolled_back_to = tuple(state["rolled_back_to"]) if state["rolled_back_to"] else None
+        self.solved, self.solve_wall_s, self.solve_env_steps = (state["solved"], state["solve_wall_s"],
+                                                                state["solve_env_steps"])
+        if state["evaluating"] is not None:
+            e = state["evaluating"]
+            device = next(iter(model.state_dict().values())).device
+            weights = {k: v.to(device) for k, v in e["weights"].items()}
+            self._submit(weights, e["env_steps"], e["updates"], model, e["screen"])
+
+    def close(self, terminate: bool = False) -> None:
+        self._evaluator.close(terminate)
         self._evaluating = None

@@ -48,7 +48,10 @@ class Writer:
     """TensorBoard scalars plus the run's config as text. A failed write (disk full) is a
     WriteFailed naming the run dir, not tensorboard's own error from its writer thread."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, purge_step: int | None = None):
+        """`purge_step`: a resumed run's first step. TensorBoard (and `fastrl plot`) then
+        hide what the stopped run wrote from that step on, after its last checkpoint, so
+        the curves go on from the checkpoint without an overlap."""
         self.run_dir = run_dir
         # tensorboard's writer thread lets a failed write escape, to be printed as a traceback;
         # the next call here raises it again as WriteFailed, so that print is left out.
@@ -56,7 +59,7 @@ class Writer:
         threading.excepthook = self._quiet_failed_writes
         try:
             with self._writing():
-                self.tb = SummaryWriter(log_dir=run_dir)
+                self.tb = SummaryWriter(log_dir=run_dir, purge_step=purge_step)
         except BaseException:
             threading.excepthook = self._excepthook
             raise
@@ -69,6 +72,12 @@ class Writer:
     def scalars(self, values: dict[str, float], step: int) -> None:
         with self._writing():
             for name, value in values.items():
+                self.tb.add_scalar(name, value, step)
+
+    def series(self, name: str, values: list[float], steps: list[int]) -> None:
+        """One scalar per value, each at its own step (an episode's return where it ended)."""
+        with self._writing():
+            for value, step in zip(values, steps):
                 self.tb.add_scalar(name, value, step)
 
     def flush(self) -> None:
@@ -95,11 +104,13 @@ class TrainingLog:
     `log_interval` seconds) writes throughput, episode statistics, learner means, the
     loop's own scalars and phase times, and redraws the progress line."""
 
-    def __init__(self, run_dir: Path, config: TrainConfig, total_steps: int):
+    def __init__(self, run_dir: Path, config: TrainConfig, total_steps: int, resumed_at: int | None = None):
+        """`resumed_at`: the env steps a resumed run goes on from."""
         self.config = config
-        self.writer = Writer(str(run_dir))
+        self.writer = Writer(str(run_dir), purge_step=resumed_at)
         try:
-            self.writer.config(config.to_dict())
+            if resumed_at is None:
+                self.writer.config(config.to_dict())
         except BaseException:
             with contextlib.suppress(WriteFailed):  # the first failure is the one to report
                 self.writer.close()
@@ -117,10 +128,13 @@ class TrainingLog:
             self._last = (now, env_steps, updates)
         return now - self._last[0] >= self.config.log_interval
 
-    def write(self, env_steps: int, updates: int, wall_s: float, episodes: tuple[list, list, int],
+    def write(self, env_steps: int, updates: int, wall_s: float, episodes: tuple[list, list, list, int],
               scalars: dict[str, float], phase_seconds: dict[str, float], last_eval: float | None) -> None:
-        """`episodes`: (returns, lengths) of the episodes finished in the window and the
-        count of all so far. A window without an env step writes nothing."""
+        """`episodes`: (returns, lengths, end steps) of the episodes finished in the window
+        and the count of all so far. A window without an env step writes nothing. Each
+        episode's return is also written at the step it ended (episodes/return), for the
+        learning curve of `fastrl plot`; the run's wall-clock seconds (time/wall_s) map its
+        steps to time."""
         if self._last is None or env_steps == self._last[1]:
             return
         now = time.perf_counter()
@@ -129,9 +143,9 @@ class TrainingLog:
         sps = (env_steps - steps_prev) / dt
         ups = (updates - updates_prev) / dt
         self._last = (now, env_steps, updates)
-        returns, lengths, count = episodes
+        returns, lengths, ends, count = episodes
         self.recent_returns.extend(returns)
-        out = {"charts/sps": sps, "charts/updates_per_s": ups, **scalars}
+        out = {"charts/sps": sps, "charts/updates_per_s": ups, "time/wall_s": wall_s, **scalars}
         if returns:
             out["charts/episodic_return"] = sum(returns) / len(returns)
             out["charts/episodic_length"] = sum(lengths) / len(lengths)
@@ -139,6 +153,7 @@ class TrainingLog:
         for name, seconds in phase_seconds.items():
             out[f"time/{name}_s"] = seconds
         self.writer.scalars(out, env_steps)
+        self.writer.series("episodes/return", returns, ends)
         recent = sum(self.recent_returns) / len(self.recent_returns) if self.recent_returns else None
         self.progress.update(env_steps, wall_s, sps, ups, recent, last_eval)
 

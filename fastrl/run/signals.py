@@ -28,6 +28,7 @@ class StopRequest:
 
     def __init__(self, announce: Callable[[str], None] | None = None):
         self.requested = False
+        self.forced = False  # set where the KeyboardInterrupt of a forced stop is caught: end processes at once
         self._announce = announce
         self._in_grace_scope = False
 
