@@ -381,7 +381,7 @@ def format_learn(result: dict) -> str:
 
 def run_bench(what: str, env_id: str, num_envs: list[int], batch_sizes: list[int], modes: list[str],
               seconds: float, rounds: int, device_name: str, threads: int, out_dir: str) -> dict:
-    from fastrl.train import resolve_device
+    from fastrl.training import resolve_device
 
     device = resolve_device(device_name)
     if "cudagraphs" in modes and device.type != "cuda":

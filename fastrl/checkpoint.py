@@ -148,6 +148,9 @@ def load(path: str | os.PathLike) -> dict:
     """Loads a policy checkpoint with weights_only=True; raises ValueError with a one-line
     reason (not whole, not a fastrl checkpoint, contents of the wrong kind, weights not
     finite). `path` may also be a run directory holding a checkpoint.pt."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"fastrl.load and fastrl.evaluate take a checkpoint's path (a checkpoint.pt or a run "
+                        f"directory holding one), not {type(path).__name__}")
     if os.path.isdir(path) and os.path.isfile(Path(path) / "checkpoint.pt"):
         path = Path(path) / "checkpoint.pt"
     if os.path.isdir(path):

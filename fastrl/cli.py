@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
+import signal
 import sys
+import threading
 
 from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, TrainConfig, make_config
 from fastrl.errors import ConfigError, Diverged, EnvError, WorkerDied, WriteFailed
@@ -161,7 +164,7 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None, 
 
 def _train(args: argparse.Namespace) -> int:
     from fastrl.run.resume import saved_config
-    from fastrl.train import train
+    from fastrl.training import train
 
     if args.resume is not None:
         summary = train(config_from_args(args, base=saved_config(args.resume)), resume=args.resume)
@@ -172,7 +175,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _profile(args: argparse.Namespace) -> int:
     from fastrl.profile import format_report
-    from fastrl.train import train
+    from fastrl.training import train
 
     # Steady-state training only: no evaluations; the session ends the run.
     fixed = dict(profile=True, stop_on_solve=False, total_steps=10**12)
@@ -187,8 +190,8 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from fastrl.evaluate import evaluate_checkpoint
-    from fastrl.train import resolve_device
+    from fastrl.evaluation import evaluate_checkpoint
+    from fastrl.training import resolve_device
 
     if args.device not in DEVICES:
         raise ConfigError(f"invalid --device={args.device!r}: must be {' or '.join(DEVICES)}")
@@ -235,9 +238,27 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_holding_ctrl_c(module: str) -> None:
+    """Imports `module` (torch, gymnasium and the rest, seconds of imports) with Ctrl-C held
+    until it is done, then honoured: an interrupt inside a library's import can leave the
+    library half imported, and some libraries catch it there and go on broken."""
+    if threading.current_thread() is not threading.main_thread():
+        importlib.import_module(module)
+        return
+    heard = []
+    previous = signal.signal(signal.SIGINT, lambda *_: heard.append(True))
+    try:
+        importlib.import_module(module)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if heard:
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _import_holding_ctrl_c("fastrl.training")
         commands = {"train": _train, "profile": _profile, "eval": _eval, "bench": _bench}
         return commands[args.command](args)
     except ConfigError as exc:

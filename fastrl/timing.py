@@ -24,9 +24,9 @@ _startup_s: float | None = None
 
 
 def startup_s() -> float:
-    """Seconds from this process's start to the end of `import fastrl` (the interpreter,
-    torch, gymnasium): what a fresh `fastrl train` pays before it trains. Measured at the
-    first call, which `import fastrl` makes as its last step."""
+    """Seconds from this process's start to the end of the imports training needs (the
+    interpreter, torch, gymnasium): what a fresh `fastrl train` pays before it trains.
+    Measured at the first call, which importing fastrl.training makes as its last step."""
     global _startup_s
     if _startup_s is None:
         _startup_s = process_uptime()

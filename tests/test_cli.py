@@ -24,7 +24,7 @@ from fastrl.cli import build_parser, config_from_args, main
 from fastrl.envs import inspect_env
 from fastrl.errors import ConfigError
 from fastrl.run.logs import Writer
-from fastrl.train import check_storage_fits, replay_ring, rollout_buffer
+from fastrl.training import check_storage_fits, replay_ring, rollout_buffer
 
 TINY = ["--env", "CartPole-v1", "--total-steps", "1200", "--learning-starts", "400", "--num-envs", "4",
         "--eval-episodes", "4", "--eval-envs", "2", "--eval-interval", "600", "--learner", "eager",
@@ -269,7 +269,7 @@ def test_an_unknown_option_is_named_by_its_command_with_that_commands_help(comma
 
 @pytest.mark.parametrize("algo", ["ddqn", "reinforce"])
 def test_a_ring_above_80_percent_of_the_available_memory_is_refused_before_any_work(algo, monkeypatch, tmp_path):
-    train_module = importlib.import_module("fastrl.train")  # (fastrl.train is the function)
+    train_module = importlib.import_module("fastrl.training")  # (fastrl.train is the function)
     config = fastrl.make_config(env_id="CartPole-v1", algo=algo, run_dir=str(tmp_path / "never"))
     spec, cpu = inspect_env("CartPole-v1", {}), torch.device("cpu")
     make = replay_ring if algo == "ddqn" else rollout_buffer
@@ -282,6 +282,42 @@ def test_a_ring_above_80_percent_of_the_available_memory_is_refused_before_any_w
     with pytest.raises(ConfigError, match=rf"may take at most 80% of the {need / 0.81 / 1e9:.1f} GB of memory"):
         fastrl.train(config)
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("algo", ["ddqn", "reinforce"])
+def test_a_network_that_cannot_fit_in_memory_is_one_line_before_any_process_starts(algo, capsys, tmp_path):
+    # 10 G parameters: 40 GB a copy, where the ring would fit.
+    code = call_main(["train", "--algo", algo, "--hidden", "100000", "100000", "--run-dir", str(tmp_path / "never")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "invalid hidden=(100000, 100000): a network of 10,00" in err and "use smaller widths" in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_ctrl_c_while_the_command_line_imports_torch_is_one_line_exit_130(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "fastrl", "train", "--run-dir", str(tmp_path / "never")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # the interpreter is up; torch takes seconds to import
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (130, "fastrl train: interrupted\n")
+    assert not (tmp_path / "never").exists()
+
+
+def test_the_python_api_given_the_wrong_kind_of_argument_says_what_it_wants():
+    cases = [(fastrl.train, {}, "fastrl.train() takes a TrainConfig (from fastrl.make_config(**settings)), not dict"),
+             (fastrl.train, None, "fastrl.train() needs a TrainConfig (from fastrl.make_config(**settings)) or "
+                                  "resume=RUN_DIR"),
+             (fastrl.load, None, "fastrl.load and fastrl.evaluate take a checkpoint's path (a checkpoint.pt or "
+                                 "a run directory holding one), not NoneType"),
+             (fastrl.evaluate, 3, "fastrl.load and fastrl.evaluate take a checkpoint's path (a checkpoint.pt or "
+                                  "a run directory holding one), not int")]
+    for function, argument, message in cases:
+        with pytest.raises(TypeError) as raised:
+            function(argument)
+        assert str(raised.value) == message
+    with pytest.raises(TypeError, match="resume=...\\) takes a run directory's path, not int"):
+        fastrl.train(resume=3)
 
 
 def test_ready_first_where_workers_would_step_one_env_each_is_one_line_exit_2(monkeypatch, capsys, tmp_path):
@@ -325,7 +361,7 @@ def test_a_run_dir_that_holds_a_run_is_refused_and_left_as_it_was(tiny_run, caps
     assert multiprocessing.active_children() == []
 
 
-@pytest.mark.parametrize("broken", [("fastrl.train", "Run"), ("fastrl.run.logs", "Writer")], ids=["run", "writer"])
+@pytest.mark.parametrize("broken", [("fastrl.training", "Run"), ("fastrl.run.logs", "Writer")], ids=["run", "writer"])
 def test_a_failure_setting_up_the_run_leaves_no_process(broken, monkeypatch, tmp_path):
     def fails(*args, **kwargs):
         raise RuntimeError("cannot set up the run")
@@ -578,8 +614,8 @@ def test_a_full_disk_mid_run_stops_it_in_one_line_and_keeps_the_last_checkpoint(
 def test_a_full_disk_under_tensorboard_stops_the_run_in_one_line(tmp_path, monkeypatch, capsys):
     real_init = Writer.__init__
 
-    def init_then_fill_the_disk(self, run_dir):
-        real_init(self, run_dir)
+    def init_then_fill_the_disk(self, run_dir, **kwargs):
+        real_init(self, run_dir, **kwargs)
         self.flush()
         [events] = Path(run_dir).glob("events.out.tfevents.*")
         events.unlink()

@@ -10,7 +10,7 @@ from fastrl import checkpoint
 from fastrl.config import SEED_LIMIT
 from fastrl.envs import inspect_env
 from fastrl.errors import WorkerDied
-from fastrl.evaluate import EVAL_SEED_OFFSET, BackgroundEvaluator, Evaluator
+from fastrl.evaluation import EVAL_SEED_OFFSET, BackgroundEvaluator, Evaluator
 from fastrl.nets import build_network, greedy_policy
 
 

@@ -435,7 +435,7 @@ def test_an_env_that_raises_stops_the_run_with_its_own_traceback_and_one_line(wh
               ("ValueError: step 31 failed on purpose", 'raise ValueError("step %d failed on purpose"'))
     # The env's own traceback (not gymnasium's warnings, nor fastrl's frames), then one line.
     assert err[0] == "Traceback (most recent call last):" and err[-2] == raised[0]
-    assert any(line.strip().startswith(raised[1]) for line in err) and "fastrl/train.py" not in "\n".join(err)
+    assert any(line.strip().startswith(raised[1]) for line in err) and "fastrl/training.py" not in "\n".join(err)
     assert err[-1] == f"fastrl train: error: an env raised {raised[0]}" + (
         " (in the evaluation process)" if where == "evaluation" else "")
     assert multiprocessing.active_children() == []

@@ -50,6 +50,7 @@ def assert_same(a, b, where: str = "") -> None:
         assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["ddqn", "reinforce"])
 def test_a_resumed_run_restores_every_piece_of_the_saved_state(tmp_path, monkeypatch, algo):
     # A run ends its budget with an evaluation in flight; resumed with a larger budget but
@@ -204,6 +205,7 @@ def test_a_resumed_writer_hides_what_the_stopped_run_wrote_after_its_state(tmp_p
     assert [(e.step, e.value) for e in events(tmp_path, "y")] == [(10, 1.0), (20, 2.0), (26, 4.0), (40, 5.0)]
 
 
+@pytest.mark.slow
 def test_resume_refuses_what_it_cannot_go_on_with(tmp_path):
     run_dir = tmp_path / "run"
     fastrl.train(fastrl.make_config(**SETTINGS["ddqn"], run_dir=run_dir))
@@ -233,6 +235,7 @@ def test_resume_refuses_what_it_cannot_go_on_with(tmp_path):
         fastrl.train(fastrl.make_config(**{**SETTINGS["ddqn"], "total_steps": 9000}), resume=run_dir)
 
 
+@pytest.mark.slow
 def test_resume_from_the_command_line_takes_only_the_options_given(tmp_path):
     run_dir = tmp_path / "run"
     fastrl.train(fastrl.make_config(**SETTINGS["ddqn"], run_dir=run_dir))
@@ -245,3 +248,73 @@ def test_resume_from_the_command_line_takes_only_the_options_given(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["env_steps"] == 3500 and summary["resumes"] == 1
     assert json.loads((run_dir / "config.json").read_text())["total_steps"] == 3500
+
+
+# --- what resume relies on: checkpoints that prove they are whole, and say what they hold ---
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    fastrl.train(fastrl.make_config(**{**SETTINGS["ddqn"], "hidden": (64, 64)}, run_dir=run_dir))
+    return run_dir
+
+
+def refused_in_one_line(path: Path, message: str) -> None:
+    """fastrl.load and `fastrl eval` both refuse `path` in one line matching `message`."""
+    with pytest.raises(ValueError, match=message):
+        fastrl.load(str(path))
+    out = subprocess.run([sys.executable, "-m", "fastrl", "eval", str(path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("fastrl eval: error: ") and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_bytes_changed_or_cut_is_refused_in_one_line(finished_run, tmp_path):
+    data = (finished_run / "checkpoint.pt").read_bytes()
+    weights = max(checkpoint.load(finished_run)["model"].values(), key=lambda w: w.numel())
+    at = data.index(weights.numpy().tobytes()[:64]) + 1000  # inside the 64 x 64 weight matrix (16 kB)
+    flipped = data[:at] + bytes(b ^ 0xFF for b in data[at:at + 400]) + data[at + 400:]
+    (tmp_path / "flipped.pt").write_bytes(flipped)
+    refused_in_one_line(tmp_path / "flipped.pt", "is corrupted: its contents do not match the checksum")
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
+    refused_in_one_line(tmp_path / "cut.pt", "is not a loadable fastrl checkpoint")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["no meta key", "a model that is not a state dict", "wrong shapes",
+                                    "no config"])
+def test_a_whole_checkpoint_of_the_wrong_contents_is_refused_in_one_line(finished_run, tmp_path, damage):
+    payload = checkpoint.load(finished_run)
+    payload.pop("sha256", None)
+    messages = {"no meta key": "lacks meta n_actions", "a model that is not a state dict": "holds no network weights",
+                "wrong shapes": "holds weights that do not fit the network its config describes",
+                "no config": "holds no config"}
+    if damage == "no meta key":
+        del payload["meta"]["n_actions"]
+    elif damage == "a model that is not a state dict":
+        payload["model"] = [1, 2, 3]
+    elif damage == "wrong shapes":
+        payload["model"] = {k: torch.zeros(3, 3) for k in payload["model"]}
+    else:
+        payload["config"] = None
+    checkpoint.save_payload(tmp_path / "damaged.pt", payload)  # its checksum matches: whole, but wrong
+    refused_in_one_line(tmp_path / "damaged.pt", messages[damage])
+
+
+@pytest.mark.slow
+def test_after_a_stop_the_final_evaluation_and_the_checkpoint_describe_the_same_weights(tmp_path):
+    run_dir = tmp_path / "run"
+    with cli_run(run_dir, "--total-steps", "1e6", "--eval-interval", "1500", "--eval-episodes", "10",
+                 "--no-stop-on-solve", "--checkpoint-interval", "300steps") as proc:
+        wait_for_state(run_dir, 2000)
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    saved = checkpoint.load(run_dir)["meta"]
+    assert summary["final_eval_env_steps"] == summary["checkpoint_env_steps"] == saved["env_steps"]
+    assert saved["env_steps"] % 1500 < 100 and saved["env_steps"] < summary["env_steps"]
+    assert saved["evaluation"]["mean"] == summary["final_eval_mean"]
+    assert f"of the weights after {saved['env_steps']:,} env steps (checkpoint.pt)" in out
+    assert f"go on with: fastrl train --resume {run_dir}" in out

@@ -1,1 +1,1 @@
-"""Algorithm pieces (losses, acting, target updates); the loops live in fastrl.train."""
+"""Algorithm pieces (losses, acting, target updates); the loops live in fastrl.training."""

@@ -6,7 +6,7 @@
   evals.py      the evaluation schedule: background evaluations, stop-on-solve
   signals.py    Ctrl-C and SIGTERM: a stop at the end of the step in progress
 
-The training loops (fastrl.train) see only `Run`: its counters (env_steps, updates),
+The training loops (fastrl.training) see only `Run`: its counters (env_steps, updates),
 its budget, the calls `write_log`, `evaluate`, `save_state` and `end_cycle` once per
 collection cycle, and `restore` once at the start.
 """
@@ -24,7 +24,7 @@ from fastrl.collector import Collector
 from fastrl.config import TrainConfig, checkpoint_every
 from fastrl.envs import EnvSpec
 from fastrl.errors import Diverged, EnvError, WorkerDied, WriteFailed
-from fastrl.evaluate import BackgroundEvaluator, EvalResult
+from fastrl.evaluation import BackgroundEvaluator, EvalResult
 from fastrl.profile import ProfileSession
 from fastrl.run.artifacts import RunDir, create_run_dir, describe_failure
 from fastrl.run.evals import Evaluations

@@ -15,7 +15,7 @@ from fastrl import checkpoint
 from fastrl.config import TrainConfig
 from fastrl.envs import EnvSpec
 from fastrl.errors import ConfigError, EnvError
-from fastrl.evaluate import EvalResult
+from fastrl.evaluation import EvalResult
 
 
 def default_run_dir(config: TrainConfig) -> str:

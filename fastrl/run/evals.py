@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from fastrl.config import TrainConfig
-from fastrl.evaluate import BackgroundEvaluator, EvalResult, evaluation_seed
+from fastrl.evaluation import BackgroundEvaluator, EvalResult, evaluation_seed
 from fastrl.run.logs import TrainingLog
 
 

@@ -210,9 +210,6 @@ def _check_display() -> None:
 def load_policy(path: str, device: torch.device | str = "cpu"):
     """Rebuilds a trained network from a checkpoint (or a run directory holding one).
     Returns (config, model, greedy_fn)."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"fastrl.load() takes the path of a checkpoint.pt or of a run directory, "
-                        f"not {type(path).__name__}")
     payload = checkpoint.load(path)
     try:
         config = TrainConfig.from_dict(payload["config"])

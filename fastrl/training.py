@@ -28,6 +28,7 @@ from fastrl.run.logs import DeviceMeans
 from fastrl.run.resume import resumed
 from fastrl.schedules import learning_rate, linear_schedule
 from fastrl.system import available_memory
+from fastrl.timing import startup_s
 
 
 def resolve_device(name: str) -> torch.device:
@@ -95,14 +96,31 @@ def rollout_buffer(c: TrainConfig, spec: EnvSpec, device: torch.device) -> Rollo
     return RolloutBuffer(c.rollout_steps + spec.max_episode_steps + 2, c.num_envs, spec.obs_shape, device)
 
 
+# Copies of the network's parameters a run keeps in memory: DDQN's weights, target, two
+# Adam moments, gradients and the evaluation's copy; REINFORCE's have no target.
+NETWORK_COPIES = {"ddqn": 6, "reinforce": 5}
+
+
 def check_storage_fits(c: TrainConfig, spec: EnvSpec, device: torch.device) -> None:
-    """Refuses, before any process starts, a CPU run whose ring would not fit in memory: its
-    allocation would fail deep in torch, or the OOM killer would end the run. (On CUDA the
-    GPU's free memory cannot be read before the env workers are forked.)"""
+    """Refuses, before any process starts, a run whose network or (on the CPU) ring would
+    not fit in memory: its allocation would fail deep in torch, or the OOM killer would end
+    the run. (On CUDA the GPU's free memory cannot be read before the env workers are
+    forked: the host's memory bounds the network there, which the evaluation copies.)"""
     available = available_memory()
-    if device.type != "cpu" or available is None:
+    if available is None:
         return
     meta = torch.device("meta")  # shapes only: nothing is allocated
+    with meta:
+        params = sum(p.numel() for p in build_network(c, spec.obs_shape, spec.n_actions).parameters())
+    copies = NETWORK_COPIES[c.algo] if device.type == "cpu" else 2
+    network = 4 * params * copies
+    if network > 0.8 * available:
+        raise ConfigError(f"invalid hidden={c.hidden}: a network of {params / 1e6:,.0f} M parameters takes "
+                          f"{4 * params / 1e9:.1f} GB, and training keeps {copies} copies of it ({network / 1e9:.1f} "
+                          f"GB), more than 80% of the {available / 1e9:.1f} GB of memory available: use smaller "
+                          f"widths")
+    if device.type != "cpu":
+        return
     if c.algo == "ddqn":
         ring = replay_ring(c, spec, meta)
         name, what, fix = "buffer_size", f"{c.buffer_size:,} transitions", "lower buffer_size"
@@ -299,3 +317,8 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
         run.end_cycle()
     run.write_log(collector, learner_stats, {"charts/lr": lr_now})  # the last window
     run.save_state(collector, state())  # where a resumed run goes on
+
+
+# Time to solve counts the start-up a fresh process pays (the interpreter, torch,
+# gymnasium): measured once, now that this module's imports are done.
+startup_s()
