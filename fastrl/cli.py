@@ -2,7 +2,10 @@
 
     fastrl train [--env ID] [--algo ddqn] [options]     (every TrainConfig field is an option)
     fastrl profile [train options] [--steps N]           where the training time goes
-    fastrl eval CHECKPOINT [--episodes 100] [--seed S] [--render]
+    fastrl train --resume RUN_DIR [options]              go on with a stopped run
+    fastrl eval CHECKPOINT [--episodes 100] [--seed S] [--render | --video [PATH]]
+    fastrl plot RUN_DIR [RUN_DIR ...] [--out FILE.png]   learning curves
+    fastrl export RUN_DIR [--format pt2|onnx]            the greedy policy, to run without fastrl
     fastrl bench collect|learn|all [options]             throughput, side by side
 """
 from __future__ import annotations
@@ -15,6 +18,7 @@ import math
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, TrainConfig, make_config
 from fastrl.errors import ConfigError, Diverged, EnvError, WorkerDied, WriteFailed
@@ -129,6 +133,29 @@ def build_parser() -> argparse.ArgumentParser:
     eval_p.add_argument("--render", action="store_true",
                         help="watch the agent: the episodes play one after another in a window, at the env's "
                              "frame rate (default: off)")
+    eval_p.add_argument("--video", nargs="?", const="", default=None, metavar="PATH",
+                        help="record the episodes (default 3) to an MP4 instead, headless (default PATH: video.mp4 "
+                             "beside the checkpoint; needs the video extra)")
+    plot_p = sub.add_parser(
+        "plot", help="learning curves of runs as a PNG",
+        description="Each episode's return with its moving average, and the greedy evaluations' mean ± std, "
+                    "against env steps (or wall-clock seconds), read from the runs' TensorBoard events. Runs of "
+                    "one setting (seeds) are drawn as the median with the interquartile band.")
+    plot_p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by fastrl train")
+    plot_p.add_argument("--out", default=None,
+                        help="the PNG to write (default: RUN_DIR/curves.png for one run, curves.png for several)")
+    plot_p.add_argument("--x", default="steps", choices=("steps", "wall"),
+                        help="x axis: env steps, or wall-clock seconds of training (default: steps)")
+    plot_p.add_argument("--window", type=integer, default=100, help="episodes in the moving average (default: 100)")
+    export_p = sub.add_parser(
+        "export", help="the greedy policy as a file that runs without fastrl (torch.export .pt2 or ONNX)",
+        description="Writes the greedy policy of a checkpoint: observations [B, *obs] float32 in, actions [B] "
+                    "int64 out. pt2 loads with plain torch (torch.export.load(PATH).module()); onnx runs in "
+                    "onnxruntime (needs the onnx extra).")
+    export_p.add_argument("checkpoint", help="a checkpoint.pt, or a run directory holding one")
+    export_p.add_argument("--format", default="pt2", choices=("pt2", "onnx"), help="file format (default: pt2)")
+    export_p.add_argument("--out", default=None, help="the file to write (default: policy.<format> beside the "
+                                                      "checkpoint)")
     bench_p = sub.add_parser(
         "bench", help="throughput: collector steps/s per backend and env count, learner updates/s per mode",
         description="collect: env steps/s into the replay ring per backend and env count, next to the raw env "
@@ -196,12 +223,56 @@ def _eval(args: argparse.Namespace) -> int:
     if args.device not in DEVICES:
         raise ConfigError(f"invalid --device={args.device!r}: must be {' or '.join(DEVICES)}")
     device = resolve_device(args.device)  # cuda with no CUDA device: a ConfigError
+    if args.video is not None:
+        return _record_video(args, device)
     try:
         result = evaluate_checkpoint(args.checkpoint, args.episodes, args.seed, device, args.envs, args.progress,
                                      args.render)
     except ValueError as exc:  # a bad value (a ConfigError already) or an unreadable checkpoint
         raise ConfigError(str(exc)) from None
     print(f"{result.mean:.2f} ± {result.std:.2f} over {result.episodes} episodes")
+    return 0
+
+
+def _record_video(args: argparse.Namespace, device) -> int:
+    from fastrl.envs import inspect_env
+    from fastrl.evaluation import load_policy
+    from fastrl.video import check_can_record, record
+
+    if args.render:
+        raise ConfigError("--render and --video: choose one (a window, or an MP4)")
+    episodes = 3 if args.episodes is None else args.episodes
+    if episodes < 1:
+        raise ConfigError(f"invalid --episodes={episodes}: must be a positive integer")
+    try:
+        config, _, greedy = load_policy(args.checkpoint, device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    spec = inspect_env(config.env_id, {k: v for k, v in config.env_kwargs.items() if k != "render_mode"})
+    check_can_record(config.env_id, spec.render_modes)
+    where = Path(args.checkpoint)
+    out = args.video or str((where if where.is_dir() else where.parent) / "video.mp4")
+    if not out.endswith(".mp4"):
+        raise ConfigError(f"invalid --video={out!r}: must be an .mp4 file")
+    video = record(out, config, greedy, episodes, args.seed, device)
+    returns = ", ".join(f"{r:.1f}" for r in video.returns)
+    print(f"wrote {video.path}: {video.frames} frames, {video.frames / video.fps:.1f} s at {video.fps:g} fps "
+          f"({episodes} episodes, returns {returns})")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from fastrl.plot import plot
+
+    out = args.out or (str(Path(args.run_dirs[0]) / "curves.png") if len(args.run_dirs) == 1 else "curves.png")
+    print(f"wrote {plot(args.run_dirs, out, args.x, args.window)}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fastrl.export import export
+
+    print(f"wrote {export(args.checkpoint, args.format, args.out)}")
     return 0
 
 
@@ -259,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _import_holding_ctrl_c("fastrl.training")
-        commands = {"train": _train, "profile": _profile, "eval": _eval, "bench": _bench}
+        commands = {"train": _train, "profile": _profile, "eval": _eval, "plot": _plot, "export": _export,
+                    "bench": _bench}
         return commands[args.command](args)
     except ConfigError as exc:
         print(f"fastrl {args.command}: error: {exc}", file=sys.stderr)

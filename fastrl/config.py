@@ -100,6 +100,8 @@ class TrainConfig:
     checkpoint_interval: str = _f("30s", "how often the training state is saved for --resume: Ns (seconds), "
                                          "Nmin or Nsteps (env steps), e.g. 30s, 5min, 100000steps "
                                          "(0 = only when the run stops or ends)")
+    video: bool = _f(False, "record one greedy episode of the final weights to video.mp4 in the run dir "
+                            "(needs the video extra)")
     log_interval: float = _f(2.0, "seconds between TensorBoard flushes / progress updates")
     progress: bool = _f(True, "show the live progress line (eval results and the final summary print either way)")
     timers: bool = _f(True, "time the training phases (TensorBoard time/*); off = no timer calls at all")

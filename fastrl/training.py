@@ -29,6 +29,7 @@ from fastrl.run.resume import resumed
 from fastrl.schedules import learning_rate, linear_schedule
 from fastrl.system import available_memory
 from fastrl.timing import startup_s
+from fastrl.video import check_can_record
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,6 +71,8 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
     if config.algo == "reinforce" and spec.max_episode_steps is None:
         raise ConfigError(f"env {config.env_id!r} has no time limit, and REINFORCE needs episodes that end: "
                           f"pass --env-kwargs max_episode_steps=N")
+    if config.video:
+        check_can_record(config.env_id, spec.render_modes)
     device = resolve_device(config.device)
     if config.learner == "auto":  # CUDA graphs replay a whole update in one launch (`fastrl bench learn`)
         config = dataclasses.replace(config, learner="cudagraphs" if device.type == "cuda" else "compile")

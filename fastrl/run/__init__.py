@@ -18,13 +18,15 @@ from typing import Any, Callable, NoReturn
 
 import torch
 
-from fastrl import checkpoint
+from fastrl import checkpoint, video
 from fastrl.buffer import ReplayRing
 from fastrl.collector import Collector
 from fastrl.config import TrainConfig, checkpoint_every
 from fastrl.envs import EnvSpec
-from fastrl.errors import Diverged, EnvError, WorkerDied, WriteFailed
+from fastrl.errors import ConfigError, Diverged, EnvError, WorkerDied, WriteFailed
 from fastrl.evaluation import BackgroundEvaluator, EvalResult
+from fastrl.nets import greedy_policy
+from fastrl.plot import plot
 from fastrl.profile import ProfileSession
 from fastrl.run.artifacts import RunDir, create_run_dir, describe_failure
 from fastrl.run.evals import Evaluations
@@ -280,13 +282,38 @@ class Run:
         # state.pt, for --resume. Before any evaluation, the current weights are saved.
         if self.dir.saved_checkpoint() is None and self.model is not None and not self.diverged:
             attempt(self.save_checkpoint)
-        summary = self._summary(error or (str(failures[0]) if failures else None), interrupted)
-        attempt(lambda: self.dir.write_summary(summary))
         attempt(self.log.writer.close)
+        summary = self._summary(error or (str(failures[0]) if failures else None), interrupted)
+        summary["curves"] = None if self.config.profile else self._draw_curves()
+        summary["video"] = None
+        if self.config.video and self.model is not None and not interrupted and summary["error"] is None:
+            summary["video"] = self._record_video()
+        attempt(lambda: self.dir.write_summary(summary))
         self._print_summary(summary, also_failed=failures if loop_failed else [])
         if failures and not loop_failed:
             raise failures[0]
         return summary
+
+    def _draw_curves(self) -> str | None:
+        """curves.png in the run dir (see fastrl.plot); a run that cannot draw them (no
+        episode ended, a full disk) says why and goes on."""
+        try:
+            return str(plot([self.dir.path], self.dir.path / "curves.png"))
+        except ConfigError:  # nothing to draw yet
+            return None
+        except Exception as exc:  # a plot is not worth a failed run
+            self.log.message(f"fastrl: warning: no curves.png: {exc}")
+            return None
+
+    def _record_video(self) -> str | None:
+        """video.mp4 in the run dir: one greedy episode of the final weights (see fastrl.video);
+        a run that cannot record it says why and goes on."""
+        try:
+            return video.record(self.dir.path / "video.mp4", self.config, greedy_policy(self.model), episodes=1,
+                                seed=self.config.seed, device=self.device).path
+        except Exception as exc:  # a video is not worth a failed run
+            self.log.message(f"fastrl: warning: no video.mp4: {exc}")
+            return None
 
     def _summary(self, error: str | None, interrupted: bool) -> dict:
         evals, last, wall = self.evals, self.evals.last, self.wall_s
@@ -340,6 +367,10 @@ class Run:
                          f"(start-up included)")
         elif s["solve_threshold"] is not None:
             lines.append(f"not solved (threshold {s['solve_threshold']:g})")
+        if s["curves"]:
+            lines.append(f"curves: {s['curves']}")
+        if s["video"]:
+            lines.append(f"video: {s['video']}")
         if s["interrupted"] and s["state"]:
             lines.append(f"go on with: fastrl train --resume {s['run_dir']}")
         lines.append(self.dir.where())

@@ -1,0 +1,148 @@
+"""Learning curves from a run's TensorBoard events (`fastrl plot`, and curves.png at the
+end of every run): each episode's return with its moving average, and the greedy
+evaluations' mean ± std, against env steps or wall-clock seconds. Runs of one setting
+(seeds) are drawn as the median of their moving averages with the interquartile band.
+
+The events are read with tensorboard's own reader, which hides what a stopped run wrote
+after its last saved state once the run is resumed (see Writer's purge_step).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from fastrl.checkpoint import atomic_write
+from fastrl.errors import ConfigError
+
+X_AXES = ("steps", "wall")
+
+
+class Curves(NamedTuple):
+    """One run's curves (numpy arrays), in env-step order."""
+
+    name: str
+    setting: str             # the config apart from seed and run dir: runs that share it are seeds of one setting
+    episode_steps: np.ndarray  # env steps when each episode ended
+    episode_returns: np.ndarray
+    eval_steps: np.ndarray
+    eval_means: np.ndarray
+    eval_stds: np.ndarray
+    log_steps: np.ndarray    # env steps of each log window, with the run's wall-clock seconds then
+    log_wall_s: np.ndarray
+
+    def wall(self, steps: np.ndarray) -> np.ndarray:
+        """The run's wall-clock seconds at `steps` (interpolated between log windows)."""
+        return np.interp(steps, self.log_steps, self.log_wall_s) if len(self.log_steps) else np.full(len(steps), np.nan)
+
+
+def read_curves(run_dir: str | os.PathLike) -> Curves:
+    """A run's curves; a ConfigError naming the run dir if it has none to draw."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ConfigError(f"cannot plot {str(path)!r}: no such run directory")
+    if not list(path.glob("events.out.tfevents.*")):
+        raise ConfigError(f"cannot plot {str(path)!r}: it holds no TensorBoard events yet (is it a run directory?)")
+    events = EventAccumulator(str(path), size_guidance={"scalars": 0})  # every point, not a sample
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+
+    def series(tag: str) -> tuple[np.ndarray, np.ndarray]:
+        points = sorted(events.Scalars(tag), key=lambda e: e.step) if tag in tags else []
+        return np.array([e.step for e in points], dtype=np.int64), np.array([e.value for e in points], dtype=float)
+
+    episode_steps, returns = series("episodes/return")
+    if not len(returns):
+        raise ConfigError(f"cannot plot {str(path)!r}: no episode has ended in it yet")
+    eval_steps, means = series("eval/return_mean")
+    _, stds = series("eval/return_std")
+    log_steps, wall = series("time/wall_s")
+    setting = ""
+    with_config = path / "config.json"
+    if with_config.exists():
+        config = json.loads(with_config.read_text())
+        setting = json.dumps({k: v for k, v in config.items() if k not in ("seed", "run_dir")}, sort_keys=True)
+    return Curves(path.name, setting, episode_steps, returns, eval_steps, means, stds, log_steps, wall)
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """The mean of each value and the up to `window - 1` before it."""
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    return (sums[1:] - sums[np.arange(1, len(values) + 1) - counts]) / counts
+
+
+def plot(run_dirs: list[str | os.PathLike], out: str | os.PathLike, x: str = "steps", window: int = 100,
+         title: str | None = None) -> Path:
+    """Draws the runs' curves into the PNG `out` (written atomically); returns its path.
+    Runs that share a setting are drawn as one median curve with its interquartile band."""
+    if x not in X_AXES:
+        raise ConfigError(f"invalid x={x!r}: must be {' or '.join(X_AXES)}")
+    if window < 1:
+        raise ConfigError(f"invalid window={window}: must be a positive number of episodes")
+    if not str(out).endswith(".png"):
+        raise ConfigError(f"invalid out={str(out)!r}: must be a .png file")
+    runs = [read_curves(d) for d in run_dirs]
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    settings: dict[str, list[Curves]] = {}
+    for run in runs:
+        settings.setdefault(run.setting or run.name, []).append(run)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, group in enumerate(settings.values()):
+        colour = colours[i % len(colours)]
+        label = group[0].name if len(group) == 1 else f"{group[0].name} and {len(group) - 1} more (median, IQR)"
+
+        def xs(run: Curves, steps: np.ndarray) -> np.ndarray:
+            return steps.astype(float) if x == "steps" else run.wall(steps)
+
+        if len(group) == 1:
+            run = group[0]
+            ax.plot(xs(run, run.episode_steps), run.episode_returns, ".", color=colour, alpha=0.15, markersize=3)
+            ax.plot(xs(run, run.episode_steps), moving_average(run.episode_returns, window), color=colour,
+                    label=f"{label}: return, moving average of {window}")
+            if len(run.eval_steps):
+                ax.errorbar(xs(run, run.eval_steps), run.eval_means, yerr=run.eval_stds, fmt="o", color=colour,
+                            ecolor=colour, capsize=3, markersize=4, label=f"{label}: greedy evaluation, mean ± std")
+        else:
+            ends = [xs(run, run.episode_steps) for run in group]
+            grid = np.linspace(max(e[0] for e in ends), min(e[-1] for e in ends), 200)
+            curves = np.stack([np.interp(grid, e, moving_average(run.episode_returns, window))
+                               for e, run in zip(ends, group)])
+            low, median, high = np.percentile(curves, [25, 50, 75], axis=0)
+            ax.plot(grid, median, color=colour, label=f"{label}: return, moving average of {window}")
+            ax.fill_between(grid, low, high, color=colour, alpha=0.2)
+            evals = [run for run in group if len(run.eval_steps)]
+            if evals:
+                steps = sorted(set.intersection(*(set(run.eval_steps.tolist()) for run in evals)))
+                if steps:
+                    table = np.stack([[run.eval_means[run.eval_steps.tolist().index(s)] for s in steps]
+                                      for run in evals])
+                    at = np.median([xs(run, np.array(steps)) for run in evals], axis=0)
+                    q1, q2, q3 = np.percentile(table, [25, 50, 75], axis=0)
+                    ax.errorbar(at, q2, yerr=[q2 - q1, q3 - q2], fmt="o", color=colour, capsize=3, markersize=4,
+                                label=f"{label}: greedy evaluation, median and IQR")
+    ax.set_xlabel("env steps" if x == "steps" else "wall-clock seconds of training")
+    ax.set_ylabel("episodic return")
+    ax.set_title(title or ", ".join(settings_names(runs)))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(out, buffer.getvalue())
+    return Path(out)
+
+
+def settings_names(runs: list[Curves]) -> list[str]:
+    return sorted({json.loads(r.setting).get("env_id", r.name) if r.setting else r.name for r in runs})
