@@ -47,6 +47,8 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename: a crash of the machine keeps one whole file
             os.replace(tmp, path)
         except BaseException:
             if tmp is not None and os.path.exists(tmp):

@@ -243,11 +243,12 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
         lr_now = learning_rate(c, run.env_steps)
         optimizer.lr.fill_(lr_now)
 
-        if run.log_due():
+        saving = run.checkpoint_due()
+        if saving or run.log_due():  # a saved state ends a log window: the curves reach it
             run.write_log(collector, learner_stats, {"charts/epsilon": eps_now, "charts/lr": lr_now})
         if run.eval_due() and run.evaluate():
             break
-        if run.checkpoint_due():
+        if saving:
             run.save_state(collector, state())
         run.end_cycle()
     run.write_log(collector, learner_stats, {"charts/epsilon": eps_now, "charts/lr": lr_now})  # the last window
@@ -311,11 +312,12 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
         lr_now = learning_rate(c, run.env_steps)
         optimizer.lr.fill_(lr_now)
 
-        if run.log_due():
+        saving = run.checkpoint_due()
+        if saving or run.log_due():  # a saved state ends a log window: the curves reach it
             run.write_log(collector, learner_stats, {"charts/lr": lr_now})
         if run.eval_due() and run.evaluate():
             break
-        if run.checkpoint_due():
+        if saving:
             run.save_state(collector, state())
         run.end_cycle()
     run.write_log(collector, learner_stats, {"charts/lr": lr_now})  # the last window
