@@ -243,16 +243,9 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
         lr_now = learning_rate(c, run.env_steps)
         optimizer.lr.fill_(lr_now)
 
-        saving = run.checkpoint_due()
-        if saving or run.log_due():  # a saved state ends a log window: the curves reach it
-            run.write_log(collector, learner_stats, {"charts/epsilon": eps_now, "charts/lr": lr_now})
-        if run.eval_due() and run.evaluate():
-            break
-        if saving:
-            run.save_state(collector, state())
-        run.end_cycle()
-    run.write_log(collector, learner_stats, {"charts/epsilon": eps_now, "charts/lr": lr_now})  # the last window
-    run.save_state(collector, state())  # where a resumed run goes on
+        if run.end_cycle(collector, learner_stats, {"charts/epsilon": eps_now, "charts/lr": lr_now}, state):
+            break  # solved
+    run.end_loop(collector, learner_stats, {"charts/epsilon": eps_now, "charts/lr": lr_now}, state)
 
 
 def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Run) -> None:
@@ -312,16 +305,9 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
         lr_now = learning_rate(c, run.env_steps)
         optimizer.lr.fill_(lr_now)
 
-        saving = run.checkpoint_due()
-        if saving or run.log_due():  # a saved state ends a log window: the curves reach it
-            run.write_log(collector, learner_stats, {"charts/lr": lr_now})
-        if run.eval_due() and run.evaluate():
-            break
-        if saving:
-            run.save_state(collector, state())
-        run.end_cycle()
-    run.write_log(collector, learner_stats, {"charts/lr": lr_now})  # the last window
-    run.save_state(collector, state())  # where a resumed run goes on
+        if run.end_cycle(collector, learner_stats, {"charts/lr": lr_now}, state):
+            break  # solved
+    run.end_loop(collector, learner_stats, {"charts/lr": lr_now}, state)
 
 
 # Time to solve counts the start-up a fresh process pays (the interpreter, torch,

@@ -7,8 +7,8 @@
   signals.py    Ctrl-C and SIGTERM: a stop at the end of the step in progress
 
 The training loops (fastrl.training) see only `Run`: its counters (env_steps, updates),
-its budget, the calls `write_log`, `evaluate`, `save_state` and `end_cycle` once per
-collection cycle, and `restore` once at the start.
+its budget, `restore` once at the start, `end_cycle` once per collection cycle (logs,
+evaluations, saved states) and `end_loop` once at the end.
 """
 from __future__ import annotations
 
@@ -154,8 +154,30 @@ class Run:
             self.state_saves["seconds"] += time.perf_counter() - t0
         self._checkpoint_last = {"steps": self.env_steps, "seconds": self.wall_s}
 
-    def end_cycle(self) -> None:
-        """Called once per collection cycle: drives a profiling session, if any."""
+    def end_cycle(self, collector: Collector, learner_stats: DeviceMeans, scalars: dict[str, float],
+                  state: Callable[[], dict]) -> bool:
+        """Called at the end of each collection cycle, when no step is half done: writes the
+        log window when one is due, runs the evaluation schedule, saves the loop's `state()`
+        (see save_state) every checkpoint_interval, and drives a profiling session. True
+        when training should stop (solved)."""
+        saving = self.checkpoint_due()
+        if saving or self.log_due():  # a saved state ends a log window: the curves reach it
+            self.write_log(collector, learner_stats, scalars)
+        if self.eval_due() and self.evaluate():
+            return True
+        if saving:
+            self.save_state(collector, state())
+        self._profile_cycle()
+        return False
+
+    def end_loop(self, collector: Collector, learner_stats: DeviceMeans, scalars: dict[str, float],
+                 state: Callable[[], dict]) -> None:
+        """After the loop, however it ended: the last log window, however short, and the
+        state a resumed run goes on from."""
+        self.write_log(collector, learner_stats, scalars)
+        self.save_state(collector, state())
+
+    def _profile_cycle(self) -> None:
         if self.profiler is not None:
             warming_up = self.profiler.state == "warmup"
             self.profiler.end_cycle(self.env_steps, self.updates)
