@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from fastrl.errors import ConfigError
 from fastrl.returns import discounted_returns, nstep_targets
 
 
@@ -198,6 +199,10 @@ class ReplayRing:
 
     def load_state_dict(self, state: dict) -> None:
         """Restores what state_dict() saved, in place (compiled steps keep their tensors)."""
+        if len(state["written"]) != len(self.written):  # ready-first with automatic workers, on another machine
+            raise ConfigError(f"the saved replay ring has {len(state['written'])} groups of envs (one per env "
+                              f"worker), and this run made {len(self.written)}: resume with --num-workers "
+                              f"{len(state['written'])}")
         for name, x in zip(RingStorage._fields, self.storage):
             x.copy_(state["storage"][name])
         self._prev_done.copy_(state["prev_done"])
