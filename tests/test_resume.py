@@ -225,6 +225,9 @@ def test_resume_refuses_what_it_cannot_go_on_with(tmp_path):
             fastrl.train(fastrl.make_config(**{**SETTINGS["ddqn"], **change, "total_steps": 9000}), resume=run_dir)
     with pytest.raises(ConfigError, match=r"used its budget \(total_steps=3,000"):
         fastrl.train(resume=run_dir)
+    with pytest.raises(ConfigError, match=r"used its time budget \(time_limit_s=0.5, "):
+        fastrl.train(fastrl.make_config(**{**SETTINGS["ddqn"], "total_steps": 9000, "time_limit_s": 0.5}),
+                     resume=run_dir)
     with pytest.raises(ConfigError, match="no config.json"):
         fastrl.train(resume=tmp_path)
     with pytest.raises(ConfigError, match="no such run directory"):

@@ -75,4 +75,8 @@ def resumed(run_dir: str | os.PathLike, config: TrainConfig | None) -> tuple[Tra
         raise ConfigError(f"cannot resume {str(run_dir)!r}: it has used its budget (total_steps="
                           f"{config.total_steps:,}, {state['env_steps']:,} env steps done); pass a larger "
                           f"--total-steps to go on")
+    if 0 < config.time_limit_s <= state["wall_s"]:
+        raise ConfigError(f"cannot resume {str(run_dir)!r}: it has used its time budget (time_limit_s="
+                          f"{config.time_limit_s:g}, {state['wall_s']:.0f} s trained); pass a larger --time-limit-s, "
+                          f"or 0 for none, to go on")
     return config, state
