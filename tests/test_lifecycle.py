@@ -134,7 +134,8 @@ def test_ctrl_c_or_sigterm_stops_an_async_training_run_and_saves(tmp_path, evalu
     # "in flight": an evaluation that never ends (a million episodes, no screening) is running
     # in its process, and the trainer soon waits for it to submit the next one.
     evals = ["--eval-interval", "0"] if evaluation == "none" else [
-        "--eval-interval", "400", "--eval-episodes", "1000000", "--no-stop-on-solve", "--learning-starts", "100"]
+        "--eval-interval", "400", "--eval-episodes", "1000000", "--no-stop-on-solve", "--learning-starts", "100",
+        "--checkpoint-interval", "500steps"]
     with training_process(tmp_path, "--total-steps", "10000000", "--log-interval", "0.2", *evals,
                           *collection) as proc:
         def event_bytes():
@@ -149,8 +150,9 @@ def test_ctrl_c_or_sigterm_stops_an_async_training_run_and_saves(tmp_path, evalu
                 while event_bytes() == grown and time.time() < deadline:
                     time.sleep(0.1)
         else:
-            while not (tmp_path / "checkpoint.pt").exists() and time.time() < deadline:  # saved at the submission
+            while not (tmp_path / "state.pt").exists() and time.time() < deadline:  # saved after the submission
                 time.sleep(0.1)
+            assert (tmp_path / "state.pt").exists()
             time.sleep(1.0)
         if stop == "ctrl-c":
             os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
