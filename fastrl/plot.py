@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -50,7 +51,14 @@ def read_curves(run_dir: str | os.PathLike) -> Curves:
     if not list(path.glob("events.out.tfevents.*")):
         raise ConfigError(f"cannot plot {str(path)!r}: it holds no TensorBoard events yet (is it a run directory?)")
     events = EventAccumulator(str(path), size_guidance={"scalars": 0})  # every point, not a sample
-    events.Reload()
+    # It logs a warning for each purge it makes (a resumed run's, which is expected): quiet here.
+    logger = logging.getLogger("tensorboard")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        events.Reload()
+    finally:
+        logger.setLevel(level)
     tags = set(events.Tags()["scalars"])
 
     def series(tag: str) -> tuple[np.ndarray, np.ndarray]:
@@ -114,11 +122,8 @@ def plot(run_dirs: list[str | os.PathLike], out: str | os.PathLike, x: str = "st
                 ax.errorbar(xs(run, run.eval_steps), run.eval_means, yerr=run.eval_stds, fmt="o", color=colour,
                             ecolor=colour, capsize=3, markersize=4, label=f"{label}: greedy evaluation, mean ± std")
         else:
-            ends = [xs(run, run.episode_steps) for run in group]
-            grid = np.linspace(max(e[0] for e in ends), min(e[-1] for e in ends), 200)
-            curves = np.stack([np.interp(grid, e, moving_average(run.episode_returns, window))
-                               for e, run in zip(ends, group)])
-            low, median, high = np.percentile(curves, [25, 50, 75], axis=0)
+            grid, (low, median, high) = median_band([xs(run, run.episode_steps) for run in group],
+                                                    [moving_average(run.episode_returns, window) for run in group])
             ax.plot(grid, median, color=colour, label=f"{label}: return, moving average of {window}")
             ax.fill_between(grid, low, high, color=colour, alpha=0.2)
             evals = [run for run in group if len(run.eval_steps)]
@@ -142,6 +147,18 @@ def plot(run_dirs: list[str | os.PathLike], out: str | os.PathLike, x: str = "st
     plt.close(fig)
     atomic_write(out, buffer.getvalue())
     return Path(out)
+
+
+def median_band(xs: list[np.ndarray], ys: list[np.ndarray], points: int = 200
+                ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The 25th, 50th and 75th percentiles across runs of curves (xs[i], ys[i]), each
+    interpolated on a common grid of x; at each x, over the runs whose curve reaches it,
+    where at least two do (runs end, or start, at different x: a resumed run's wall
+    clock may start late)."""
+    grid = np.linspace(min(x[0] for x in xs), max(x[-1] for x in xs), points)
+    curves = np.stack([np.interp(grid, x, y, left=np.nan, right=np.nan) for x, y in zip(xs, ys)])
+    covered = np.sum(~np.isnan(curves), axis=0) >= 2
+    return grid[covered], tuple(np.nanpercentile(curves[:, covered], [25, 50, 75], axis=0))
 
 
 def settings_names(runs: list[Curves]) -> list[str]:

@@ -12,7 +12,7 @@ import torch
 
 import fastrl
 from fastrl.cli import main
-from fastrl.plot import moving_average, read_curves
+from fastrl.plot import median_band, moving_average, read_curves
 from fastrl.run.logs import Writer
 
 RUN = dict(env_id="CartPole-v1", hidden=(32,), learner="eager", num_envs=4, total_steps=4000, eval_interval=2000,
@@ -46,6 +46,18 @@ def test_moving_average_is_the_plain_loop():
     for window in (1, 5, 100):
         naive = [values[max(0, i - window + 1):i + 1].mean() for i in range(len(values))]
         assert np.allclose(moving_average(values, window), naive)
+
+
+def test_the_median_band_is_the_plain_loop_over_the_runs_that_reach_each_x():
+    rng = np.random.default_rng(2)
+    xs = [np.sort(rng.uniform(lo, hi, 40)) for lo, hi in [(0, 100), (10, 60), (5, 90)]]
+    ys = [rng.normal(size=40) for _ in xs]
+    grid, (low, median, high) = median_band(xs, ys, points=50)
+    assert grid[0] >= 5 and grid[-1] <= 90  # at least two runs reach every x drawn
+    for i, x in enumerate(grid):
+        reaching = [np.interp(x, xi, yi) for xi, yi in zip(xs, ys) if xi[0] <= x <= xi[-1]]
+        assert len(reaching) >= 2
+        assert np.allclose([low[i], median[i], high[i]], np.percentile(reaching, [25, 50, 75]))
 
 
 @pytest.mark.slow
