@@ -134,6 +134,10 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/soak", help="where the run dirs and soak.json go")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: more fastrl train options")
     args = parser.parse_args()
+    # Started in the background by a shell without job control (`... &` in a script), this
+    # process and so its children would ignore Ctrl-C, and fastrl leaves an ignored signal
+    # ignored: a handler here makes the children start with Ctrl-C's default.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args.train_args = [a for a in args.train_args if a != "--"]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
