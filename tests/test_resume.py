@@ -246,6 +246,20 @@ def test_resume_refuses_what_it_cannot_go_on_with(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_killed_after_its_last_state_but_before_its_summary_resumes_to_write_it(tmp_path):
+    run_dir = tmp_path / "run"
+    fastrl.train(fastrl.make_config(**SETTINGS["ddqn"], run_dir=run_dir))
+    done = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").unlink()  # as a kill -9 while the curves were drawn leaves it
+    summary = fastrl.train(resume=run_dir)
+    assert not summary["interrupted"] and summary["resumes"] == 1
+    assert (summary["env_steps"], summary["updates"]) == (done["env_steps"], done["updates"])  # no more training
+    assert summary["final_eval_mean"] == done["final_eval_mean"]
+    with pytest.raises(ConfigError, match="used its budget"):  # now it has its summary: done
+        fastrl.train(resume=run_dir)
+
+
+@pytest.mark.slow
 def test_resume_from_the_command_line_takes_only_the_options_given(tmp_path):
     run_dir = tmp_path / "run"
     fastrl.train(fastrl.make_config(**SETTINGS["ddqn"], run_dir=run_dir))

@@ -95,10 +95,10 @@ class Run:
         return time.perf_counter() - self._t0
 
     def budget_left(self) -> bool:
-        """False once the env-step or wall-clock budget is spent, a profile is complete or
-        a stop is requested."""
+        """False once the env-step or wall-clock budget is spent, the env is solved (with
+        stop-on-solve), a profile is complete or a stop is requested."""
         c = self.config
-        if self.stop.requested or (self.profiler is not None and self.profiler.done):
+        if self.stop.requested or self.evals.stopping or (self.profiler is not None and self.profiler.done):
             return False
         return self.env_steps < c.total_steps and not (0 < c.time_limit_s <= self.wall_s)
 

@@ -67,6 +67,10 @@ def resumed(run_dir: str | os.PathLike, config: TrainConfig | None) -> tuple[Tra
                           f"trained with {name}={getattr(at_save, name)!r}; a resumed run may change only "
                           f"{', '.join(MAY_CHANGE)}")
     validate(config)
+    # A run that ended but was killed before its summary was written (its state says it
+    # is done) resumes to write it; one that has its summary is done.
+    if not _ended(Path(run_dir)):
+        return config, state
     evals = state["evals"]
     if evals["solved"] and config.stop_on_solve:
         raise ConfigError(f"cannot resume {str(run_dir)!r}: it solved the env at {evals['solve_env_steps']:,} env "
@@ -80,3 +84,12 @@ def resumed(run_dir: str | os.PathLike, config: TrainConfig | None) -> tuple[Tra
                           f"{config.time_limit_s:g}, {state['wall_s']:.0f} s trained); pass a larger --time-limit-s, "
                           f"or 0 for none, to go on")
     return config, state
+
+
+def _ended(run_dir: Path) -> bool:
+    """True if the run's summary.json says it ended (not stopped, not failed)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        return not summary["interrupted"] and summary["error"] is None
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
