@@ -99,6 +99,7 @@ def soak_one(run: int, args: argparse.Namespace, rng: random.Random, out_dir: Pa
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 counts["hangs"] += 1
+                counts.setdefault("hung_after", []).append(name)  # the signal that did not end it
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         if left_in_group(proc.pid):
