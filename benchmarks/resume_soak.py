@@ -45,6 +45,18 @@ def left_in_group(pgid: int, wait_s: float = 5.0) -> list[int]:
         time.sleep(0.1)
 
 
+def stacks(pgid: int) -> str:
+    """The Python stacks of the processes of group `pgid` (py-spy, if installed): where a
+    stop hung."""
+    if shutil.which("py-spy") is None:
+        return "py-spy is not installed"
+    dumps = []
+    for pid in left_in_group(pgid, wait_s=0):
+        done = subprocess.run(["py-spy", "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30)
+        dumps.append(done.stdout + done.stderr)
+    return "\n".join(dumps)
+
+
 def files_load(run_dir: Path) -> list[str]:
     """The checkpoints of `run_dir` that do not load (each must, whenever the run stopped)."""
     bad = []
@@ -100,6 +112,7 @@ def soak_one(run: int, args: argparse.Namespace, rng: random.Random, out_dir: Pa
             except subprocess.TimeoutExpired:
                 counts["hangs"] += 1
                 counts.setdefault("hung_after", []).append(name)  # the signal that did not end it
+                counts.setdefault("hung_stacks", []).append(stacks(proc.pid))
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         if left_in_group(proc.pid):
