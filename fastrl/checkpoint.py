@@ -56,6 +56,23 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
             raise
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """For writers that need a file name (an encoder, an exporter): yields a temporary
+    path beside `path`, renamed over it when the block succeeds and removed otherwise,
+    so that `path` is never half written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def make_dir(path: str | os.PathLike, option: str) -> Path:
     """Creates directory `path` (and its parents) and checks it can be written; an
     unusable path raises ConfigError with a one-line reason that names `option`."""

@@ -15,14 +15,13 @@ import io
 import json
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from fastrl import checkpoint as checkpoints
-from fastrl.checkpoint import atomic_write, writing
+from fastrl.checkpoint import atomic_path, atomic_write, writing
 from fastrl.errors import ConfigError
 from fastrl.evaluation import load_policy
 
@@ -74,16 +73,9 @@ def _export_onnx(policy: GreedyPolicy, example: torch.Tensor, batch: dict, out: 
         import onnxscript  # noqa: F401
     except ImportError:
         raise ConfigError("an ONNX export needs onnx and onnxscript: pip install 'fastrl[onnx]'") from None
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=".onnx")
-    os.close(fd)
-    try:
-        # torch's ONNX exporter reports each of its stages and warns of what it skips: quiet here.
-        with writing(out), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-            torch.onnx.export(policy, (example,), tmp, dynamic_shapes=(batch,), input_names=["obs"],
-                              output_names=["action"], verbose=False, external_data=False)
-            os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # torch's ONNX exporter reports each of its stages and warns of what it skips: quiet here.
+    with writing(out), atomic_path(out) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        torch.onnx.export(policy, (example,), tmp, dynamic_shapes=(batch,), input_names=["obs"],
+                          output_names=["action"], verbose=False, external_data=False)

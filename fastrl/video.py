@@ -1,11 +1,10 @@
 """Videos of greedy episodes: the env draws each frame (render_mode 'rgb_array', no display
 needed) and imageio with its ffmpeg encodes them, frame by frame, into an MP4 (the
 optional extra `video`). Written to a temporary file and renamed: a failed or interrupted
-recording leaves no half-written video."""
+recording leaves no half-written video (see checkpoint.atomic_path)."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -13,6 +12,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from fastrl.checkpoint import atomic_path
 from fastrl.config import TrainConfig
 from fastrl.errors import ConfigError
 from fastrl.evaluation import EVAL_SEED_OFFSET
@@ -53,13 +53,11 @@ def record(out: str | os.PathLike, config: TrainConfig, policy: Callable[[torch.
     env_kwargs = {k: v for k, v in config.env_kwargs.items() if k != "render_mode"}
     env = gym.make(config.env_id, render_mode="rgb_array", **env_kwargs)
     fps = float(env.metadata.get("render_fps") or 30)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=".mp4")
-    os.close(fd)
     frames, returns = 0, []
     try:
         # Even frame sizes (yuv420p, which every player reads): an odd one is padded.
-        with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=2, quality=7) as writer:
+        with atomic_path(out) as tmp, imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=2,
+                                                          quality=7) as writer:
             for episode in range(episodes):
                 obs, _ = env.reset(seed=EVAL_SEED_OFFSET + seed + episode)
                 writer.append_data(np.asarray(env.render()))
@@ -73,11 +71,6 @@ def record(out: str | os.PathLike, config: TrainConfig, policy: Callable[[torch.
                     writer.append_data(np.asarray(env.render()))
                     frames += 1
                 returns.append(total)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     finally:
         env.close()
     return Video(str(out), frames, fps, returns)
