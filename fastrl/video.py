@@ -26,17 +26,17 @@ class Video(NamedTuple):
 
 
 def check_can_record(env_id: str, render_modes: tuple) -> None:
-    """A one-line ConfigError if no video can be made: the encoder is not installed, or the
-    env cannot draw frames."""
+    """A one-line ConfigError if no video can be made: the env cannot draw frames (said
+    first: installing the encoder would not help), or the encoder is not installed."""
+    if "rgb_array" not in render_modes:
+        raise ConfigError(f"{env_id} cannot draw frames for a video (its render modes: "
+                          f"{', '.join(render_modes) or 'none'}; 'rgb_array' is needed)")
     try:
         import imageio  # noqa: F401
         import imageio_ffmpeg  # noqa: F401
     except ImportError:
         raise ConfigError("videos need imageio and its ffmpeg: pip install 'fastrl[video]' (or imageio "
                           "imageio-ffmpeg)") from None
-    if "rgb_array" not in render_modes:
-        raise ConfigError(f"{env_id} cannot draw frames for a video (its render modes: "
-                          f"{', '.join(render_modes) or 'none'}; 'rgb_array' is needed)")
 
 
 def record(out: str | os.PathLike, config: TrainConfig, policy: Callable[[torch.Tensor], torch.Tensor],
