@@ -19,7 +19,7 @@ from fastrl.system import default_workers, thread_limit
 
 ALGOS = ("ddqn", "reinforce")
 BASELINES = ("none", "mean", "value")
-BACKENDS = ("async", "sync", "envpool")
+BACKENDS = ("async", "sync", "envpool", "ray")
 COLLECTIONS = ("lockstep", "ready-first")
 SEED_LIMIT = 2**31  # seeds (training and evaluation) are in [0, SEED_LIMIT)
 LEARNER_MODES = ("eager", "compile", "cudagraphs")
@@ -53,13 +53,17 @@ class TrainConfig:
     # --- collector ---------------------------------------------------------------------
     num_envs: int = _f(8, "parallel environments")
     backend: str = _f("async", "vector env backend: async (worker processes) | sync (in-process) | "
-                               "envpool (C++ envs, optional extra)")
-    num_workers: int = _f(0, "[async] env worker processes, each stepping num_envs / num_workers envs "
-                             "(0 = one per CPU core but the trainer's; num_envs = one process per env)")
-    collection: str = _f("lockstep", "[async, ddqn] lockstep: act once every env has stepped | ready-first: act on "
-                                     "each worker's envs as soon as they have stepped (faster collection with "
-                                     "large groups, no slower worker to wait for; the order then depends on "
-                                     "timing, so runs do not repeat exactly)")
+                               "envpool (C++ envs, optional extra) | ray (env groups as Ray actors on a cluster's "
+                               "nodes, optional extra)")
+    num_workers: int = _f(0, "[async, ray] env worker processes (Ray actors), each stepping num_envs / num_workers "
+                             "envs (0 = one per CPU core but the trainer's; num_envs = one process per env)")
+    ray_address: str = _f("", "[ray] the Ray cluster for the env groups: HOST:PORT of its head, auto, or "
+                              "ray://HOST:PORT (empty = RAY_ADDRESS, else a local Ray instance for this run)")
+    collection: str = _f("lockstep", "[async, ray, ddqn] lockstep: act once every env has stepped | ready-first: "
+                                     "act on each worker's envs as soon as they have stepped (faster collection "
+                                     "with large groups, no slower worker to wait for; the order then depends on "
+                                     "timing, so runs do not repeat exactly); ray with several groups defaults to "
+                                     "ready-first")
     pin_workers: bool = _f(True, "[async] pin each env worker process to its own CPU core "
                                  "(turn off when several runs share the machine)")
 
@@ -221,6 +225,10 @@ def make_config(**overrides: Any) -> TrainConfig:
     algo = overrides.get("algo", base.algo)
     env_id = overrides.get("env_id", base.env_id)
     values = {**PRESETS.get((algo, env_id), {}), **overrides}
+    if values.get("backend") == "ray" and "collection" not in overrides and values.get("algo", base.algo) == "ddqn":
+        # Remote groups: act on each as it arrives, so no group waits for the slowest round trip.
+        workers = values.get("num_workers") or default_workers(values.get("num_envs", base.num_envs))
+        values["collection"] = "ready-first" if workers > 1 else "lockstep"
     config = dataclasses.replace(base, **values)
     validate(config)
     return config
@@ -238,8 +246,8 @@ def validate(c: TrainConfig) -> None:
     need(c.collection in COLLECTIONS, "collection", " or ".join(COLLECTIONS))
     if c.collection == "ready-first":
         need(c.algo == "ddqn", "collection", "lockstep for algo=reinforce (it learns from whole rollouts)")
-        need(c.backend == "async", "collection", f"lockstep for backend={c.backend!r} (ready-first needs async "
-                                                 f"workers)")
+        need(c.backend in ("async", "ray"), "collection", f"lockstep for backend={c.backend!r} (ready-first needs "
+                                                          f"async workers or Ray actors)")
     need(c.learner in LEARNERS, "learner", " or ".join(LEARNERS))
     need(isinstance(c.env_id, str) and c.env_id != "", "env_id", "a registered gymnasium env id")
     if c.env_kwargs.get("render_mode") == "human":
@@ -250,7 +258,7 @@ def validate(c: TrainConfig) -> None:
     need(c.num_workers >= 0, "num_workers", "an integer >= 0 (0 = automatic)")
     if c.num_workers:
         need(c.num_envs % c.num_workers == 0, "num_workers", f"a divisor of num_envs ({c.num_envs})")
-    if c.collection == "ready-first" and c.num_envs > 1:
+    if c.collection == "ready-first" and c.num_envs > 1 and c.backend == "async":
         if (c.num_workers or default_workers(c.num_envs)) == c.num_envs:  # 0: one per core but the trainer's
             raise ConfigError(f"invalid collection='ready-first' with one env per worker process (num_workers="
                               f"num_envs={c.num_envs}{'' if c.num_workers else ' by default on this machine'}): "

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from fastrl import profile
+from fastrl import cluster, profile
 from fastrl.algos import ddqn, reinforce
 from fastrl.buffer import ReplayRing, RolloutBuffer
 from fastrl.checkpoint import make_dir
@@ -67,6 +67,9 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
         raise ConfigError(f"fastrl.train() starts env worker and evaluation processes, which a daemonic process "
                           f"({multiprocessing.current_process().name}, e.g. a multiprocessing.Pool worker) may not "
                           f"start: run it in a concurrent.futures.ProcessPoolExecutor or a multiprocessing.Process")
+    if config.backend == "ray":  # said before any work: a missing extra, a cluster that does not answer
+        cluster.import_ray()
+        cluster.check_reachable(config.ray_address)
     spec = inspect_env(config.env_id, config.env_kwargs)
     if config.algo == "reinforce" and spec.max_episode_steps is None:
         raise ConfigError(f"env {config.env_id!r} has no time limit, and REINFORCE needs episodes that end: "
@@ -146,7 +149,7 @@ def _start_and_train(config: TrainConfig, spec: EnvSpec, device: torch.device, s
     run_dir = RunDir(path, config, spec)
     # Worker processes are forked before any CUDA state exists.
     envs = make_vector_env(config.env_id, config.num_envs, config.backend, config.env_kwargs, config.num_workers,
-                           config.pin_workers)
+                           config.pin_workers, config.ray_address)
     try:
         run = Run(config, spec, device, run_dir, started, resumed=state)
     except BaseException:

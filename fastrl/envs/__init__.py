@@ -7,6 +7,7 @@ backend with NEXT_STEP autoreset (see `fastrl.envs.group`).
   process.py    an env worker process: readying it, making its envs, reporting their errors
   gym_async.py  the one place that leans on gymnasium's private AsyncVectorEnv internals
   envpool.py    the envpool backend: EnvPool's C++ envs (optional extra)
+  ray_groups.py the ray backend: env groups as Ray actors on a cluster's nodes (optional extra)
 """
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ __all__ = ["AUTORESET", "EnvSpec", "close_envs", "inspect_env", "make_vector_env
 
 
 def make_vector_env(env_id: str, num_envs: int, backend: str = "async", env_kwargs: dict | None = None,
-                    num_workers: int = 0, pin_workers: bool = True) -> gym.vector.VectorEnv:
+                    num_workers: int = 0, pin_workers: bool = True, ray_address: str = "") -> gym.vector.VectorEnv:
     """N copies of `env_id` with NEXT_STEP autoreset.
 
     async: `num_workers` processes (0 = `default_workers`), each pinned to its own core with
     `pin_workers`; num_workers == num_envs is plain AsyncVectorEnv, one process per env.
+    ray: `num_workers` Ray actors (0 = `default_workers`) on the cluster at `ray_address`.
     `copy=False` makes step() hand back the same observation buffer every time (shared
     memory for async), which the collector copies straight into its staging row.
     """
@@ -51,6 +53,10 @@ def make_vector_env(env_id: str, num_envs: int, backend: str = "async", env_kwar
         return InProcessVectorEnv(fns)
     if backend == "envpool":
         return EnvPoolVectorEnv(env_id, num_envs, env_kwargs)
+    if backend == "ray":
+        from fastrl.envs.ray_groups import RayVectorEnv  # Ray is an optional extra
+
+        return RayVectorEnv(env_id, env_kwargs, num_envs, num_workers or default_workers(num_envs), ray_address)
     raise ConfigError(f"invalid backend={backend!r}: must be {' or '.join(BACKENDS)}")
 
 

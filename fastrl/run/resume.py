@@ -21,7 +21,7 @@ from fastrl.errors import ConfigError
 # What a resumed run may set anew: budgets, checkpointing and logging. Everything else
 # would make it another experiment than the one its curves and state belong to.
 MAY_CHANGE = ("total_steps", "time_limit_s", "checkpoint_interval", "log_interval", "progress", "timers",
-              "pin_workers", "run_dir", "video")
+              "pin_workers", "run_dir", "video", "ray_address")
 
 
 def _same(a, b) -> bool:

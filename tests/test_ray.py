@@ -1,0 +1,153 @@
+"""The ray backend and Ray sweeps on a real Ray instance: a simulated two-node cluster
+(`ray.cluster_utils.Cluster`), started once for the module. Env groups must step exactly
+as the local backends do; an actor or a node that dies, and a cluster that cannot be
+reached, are one line."""
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from fastrl.buffer import ReplayRing  # noqa: E402
+from fastrl.collector import Collector  # noqa: E402
+from fastrl.envs import make_vector_env  # noqa: E402
+from fastrl.errors import ConfigError, EnvError, WorkerDied  # noqa: E402
+
+pytestmark = pytest.mark.slow
+CPU = torch.device("cpu")
+TESTS = os.path.dirname(__file__)
+# The actors are fresh processes on other "nodes": they import the test envs' module as a
+# user's would import theirs, through gymnasium's "module:env id".
+MIXED = "scripted_envs:fastrl-test/Mixed-v0"
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A head node and a second node, 2 CPUs each, on this machine."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    node = cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    env = {"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
+    ray.init(address=cluster.address, runtime_env={"env_vars": env}, logging_level="ERROR")
+    yield cluster, node
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def collect(envs, table, seed, ready_first=False, order=None):
+    """Steps `envs` with the actions of `table` [steps, N] into a ring; with ready_first,
+    group by group as they arrive (or in a scripted `order` of groups)."""
+    collector = Collector(envs, CPU, ready_first=ready_first)
+    groups = collector.groups
+    ring = ReplayRing((len(table) + 1) * envs.num_envs, envs.num_envs, collector.obs_shape, CPU, n_step=3, gamma=0.9,
+                      groups=len(groups))
+    ring.start(collector.reset(seed=seed))
+    taken = [0] * len(groups)
+    for g, cols in enumerate(groups):
+        collector.send(g, table[0, cols])
+    while min(taken) < len(table):
+        for g in ([order.pop(0)] if order else collector.ready()):
+            step = collector.receive(g)
+            ring.add(table[taken[g], groups[g]], *step[1:], step.obs, g)
+            taken[g] += 1
+            if taken[g] < len(table):
+                collector.send(g, table[taken[g], groups[g]])
+    collector.close()
+    return collector, ring
+
+
+@pytest.mark.parametrize("env_id", [MIXED, "LunarLander-v3"])
+def test_ray_env_groups_give_the_transitions_of_the_local_backend(two_nodes, env_id):
+    table = torch.randint(0, 2, (80, 4), generator=torch.Generator().manual_seed(7))
+    ref, ref_ring = collect(make_vector_env(env_id, 4, "async", None, 4), table, seed=3)
+    ray_envs = make_vector_env(env_id, 4, "ray", None, 2)
+    got, ring = collect(ray_envs, table, seed=3, ready_first=True)
+    assert ring.storage.obs.abs().sum() > 0
+    for field, x, y in zip(ring.storage._fields, ring.storage, ref_ring.storage):
+        assert torch.equal(x, y), field
+    ref_episodes = sorted(zip(*ref.pop_episodes()[:2]))
+    assert ref_episodes and sorted(zip(*got.pop_episodes()[:2])) == ref_episodes
+
+
+def test_ray_env_groups_spread_over_the_nodes(two_nodes):
+    envs = make_vector_env(MIXED, 4, "ray", None, 2)
+    envs.close()
+    assert len({node_id for _, node_id in envs.nodes}) == 2, envs.nodes
+
+
+def test_ray_groups_stepped_out_of_order_match_lockstep(two_nodes):
+    # Group 0 runs 20 steps ahead of group 1, then group 1 catches up.
+    table = torch.randint(0, 2, (40, 4), generator=torch.Generator().manual_seed(1))
+    order = [0, 0, 1] * 20 + [1] * 20
+    _, ref_ring = collect(make_vector_env(MIXED, 4, "sync"), table, seed=5)
+    _, ring = collect(make_vector_env(MIXED, 4, "ray", None, 2), table, seed=5, ready_first=True, order=order)
+    for field, x, y in zip(ring.storage._fields, ring.storage, ref_ring.storage):
+        assert torch.equal(x, y), field
+
+
+def test_ray_infos_match_plain_async(two_nodes):
+    outputs = {}
+    for backend, workers in (("async", 4), ("ray", 2)):
+        env_id = "scripted_envs:fastrl-test/Info-v0" if backend == "ray" else "fastrl-test/Info-v0"
+        envs = make_vector_env(env_id, 4, backend, num_workers=workers)
+        _, reset_info = envs.reset(seed=1)
+        infos = [reset_info] + [envs.step(np.array([0, 1, 1, 0]))[4] for _ in range(9)]
+        envs.close()
+        outputs[backend] = infos
+    assert any("t" in info for info in outputs["async"])
+    for plain, other in zip(outputs["async"], outputs["ray"]):
+        assert plain.keys() == other.keys()
+        for key in plain:
+            assert np.array_equal(plain[key], other[key]), key
+
+
+def test_an_env_error_in_a_ray_actor_is_the_env_error_with_its_traceback(two_nodes):
+    envs = make_vector_env("scripted_envs:fastrl-test/FailingStep-v0", 2, "ray", None, 2)
+    try:
+        envs.reset(seed=0)
+        with pytest.raises(EnvError) as caught:
+            for _ in range(60):  # it fails at its 31st step (resets between)
+                envs.step(np.zeros(2, np.int64))
+    finally:
+        envs.close()
+    assert "scripted_envs.py" in caught.value.trace and "\n" not in str(caught.value)
+
+
+def test_a_killed_env_actor_is_a_worker_death_in_one_line(two_nodes):
+    envs = make_vector_env(MIXED, 4, "ray", None, 2)
+    collector = Collector(envs, CPU, ready_first=True)
+    collector.reset(seed=0)
+    ray.kill(envs.actors[1])
+    with pytest.raises(WorkerDied) as caught:
+        for _ in range(5):
+            for g in range(2):
+                collector.send(g, torch.zeros(2, dtype=torch.int64))
+            for g in range(2):
+                collector.receive(g)
+    collector.close()
+    message = str(caught.value)
+    assert "env group 1" in message and "Ray actor" in message and "\n" not in message
+
+
+def test_an_unreachable_cluster_is_one_line_before_any_work(tmp_path):
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "fastrl", "train", "--env", "CartPole-v1", "--backend", "ray",
+                           "--ray-address", "127.0.0.1:9", "--run-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "cannot reach the Ray cluster at 127.0.0.1:9" in proc.stderr
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_bad_ray_address_is_refused_in_one_line():
+    from fastrl.cluster import check_reachable
+
+    with pytest.raises(ConfigError, match="invalid ray address 'nohost'"):
+        check_reachable("nohost")
