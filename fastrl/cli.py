@@ -7,17 +7,20 @@
     fastrl plot RUN_DIR [RUN_DIR ...] [--out FILE.png]   learning curves
     fastrl export RUN_DIR [--format pt2|onnx]            the greedy policy, to run without fastrl
     fastrl bench collect|learn|all [options]             throughput, side by side
+    fastrl sweep --seeds 0-4 --set lr=5e-4,1e-3 [train options] [--ray [ADDRESS]]   a grid x seeds
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import importlib
+import itertools
 import json
 import math
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, TrainConfig, make_config
@@ -96,6 +99,23 @@ def _add_train_options(parser: argparse.ArgumentParser, profiling: bool = False)
                                 help=f"{doc} (default: {shown})")
 
 
+def train_tokens(args: argparse.Namespace) -> list[str]:
+    """The train options given in `args`, written back as command-line words."""
+    words = []
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        name = _option_name(f)
+        if f.type == "bool":
+            words.append(name if value else "--no-" + name[2:])
+        elif f.type in ("tuple", "dict"):
+            words += [name, *map(str, value)]
+        else:
+            words += [name, str(value)]
+    return words
+
+
 def _presets_epilog() -> str:
     lines = ["presets (applied before your options; your options win):"]
     for (algo, env_id), values in PRESETS.items():
@@ -156,6 +176,30 @@ def build_parser() -> argparse.ArgumentParser:
     export_p.add_argument("--format", default="pt2", choices=("pt2", "onnx"), help="file format (default: pt2)")
     export_p.add_argument("--out", default=None, help="the file to write (default: policy.<format> beside the "
                                                       "checkpoint)")
+    sweep_p = sub.add_parser(
+        "sweep", help="a grid of settings x seeds, each trial a run dir; a results table and curves per setting",
+        description="Runs one fastrl train per setting and seed: on this machine, as many at once as its cores "
+                    "hold, or with --ray as Ray tasks on a cluster. A trial that dies is retried from its last "
+                    "saved state. Writes results.txt, results.json and curves.png in --out; a stopped sweep goes "
+                    "on with --resume. Any train option applies to every trial.")
+    sweep_p.add_argument("--seeds", default="0-2", help="seeds of each setting: 0-9, 0,3,7 or both (default: 0-2)")
+    sweep_p.add_argument("--set", dest="grid", action="append", default=[], metavar="NAME=V1,V2",
+                         help="a train option's values to sweep (repeat for a grid; several words for a list "
+                              "option: --set 'hidden=64 64,128 128')")
+    sweep_p.add_argument("--out", default=None, help="the sweep's folder (default: runs/sweep__<time>)")
+    sweep_p.add_argument("--parallel", type=integer, default=0,
+                         help="trials at once on this machine (default: as many as its cores hold, given each "
+                              "trial's env workers and threads)")
+    sweep_p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                         help="run each trial as a Ray task: on the cluster at ADDRESS (HOST:PORT, auto), or "
+                              "RAY_ADDRESS's, else a local Ray instance (needs the ray extra)")
+    sweep_p.add_argument("--gpus-per-trial", type=float, default=0.0, help="[--ray] GPUs (or a fraction) per trial")
+    sweep_p.add_argument("--retries", type=integer, default=2,
+                         help="times a trial whose process or node dies is resumed (default: 2)")
+    sweep_p.add_argument("--resume", metavar="SWEEP_DIR", default=None,
+                         help="go on with the stopped sweep in SWEEP_DIR: finished trials are kept, the others "
+                              "resumed from their saved state")
+    _add_train_options(sweep_p)
     bench_p = sub.add_parser(
         "bench", help="throughput: collector steps/s per backend and env count, learner updates/s per mode",
         description="collect: env steps/s into the replay ring per backend and env count, next to the raw env "
@@ -198,6 +242,42 @@ def _train(args: argparse.Namespace) -> int:
     else:
         summary = train(config_from_args(args))
     return 130 if summary["interrupted"] else 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from fastrl import sweep
+
+    for name, why in (("seed", "use --seeds"), ("run_dir", "the sweep names each trial's run dir in --out")):
+        if getattr(args, name) is not None:
+            raise ConfigError(f"invalid --{name.replace('_', '-')} for a sweep: {why}")
+    if args.resume is not None:
+        if train_tokens(args) or args.grid:
+            raise ConfigError("a resumed sweep runs the plan in its sweep.json: give --resume alone")
+        out = Path(args.resume)
+        plan = sweep.load_plan(out)
+    else:
+        if args.parallel < 0 or args.retries < 0 or args.gpus_per_trial < 0:
+            raise ConfigError(f"invalid --parallel={args.parallel}, --retries={args.retries} or --gpus-per-trial="
+                              f"{args.gpus_per_trial}: must be >= 0")
+        seeds, grid, base = sweep.parse_seeds(args.seeds), sweep.parse_grid(args.grid), train_tokens(args)
+        parser = build_parser()
+        configs = []
+        for values in itertools.product(*grid.values()):  # every setting checked before any trial starts
+            words = ["train", *base, *sweep.setting_args(dict(zip(grid, values)))]
+            configs.append(config_from_args(parser.parse_args(words)))
+        out = Path(args.out or f"runs/sweep__{time.strftime('%Y%m%d-%H%M%S')}")
+        widest = max(configs, key=sweep.trial_cpus)
+        plan = sweep.plan_sweep(out, base, widest, grid, seeds, args.parallel, args.ray, args.gpus_per_trial,
+                                args.retries)
+    try:
+        results = sweep.run_sweep(out, plan)
+    except KeyboardInterrupt:
+        print(f"sweep stopped; go on with: fastrl sweep --resume {out}", file=sys.stderr)
+        return 130
+    print(sweep.format_results(results), end="")
+    print(f"results: {out / 'results.txt'}, {out / 'results.json'}, {out / 'curves.png'}")
+    failed = [r for r in results["trials"] if r["status"] != "finished"]
+    return 1 if failed else 0
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -277,7 +357,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import time
 
     from fastrl.bench import run_bench
 
@@ -331,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _import_holding_ctrl_c("fastrl.training")
         commands = {"train": _train, "profile": _profile, "eval": _eval, "plot": _plot, "export": _export,
-                    "bench": _bench}
+                    "bench": _bench, "sweep": _sweep}
         return commands[args.command](args)
     except ConfigError as exc:
         print(f"fastrl {args.command}: error: {exc}", file=sys.stderr)

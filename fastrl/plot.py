@@ -87,9 +87,11 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot(run_dirs: list[str | os.PathLike], out: str | os.PathLike, x: str = "steps", window: int = 100,
-         title: str | None = None) -> Path:
+         title: str | None = None, labels: dict[str, str] | None = None) -> Path:
     """Draws the runs' curves into the PNG `out` (written atomically); returns its path.
-    Runs that share a setting are drawn as one median curve with its interquartile band."""
+    Runs that share a setting are drawn as one median curve with its interquartile band.
+    `labels` (run dir -> a setting's name, as a sweep gives them): the runs to draw as one,
+    and what to call them."""
     if x not in X_AXES:
         raise ConfigError(f"invalid x={x!r}: must be {' or '.join(X_AXES)}")
     if window < 1:
@@ -102,13 +104,16 @@ def plot(run_dirs: list[str | os.PathLike], out: str | os.PathLike, x: str = "st
     import matplotlib.pyplot as plt
 
     settings: dict[str, list[Curves]] = {}
-    for run in runs:
-        settings.setdefault(run.setting or run.name, []).append(run)
+    for run_dir, run in zip(run_dirs, runs):
+        settings.setdefault(labels[str(run_dir)] if labels else run.setting or run.name, []).append(run)
     fig, ax = plt.subplots(figsize=(9, 5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, group in enumerate(settings.values()):
+    for i, (key, group) in enumerate(settings.items()):
         colour = colours[i % len(colours)]
-        label = group[0].name if len(group) == 1 else f"{group[0].name} and {len(group) - 1} more (median, IQR)"
+        if labels:
+            label = f"{key} ({len(group)} seeds: median, IQR)" if len(group) > 1 else key
+        else:
+            label = group[0].name if len(group) == 1 else f"{group[0].name} and {len(group) - 1} more (median, IQR)"
 
         def xs(run: Curves, steps: np.ndarray) -> np.ndarray:
             return steps.astype(float) if x == "steps" else run.wall(steps)
