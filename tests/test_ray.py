@@ -2,6 +2,7 @@
 (`ray.cluster_utils.Cluster`), started once for the module. Env groups must step exactly
 as the local backends do; an actor or a node that dies, and a cluster that cannot be
 reached, are one line."""
+import json
 import os
 import subprocess
 import sys
@@ -152,3 +153,53 @@ def test_a_bad_ray_address_is_refused_in_one_line():
 
     with pytest.raises(ConfigError, match="invalid ray address 'nohost'"):
         check_reachable("nohost")
+
+
+def test_a_ray_sweep_runs_the_grid_as_tasks_and_tables_it_as_a_local_one(two_nodes, tmp_path):
+    from test_sweep import QUICK, check_results, fastrl
+
+    cluster, _ = two_nodes
+    out = tmp_path / "sweep"
+    proc = fastrl("sweep", "--ray", cluster.address, "--seeds", "0-2", "--set", "lr=5e-4,1e-3", "--out", str(out),
+                  *QUICK)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "as Ray tasks (1 CPUs each)" in proc.stdout
+    check_results(out, ["lr=5e-4", "lr=1e-3"], [0, 1, 2])
+
+
+def test_a_ray_trial_killed_mid_run_is_retried_from_its_checkpoint(two_nodes, tmp_path):
+    from test_sweep import QUICK, check_results, pid_of_trial, wait_for
+
+    cluster, _ = two_nodes
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "fastrl", "sweep", "--ray", cluster.address, "--seeds", "4", "--out", str(out),
+           *QUICK, "--total-steps", "8000", "--checkpoint-interval", "1000steps"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = out / "default" / "seed4"
+    wait_for(lambda: (run_dir / "state.pt").exists(), 120, "the trial's first saved state")
+    os.kill(wait_for(lambda: pid_of_trial(run_dir), 10, "the trial's process"), 9)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr + stdout
+    assert "retrying from its last saved state" in stdout
+    row = check_results(out, ["default"], [4])["trials"][0]
+    assert row["processes"] == 2 and json.loads((run_dir / "summary.json").read_text())["resumes"] == 1
+
+
+def test_training_with_env_groups_on_two_nodes_and_a_resume(two_nodes, tmp_path):
+    cluster, _ = two_nodes
+    run = tmp_path / "run"
+    common = ["--ray-address", cluster.address, "--no-progress"]
+    cmd = [sys.executable, "-m", "fastrl", "train", "--env", "CartPole-v1", "--backend", "ray", "--num-workers", "2",
+           "--learner", "eager", "--total-steps", "4000", "--eval-interval", "2000", "--eval-episodes", "5",
+           "--run-dir", str(run), *common]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert config["backend"] == "ray" and config["collection"] == "ready-first"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["env_steps"] >= 4000 and summary["error"] is None
+    proc = subprocess.run([sys.executable, "-m", "fastrl", "train", "--resume", str(run), "--total-steps", "6000",
+                           *common], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["env_steps"] >= 6000 and summary["resumes"] == 1
