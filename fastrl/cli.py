@@ -253,19 +253,25 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if train_tokens(args) or args.grid:
             raise ConfigError("a resumed sweep runs the plan in its sweep.json: give --resume alone")
-        out = Path(args.resume)
+        out = Path(args.resume).absolute()
         plan = sweep.load_plan(out)
     else:
         if args.parallel < 0 or args.retries < 0 or args.gpus_per_trial < 0:
             raise ConfigError(f"invalid --parallel={args.parallel}, --retries={args.retries} or --gpus-per-trial="
                               f"{args.gpus_per_trial}: must be >= 0")
         seeds, grid, base = sweep.parse_seeds(args.seeds), sweep.parse_grid(args.grid), train_tokens(args)
+        if args.ray is not None:  # said before the sweep's folder is made
+            from fastrl import cluster
+
+            cluster.import_ray()
+            cluster.check_reachable(args.ray)
         parser = build_parser()
         configs = []
         for values in itertools.product(*grid.values()):  # every setting checked before any trial starts
             words = ["train", *base, *sweep.setting_args(dict(zip(grid, values)))]
             configs.append(config_from_args(parser.parse_args(words)))
-        out = Path(args.out or f"runs/sweep__{time.strftime('%Y%m%d-%H%M%S')}")
+        # Absolute: a trial may run as a Ray task in another working directory, or on another node.
+        out = Path(args.out or f"runs/sweep__{time.strftime('%Y%m%d-%H%M%S')}").absolute()
         widest = max(configs, key=sweep.trial_cpus)
         plan = sweep.plan_sweep(out, base, widest, grid, seeds, args.parallel, args.ray, args.gpus_per_trial,
                                 args.retries)

@@ -241,7 +241,7 @@ class RayTrials:
             trial = self.running.pop(ref)
             try:
                 out.append((trial, ray.get(ref)))
-            except (ray.exceptions.RayError, ray.exceptions.RayTaskError) as exc:  # its node or worker died
+            except ray.exceptions.RayError as exc:  # its node or its worker died
                 with open(trial.log, "a") as log:
                     log.write(f"\n=== the Ray task ended: {str(exc).strip().splitlines()[0]}\n")
                 out.append((trial, -1))
@@ -281,6 +281,8 @@ def run_sweep(out: Path, plan: dict, say=print) -> dict:
     say(f"sweep: {len(todo)} trials {where}; results in {out}")
     started = time.monotonic()
     queue = list(todo)
+    # SIGTERM (a scheduler's, a container's) stops the sweep as Ctrl-C does: its trials save.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         while queue or pool.running:
             while queue and len(pool.running) < pool.slots:
@@ -308,11 +310,16 @@ def run_sweep(out: Path, plan: dict, say=print) -> dict:
         write_results(out, trials)
         raise
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if isinstance(pool, RayTrials):
             pool.close()
     results = write_results(out, trials)
     draw_curves(out, trials)
     return results
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
 
 
 def plan_sweep(out: Path, train_args: list[str], config: TrainConfig, grid: dict, seeds: list[int],

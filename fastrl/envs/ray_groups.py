@@ -31,7 +31,7 @@ from gymnasium.vector.utils import batch_space
 from fastrl import cluster
 from fastrl.envs.group import AUTORESET, InProcessVectorEnv, merge_infos
 from fastrl.envs.spec import make_env
-from fastrl.envs.workers import _STEP, StepRequest, receive
+from fastrl.envs.workers import _STEP, GroupedVectorEnv, StepRequest, receive
 from fastrl.errors import EnvCloseError, EnvError, WorkerDied
 from fastrl.system import cpu_cores
 
@@ -126,7 +126,7 @@ class EnvGroupActor:
             conn.close()
 
 
-class RayVectorEnv(gym.vector.VectorEnv):
+class RayVectorEnv(GroupedVectorEnv):
     """`num_envs` envs in `num_workers` Ray actors (one CPU each, spread over the nodes),
     an equal group per actor, on the cluster at `address` (see `fastrl.cluster.connect`:
     empty = RAY_ADDRESS's, else a local instance started here and shut down on close)."""
@@ -155,9 +155,8 @@ class RayVectorEnv(gym.vector.VectorEnv):
         self.metadata = {**metadata, "autoreset_mode": AUTORESET}
         self.observation_space = batch_space(obs_space, num_envs)
         self.action_space = batch_space(act_space, num_envs)
-        self._requests = [StepRequest(G) for _ in range(num_workers)]
+        self._init_groups()
         self._replies = [StepReply(G, obs_space.shape, obs_space.dtype) for _ in range(num_workers)]
-        self._pending = [False] * num_workers  # group w owes a step reply
         # step_wait()'s arrays [N]: every group's reply copied in, no allocation
         self._obs = np.zeros(self.observation_space.shape, self.observation_space.dtype)
         self._rewards = np.zeros(num_envs, np.float64)
@@ -236,11 +235,6 @@ class RayVectorEnv(gym.vector.VectorEnv):
             infos = merge_infos(self, pairs, infos, w * G)
         return self._obs, infos
 
-    def step_async(self, actions) -> None:
-        actions = np.asarray(actions).reshape(self.num_workers, self.group_size)
-        for w in range(self.num_workers):
-            self.send_group(w, actions[w])
-
     def step_wait(self, timeout: float | None = None):
         if not any(self._pending):
             raise gym.error.NoAsyncCallError("Calling `step_wait` without any prior call to `step_async`", "step")
@@ -254,27 +248,12 @@ class RayVectorEnv(gym.vector.VectorEnv):
                 infos = merge_infos(self, pairs, infos, w * G)
         return self._obs, self._rewards, self._terminated, self._truncated, infos
 
-    def send_group(self, w: int, actions) -> None:
-        """Sends group w its actions [G] (no step of that group may be pending)."""
-        if self.closed:
-            raise gym.error.ClosedEnvironmentError("RayVectorEnv: a step after close()")
-        if self._pending[w]:
-            raise gym.error.AlreadyPendingCallError(f"env group {w} is still stepping", "step")
-        request = self._requests[w]
-        request.actions[:] = actions
-        try:
-            self.conns[w].send_bytes(request.buffer)
-        except (OSError, EOFError):
-            raise self._died(w) from None
-        self._pending[w] = True
+    @property
+    def channels(self) -> list:
+        return self.conns
 
-    def ready_groups(self) -> list[int]:
-        """The groups whose step has arrived, waiting until there is at least one."""
-        pending = [conn for w, conn in enumerate(self.conns) if self._pending[w]]
-        if not pending:
-            raise gym.error.NoAsyncCallError("Calling `ready_groups` without any step in flight", "step")
-        ready = mpc.wait(pending)
-        return [w for w, conn in enumerate(self.conns) if conn in ready]
+    def _send_failed(self, w: int, exc: OSError) -> Exception:
+        return self._died(w)
 
     def recv_group(self, w: int):
         """Group w's step: (obs [G, *obs], rewards, terminated, truncated, its (env-in-group,
@@ -286,10 +265,6 @@ class RayVectorEnv(gym.vector.VectorEnv):
         if result is not None:  # pickled: a step with infos
             reply.obs[:], reply.rewards[:], reply.terminated[:], reply.truncated[:], pairs = result
         return reply.obs, reply.rewards, reply.terminated, reply.truncated, pairs
-
-    def step(self, actions):
-        self.step_async(actions)
-        return self.step_wait()
 
     def close_extras(self, timeout: float | None = None, terminate: bool = False) -> None:
         """Closes the envs (unless `terminate`: a forced stop, or a reply that may be half

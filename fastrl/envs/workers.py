@@ -3,7 +3,9 @@
 env. Step messages are raw bytes, not pickles, and each worker runs the autoresets of
 ended episodes right after replying, while the trainer works. A worker's group can also
 be stepped on its own (`send_group`, `ready_groups`, `recv_group`), for a collector that
-acts on each group as soon as it is ready.
+acts on each group as soon as it is ready. `GroupedVectorEnv` holds that per-group
+stepping, shared with the ray backend (`fastrl.envs.ray_groups`), whose groups talk the
+same raw step messages over TCP.
 
 Process start, reset, close and error reports ride on gymnasium's AsyncVectorEnv
 (through `fastrl.envs.gym_async`, the one place that touches its internals).
@@ -132,7 +134,62 @@ def _pack(infos: list[tuple[int, dict]]) -> dict:
     return {_GROUP_INFOS: tuple(infos)} if infos else {}
 
 
-class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
+class GroupedVectorEnv(gym.vector.VectorEnv):
+    """Envs in `num_workers` groups of `group_size`, one connection per group (a worker's
+    pipe, a Ray actor's socket: multiprocessing Connections both), each group stepped by
+    a raw step message: the sending and waiting that the grouped async and the ray
+    backends share. A subclass sets those counts and `channels`, calls `_init_groups()`,
+    and reads the replies (`recv_group`)."""
+
+    channels: list  # the trainer's end of each group's connection
+
+    def _init_groups(self) -> None:
+        self._requests = [StepRequest(self.group_size) for _ in range(self.num_workers)]
+        self._pending = [False] * self.num_workers  # group w owes a step reply
+
+    def _send_failed(self, w: int, exc: OSError) -> Exception:
+        """The error for a step message to group w that could not be sent."""
+        return exc
+
+    def step_async(self, actions) -> None:
+        if any(self._pending):
+            raise gym.error.AlreadyPendingCallError("Calling `step_async` while waiting for a pending call to "
+                                                    "`step`", "step")
+        actions = np.asarray(actions).reshape(self.num_workers, self.group_size)
+        for w in range(self.num_workers):
+            self.send_group(w, actions[w])
+
+    # Per group, for a collector that acts on each group as soon as it has stepped,
+    # without waiting for the others (step_async/step_wait are these for every group).
+
+    def send_group(self, w: int, actions) -> None:
+        """Sends group w its actions [G] (no step of that group may be pending)."""
+        if self.closed:
+            raise gym.error.ClosedEnvironmentError(f"{type(self).__name__}: a step after close()")
+        if self._pending[w]:
+            raise gym.error.AlreadyPendingCallError(f"env group {w} is still stepping", "step")
+        request = self._requests[w]
+        request.actions[:] = actions
+        try:
+            self.channels[w].send_bytes(request.buffer)
+        except OSError as exc:
+            raise self._send_failed(w, exc) from None
+        self._pending[w] = True
+
+    def ready_groups(self) -> list[int]:
+        """The groups whose step reply has arrived, waiting until there is at least one."""
+        pending = [channel for w, channel in enumerate(self.channels) if self._pending[w]]
+        if not pending:
+            raise gym.error.NoAsyncCallError("Calling `ready_groups` without any step in flight", "step")
+        ready = multiprocessing.connection.wait(pending)
+        return [w for w, channel in enumerate(self.channels) if channel in ready]
+
+    def step(self, actions):
+        self.step_async(actions)
+        return self.step_wait()
+
+
+class GroupedAsyncVectorEnv(GroupedVectorEnv):
     """`len(env_fns)` envs in `num_workers` AsyncVectorEnv worker processes, an equal
     group per worker. Env i is env i % G of worker i // G; it gets seed `seed + i`, as
     in plain AsyncVectorEnv, so both give identical transitions.
@@ -156,9 +213,8 @@ class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
         self.workers = QuietAsyncVectorEnv(groups, shared_memory=True, copy=False, worker=_group_worker)
         # [W, G, *obs] in shared memory, seen as [N, *obs] without a copy.
         self._obs = self.workers.observations.reshape(self.num_envs, *self.single_observation_space.shape)
-        self._requests = [StepRequest(G) for _ in range(num_workers)]
+        self._init_groups()
         self._replies = [StepReply(G) for _ in range(num_workers)]
-        self._pending = [False] * num_workers  # worker w owes a step reply
         # step_wait()'s rewards, terminated, truncated [N]: every worker's reply copied in, no allocation
         self._results = (np.zeros(self.num_envs, np.float64), np.zeros(self.num_envs, np.bool_),
                          np.zeros(self.num_envs, np.bool_))
@@ -174,14 +230,6 @@ class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
                                       options=options)
         infos_by_worker = infos.get(_GROUP_INFOS, [None] * self.num_workers)
         return self._obs, self._merge_group_infos(enumerate(infos_by_worker), {})
-
-    def step_async(self, actions) -> None:
-        if any(self._pending):
-            raise gym.error.AlreadyPendingCallError("Calling `step_async` while waiting for a pending call to "
-                                                    "`step`", "step")
-        actions = np.asarray(actions).reshape(self.num_workers, self.group_size)
-        for w in range(self.num_workers):
-            self.send_group(w, actions[w])
 
     def step_wait(self, timeout: float | None = None):
         if not any(self._pending):
@@ -202,28 +250,6 @@ class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
         np.concatenate([r.truncated for r in replies], out=truncated)
         return self._obs, rewards, terminated, truncated, infos
 
-    # Per worker, for a collector that acts on each group as soon as it has stepped,
-    # without waiting for the others (step_async/step_wait are these for every worker).
-
-    def send_group(self, w: int, actions) -> None:
-        """Sends worker w its group's actions [G] (no step of that worker may be pending)."""
-        if self.closed:
-            raise gym.error.ClosedEnvironmentError("GroupedAsyncVectorEnv: a step after close()")
-        if self._pending[w]:
-            raise gym.error.AlreadyPendingCallError(f"worker {w} is still stepping", "step")
-        request = self._requests[w]
-        request.actions[:] = actions
-        self.workers.parent_pipes[w].send_bytes(request.buffer)
-        self._pending[w] = True
-
-    def ready_groups(self) -> list[int]:
-        """The workers whose step reply has arrived, waiting until there is at least one."""
-        pending = [pipe for w, pipe in enumerate(self.workers.parent_pipes) if self._pending[w]]
-        if not pending:
-            raise gym.error.NoAsyncCallError("Calling `ready_groups` without any step in flight", "step")
-        ready = multiprocessing.connection.wait(pending)
-        return [w for w, pipe in enumerate(self.workers.parent_pipes) if pipe in ready]
-
     def recv_group(self, w: int):
         """Worker w's step: (obs [G, *obs] in shared memory, rewards, terminated, truncated,
         its (env-in-group, info) pairs); the arrays are reused by its next step. Raises the
@@ -240,9 +266,9 @@ class GroupedAsyncVectorEnv(gym.vector.VectorEnv):
             pairs = group_infos[_GROUP_INFOS]
         return self._obs[w * G:(w + 1) * G], reply.rewards, reply.terminated, reply.truncated, pairs
 
-    def step(self, actions):
-        self.step_async(actions)
-        return self.step_wait()
+    @property
+    def channels(self) -> list:
+        return self.workers.parent_pipes
 
     @property
     def processes(self) -> list:
