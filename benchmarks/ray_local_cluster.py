@@ -32,7 +32,7 @@ def main() -> int:
     for _ in range(args.nodes - 1):
         cluster.add_node(num_cpus=args.cpus)
     cluster.wait_for_nodes()
-    print(f"a Ray cluster of {args.nodes} nodes x {args.cpus} CPUs at {cluster.address}", flush=True)
+    print(f"a Ray cluster of {args.nodes} nodes, {args.cpus} CPU(s) each, at {cluster.address}", flush=True)
     try:
         started = time.perf_counter()
         code = subprocess.call(command, env={**os.environ, "RAY_ADDRESS": cluster.address})

@@ -272,12 +272,13 @@ def run_sweep(out: Path, plan: dict, say=print) -> dict:
     todo = [t for t in trials if not t.finished()]
     if len(todo) < len(trials):
         say(f"{len(trials) - len(todo)} of {len(trials)} trials already finished")
+    cpus = f"{plan['trial_cpus']} CPU{'s' if plan['trial_cpus'] > 1 else ''} each"
     if plan["ray"] is not None:
         pool = RayTrials(plan["ray"], plan["trial_cpus"], plan["gpus_per_trial"])
-        where = f"as Ray tasks ({plan['trial_cpus']} CPUs each)"
+        where = f"as Ray tasks ({cpus})"
     else:
         pool = LocalTrials(plan["parallel"])
-        where = f"{plan['parallel']} at a time ({plan['trial_cpus']} cores each of {cpu_capacity():g})"
+        where = f"{plan['parallel']} at a time ({cpus}, of {cpu_capacity():g} here)"
     say(f"sweep: {len(todo)} trials {where}; results in {out}")
     started = time.monotonic()
     queue = list(todo)

@@ -5,6 +5,7 @@ import json
 import multiprocessing
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -186,22 +187,29 @@ def test_every_command_in_the_readmes_is_accepted(capsys):
     values pass validation: a renamed option or a changed rule fails here, not for the user."""
     parser, failures = build_parser(), []
     commands = readme_commands()
+
+    def check_fastrl(words: list[str]) -> None:
+        if words[-1] != "--help":
+            args = parser.parse_args(words[1:])
+            if args.command in ("train", "profile"):
+                config_from_args(args)
+
     for name, command in commands:
-        words = command.split()
+        words = shlex.split(command)
         try:
             if words[0] == "fastrl":
-                if words[-1] != "--help":
-                    args = parser.parse_args(words[1:])
-                    if args.command in ("train", "profile"):
-                        config_from_args(args)
-            else:  # python benchmarks/<script>.py [its options] [-- fastrl train options]
+                check_fastrl(words)
+            else:  # python benchmarks/<script>.py [its options] [-- fastrl train options, or a whole command]
                 script, rest = words[1], words[2:]
-                own, train = (rest[:rest.index("--")], rest[rest.index("--") + 1:]) if "--" in rest else (rest, [])
+                own, after = (rest[:rest.index("--")], rest[rest.index("--") + 1:]) if "--" in rest else (rest, [])
                 with open(os.path.join(REPO, script)) as f:
                     source = f.read()
                 unknown = [w for w in own if w.startswith("--") and f'"{w}"' not in source]
                 assert not unknown, f"{script} has no option {unknown}"
-                config_from_args(parser.parse_args(["train", *train]))
+                if after[:1] == ["fastrl"]:  # benchmarks/ray_local_cluster.py runs a command
+                    check_fastrl(after)
+                else:
+                    config_from_args(parser.parse_args(["train", *after]))
         except (SystemExit, AssertionError, ConfigError, OSError) as exc:
             failures.append(f"{name}: {command}: {capsys.readouterr().err.strip() or exc}")
     assert len(commands) >= 40 and sum(c.startswith("python") for _, c in commands) >= 10  # the search finds them

@@ -163,7 +163,7 @@ def test_a_ray_sweep_runs_the_grid_as_tasks_and_tables_it_as_a_local_one(two_nod
     proc = fastrl("sweep", "--ray", cluster.address, "--seeds", "0-2", "--set", "lr=5e-4,1e-3", "--out", str(out),
                   *QUICK)
     assert proc.returncode == 0, proc.stderr + proc.stdout
-    assert "as Ray tasks (1 CPUs each)" in proc.stdout
+    assert "as Ray tasks (1 CPU each)" in proc.stdout
     check_results(out, ["lr=5e-4", "lr=1e-3"], [0, 1, 2])
 
 
@@ -203,3 +203,37 @@ def test_training_with_env_groups_on_two_nodes_and_a_resume(two_nodes, tmp_path)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["env_steps"] >= 6000 and summary["resumes"] == 1
+
+
+def actor_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if f.read().startswith(b"ray::EnvGroupActor"):
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def test_an_env_actor_that_dies_mid_run_stops_the_run_saved_in_one_line(two_nodes, tmp_path):
+    cluster, _ = two_nodes
+    run = tmp_path / "run"
+    before = set(actor_pids())
+    proc = subprocess.Popen([sys.executable, "-m", "fastrl", "train", "--env", "CartPole-v1", "--backend", "ray",
+                             "--num-workers", "2", "--learner", "eager", "--total-steps", "1000000",
+                             "--checkpoint-interval", "2000steps", "--eval-interval", "0", "--run-dir", str(run),
+                             "--ray-address", cluster.address, "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "state.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.kill((set(actor_pids()) - before).pop(), 9)  # one of this run's env groups: a crashed process, a lost node
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("fastrl train: error: env group ") and "(a Ray actor on node " in last, stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert "ended unexpectedly" in summary["error"] and summary["state"] and (run / "state.pt").exists()
