@@ -9,10 +9,17 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+# Set while this process is being stopped (by fastrl.run.signals.StopRequest). A Ctrl-C
+# reaches the whole process group, inductor's C++ compiler processes too: a compile that
+# fails then was most likely cut short by the stop, and compiling again another way
+# would keep the stop waiting for a second compile from scratch.
+STOPPING = threading.Event()
 
 
 def _warn(message: str) -> None:
@@ -46,7 +53,8 @@ def compile_fn(fn: Callable, enabled: bool = True, device: torch.device | None =
     its kernels (inductor's `cpp_wrapper`): the same kernels and results, with less Python
     per step (benchmarks/compile_wrapper.py measures the gain). If compiling fails on this machine (e.g. no C++
     compiler), it warns once per failure and runs `fn` the next way: compiled without the
-    C++ wrapper, then eagerly."""
+    C++ wrapper, then eagerly. While the process stops (`STOPPING`), a failed compile goes
+    straight to eager: the stop's signal may have killed the compiler."""
     if not enabled:
         return fn
     use_kernel_cache()
@@ -67,8 +75,11 @@ def compile_fn(fn: Callable, enabled: bool = True, device: torch.device | None =
                 return current(*args, **kwargs)
             except Exception as exc:  # compile failures surface on the first call
                 ways.pop(0)
+                if STOPPING.is_set():
+                    del ways[:-1]  # eagerly
+                how = "eagerly, as the run is stopping" if STOPPING.is_set() else ways[0][1]
                 _warn(f"{what} failed for {getattr(fn, '__name__', 'fn')} ({type(exc).__name__}: "
-                      f"{_first_line(exc)}); running it {ways[0][1]}")
+                      f"{_first_line(exc)}); running it {how}")
 
     return call
 

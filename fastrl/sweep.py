@@ -36,6 +36,7 @@ from fastrl.system import cpu_capacity, default_workers
 SWEEP_FILE = "sweep.json"
 STOP_GRACE_S = 60.0  # a stopped sweep waits this long for its trials to save, then ends them
 EXIT_CONFIG_ERROR = 2  # fastrl train's exit code for a bad setting: retrying cannot help
+TASK_LOST = -1000  # the "exit code" of a trial whose Ray task died (its node or its Ray worker lost)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -244,7 +245,7 @@ class RayTrials:
             except ray.exceptions.RayError as exc:  # its node or its worker died
                 with open(trial.log, "a") as log:
                     log.write(f"\n=== the Ray task ended: {str(exc).strip().splitlines()[0]}\n")
-                out.append((trial, -1))
+                out.append((trial, TASK_LOST))
         return out
 
     def stop(self) -> list[tuple[Trial, int]]:
@@ -256,7 +257,7 @@ class RayTrials:
             try:
                 out.append((trial, ray.get(ref, timeout=STOP_GRACE_S + 10)))
             except Exception:
-                out.append((trial, -1))
+                out.append((trial, TASK_LOST))
         self.running = {}
         return out
 
@@ -282,6 +283,23 @@ def run_sweep(out: Path, plan: dict, say=print) -> dict:
     say(f"sweep: {len(todo)} trials {where}; results in {out}")
     started = time.monotonic()
     queue = list(todo)
+
+    def report(trial: Trial, code: int) -> None:
+        """Says how the trial's process ended; queues it again if it died and may be retried."""
+        if trial.finished():
+            s = trial.summary()
+            solved = f"solved in {s['solve_wall_s']:.1f} s" if s["solved"] else "not solved"
+            say(f"  {trial.name}: {solved}, final eval {s['final_eval_mean']:.1f} "
+                f"[{time.monotonic() - started:.0f} s]")
+            return
+        how = "its Ray task was lost" if code == TASK_LOST else f"exit code {code}"
+        if code != EXIT_CONFIG_ERROR and trial.attempts <= plan["retries"]:
+            say(f"  {trial.name}: ended ({how}); retrying from its last saved state "
+                f"(retry {trial.attempts} of {plan['retries']}; see {trial.log})")
+            queue.insert(0, trial)
+        else:
+            say(f"  {trial.name}: failed ({how}; see {trial.log})")
+
     # SIGTERM (a scheduler's, a container's) stops the sweep as Ctrl-C does: its trials save.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -292,17 +310,7 @@ def run_sweep(out: Path, plan: dict, say=print) -> dict:
                 pool.start(trial, trial.command(plan["train_args"]))
             for trial, code in pool.wait():
                 trial.returncode = code
-                if trial.finished():
-                    s = trial.summary()
-                    solved = f"solved in {s['solve_wall_s']:.1f} s" if s["solved"] else "not solved"
-                    say(f"  {trial.name}: {solved}, final eval {s['final_eval_mean']:.1f} "
-                        f"[{time.monotonic() - started:.0f} s]")
-                elif code != EXIT_CONFIG_ERROR and trial.attempts <= plan["retries"]:
-                    say(f"  {trial.name}: ended with exit code {code}; retrying from its last saved state "
-                        f"(retry {trial.attempts} of {plan['retries']}; see {trial.log})")
-                    queue.insert(0, trial)
-                else:
-                    say(f"  {trial.name}: failed with exit code {code} (see {trial.log})")
+                report(trial, code)
                 write_results(out, trials)
     except KeyboardInterrupt:
         say("sweep: stopping; each running trial saves its state")
@@ -315,7 +323,10 @@ def run_sweep(out: Path, plan: dict, say=print) -> dict:
         if isinstance(pool, RayTrials):
             pool.close()
     results = write_results(out, trials)
-    draw_curves(out, trials)
+    try:
+        draw_curves(out, trials)
+    except Exception as exc:  # a plot is not worth a failed sweep (no episode ended, a full disk)
+        say(f"fastrl: warning: no curves.png: {exc}")
     return results
 
 

@@ -56,6 +56,44 @@ def test_a_failing_compile_falls_back_one_way_at_a_time_and_says_so_once(monkeyp
         "eagerly"]
 
 
+@pytest.mark.slow
+def test_a_compile_that_fails_while_the_run_stops_runs_eagerly_at_once(monkeypatch, capsys):
+    """A Ctrl-C reaches inductor's compiler processes too: the compile it kills must not be
+    followed by a second compile from scratch, which the stop would wait for."""
+    tried = []
+
+    def compile_killed_by_the_stop(fn, **kwargs):
+        def call(*args):
+            tried.append(kwargs.get("options", {}).get("cpp_wrapper", False))
+            raise RuntimeError("C++ compile error: g++ died with <Signals.SIGINT: 2>")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", compile_killed_by_the_stop)
+    x = torch.arange(3.0)
+    fn = accel.compile_fn(lambda v: v * 2, device=torch.device("cpu"))
+    monkeypatch.setattr(accel, "STOPPING", accel.threading.Event())
+    accel.STOPPING.set()
+    assert torch.equal(fn(x), x * 2) and torch.equal(fn(x), x * 2)
+    assert tried == [True]  # the C++-wrapper compile only: no second compile without the wrapper
+    assert capsys.readouterr().err.splitlines() == [
+        "fastrl: torch.compile with the C++ wrapper failed for <lambda> (RuntimeError: C++ compile error: g++ died "
+        "with <Signals.SIGINT: 2>); running it eagerly, as the run is stopping"]
+
+
+def test_a_stop_request_marks_the_process_stopping_until_it_is_uninstalled():
+    import signal
+
+    from fastrl.run.signals import StopRequest
+
+    stop = StopRequest()
+    with stop.installed():
+        assert not accel.STOPPING.is_set()
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested and accel.STOPPING.is_set()
+    assert not accel.STOPPING.is_set()
+
+
 def test_compiled_kernels_are_kept_in_the_users_cache_unless_the_user_chose_a_folder(monkeypatch, tmp_path):
     """torch's default under /tmp is emptied by a reboot, and the next run compiles cold."""
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)

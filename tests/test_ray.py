@@ -237,3 +237,28 @@ def test_an_env_actor_that_dies_mid_run_stops_the_run_saved_in_one_line(two_node
     assert last.startswith("fastrl train: error: env group ") and "(a Ray actor on node " in last, stderr
     summary = json.loads((run / "summary.json").read_text())
     assert "ended unexpectedly" in summary["error"] and summary["state"] and (run / "state.pt").exists()
+
+
+def test_a_ray_trial_whose_ray_worker_dies_is_retried_and_its_run_dies_with_it(two_nodes, tmp_path):
+    # The Ray worker running a trial's task is killed (as when its node is lost): the
+    # task fails, its `fastrl train` dies with it, and the sweep resumes the trial.
+    from test_sweep import QUICK, check_results, pid_of_trial, wait_for
+
+    cluster, _ = two_nodes
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "fastrl", "sweep", "--ray", cluster.address, "--seeds", "5", "--out", str(out),
+           *QUICK, "--total-steps", "8000", "--checkpoint-interval", "1000steps"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = out / "default" / "seed5"
+    wait_for(lambda: (run_dir / "state.pt").exists(), 120, "the trial's first saved state")
+    trainer = wait_for(lambda: pid_of_trial(run_dir), 10, "the trial's process")
+    with open(f"/proc/{trainer}/stat") as f:
+        task_worker = int(f.read().rsplit(")", 1)[1].split()[1])  # its parent: the Ray worker
+    os.kill(task_worker, 9)
+    wait_for(lambda: not os.path.exists(f"/proc/{trainer}") or open(f"/proc/{trainer}/stat").read().split()[2] == "Z",
+             10, "the trial's process to die with its Ray worker")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr + stdout
+    assert "ended (its Ray task was lost); retrying from its last saved state" in stdout
+    row = check_results(out, ["default"], [5])["trials"][0]
+    assert row["processes"] == 2 and json.loads((run_dir / "summary.json").read_text())["resumes"] == 1

@@ -117,7 +117,7 @@ def test_a_killed_trial_is_retried_from_its_checkpoint_and_finishes(tmp_path):
     os.kill(wait_for(lambda: pid_of_trial(run_dir), 10, "the trial's process"), signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr + stdout
-    assert "exit code -9; retrying from its last saved state" in stdout
+    assert "ended (exit code -9); retrying from its last saved state" in stdout
     results = check_results(out, ["default"], [3])
     row = results["trials"][0]
     summary = json.loads((run_dir / "summary.json").read_text())

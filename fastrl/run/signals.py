@@ -6,6 +6,8 @@ import signal
 import threading
 from typing import Callable
 
+from fastrl import accel
+
 
 class StopRequest:
     """While installed, Ctrl-C (SIGINT) or SIGTERM (`kill`, a scheduler's preemption) asks
@@ -43,6 +45,7 @@ class StopRequest:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            accel.STOPPING.clear()  # the next run in this process (a sweep, a notebook) starts afresh
 
     @contextlib.contextmanager
     def forced_after_grace(self):
@@ -64,6 +67,7 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        accel.STOPPING.set()  # a compile the signal cut short is not started again another way
         forced = (signum == signal.SIGTERM and self._in_grace_scope
                   and signal.getsignal(signal.SIGALRM) == self._handle)
         if forced:
