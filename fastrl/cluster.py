@@ -26,7 +26,7 @@ def import_ray() -> ModuleType:
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """A ConfigError if nothing answers at `address` (host:port of a Ray head's GCS): said
-    in a second, where ray.init would retry for a minute before failing in many lines."""
+    at once, where ray.init would retry for a long while before failing in many lines."""
     if address in ("", "auto", "local") or address.startswith("ray://"):
         return  # "auto" reads the address of a cluster started on this machine; ray:// is Ray Client's
     host, sep, port = address.rpartition(":")

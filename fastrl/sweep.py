@@ -35,6 +35,7 @@ from fastrl.system import cpu_capacity, default_workers
 
 SWEEP_FILE = "sweep.json"
 STOP_GRACE_S = 60.0  # a stopped sweep waits this long for its trials to save, then ends them
+PROGRESS_S = 60.0  # a progress line when no trial has ended for this long
 EXIT_CONFIG_ERROR = 2  # fastrl train's exit code for a bad setting: retrying cannot help
 TASK_LOST = -1000  # the "exit code" of a trial whose Ray task died (its node or its Ray worker lost)
 
@@ -194,10 +195,12 @@ class LocalTrials:
     def start(self, trial: Trial, args: list[str]) -> None:
         self.running[start_trial(args, trial.log, _die_with_parent)] = trial
 
-    def wait(self) -> list[tuple[Trial, int]]:
+    def wait(self, timeout: float) -> list[tuple[Trial, int]]:
+        """The trials whose process ended, with its exit code; [] if none did in `timeout` s."""
+        deadline = time.monotonic() + timeout
         while True:
             done = [(proc, proc.poll()) for proc in self.running if proc.poll() is not None]
-            if done:
+            if done or time.monotonic() > deadline:
                 return [(self.running.pop(proc), code) for proc, code in done]
             time.sleep(0.2)
 
@@ -234,9 +237,10 @@ class RayTrials:
         trial.log.parent.mkdir(parents=True, exist_ok=True)
         self.running[self.task.remote(args, str(trial.log))] = trial
 
-    def wait(self) -> list[tuple[Trial, int]]:
+    def wait(self, timeout: float) -> list[tuple[Trial, int]]:
+        """The trials whose task ended, with its exit code; [] if none did in `timeout` s."""
         ray = self.ray
-        done, _ = ray.wait(list(self.running), num_returns=1)
+        done, _ = ray.wait(list(self.running), num_returns=1, timeout=timeout)
         out = []
         for ref in done:
             trial = self.running.pop(ref)
@@ -308,10 +312,15 @@ def run_sweep(out: Path, plan: dict, say=print) -> dict:
                 trial = queue.pop(0)
                 trial.attempts += 1
                 pool.start(trial, trial.command(plan["train_args"]))
-            for trial, code in pool.wait():
+            ended = pool.wait(timeout=PROGRESS_S)
+            for trial, code in ended:
                 trial.returncode = code
                 report(trial, code)
                 write_results(out, trials)
+            if not ended:  # a line now and then on long trials: the sweep is alive, and how far
+                done = sum(t.finished() for t in trials)
+                say(f"  [{time.monotonic() - started:.0f} s] {len(pool.running)} running, {done} of {len(trials)} "
+                    f"finished, {len(queue)} waiting")
     except KeyboardInterrupt:
         say("sweep: stopping; each running trial saves its state")
         for trial, code in pool.stop():

@@ -159,3 +159,16 @@ def test_a_sweep_refuses_bad_input_in_one_line(tmp_path):
     (tmp_path / "full" / "x").write_text("")
     proc = fastrl("sweep", "--out", str(tmp_path / "full"), "--env", "CartPole-v1", timeout=60)
     assert proc.returncode == 2 and "is not empty" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_long_trial_shows_the_sweep_alive_with_a_progress_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "PROGRESS_S", 0.5)
+    from fastrl.config import make_config
+
+    config = make_config(env_id="CartPole-v1", backend="sync")
+    plan = sweep.plan_sweep(tmp_path / "s", QUICK, config, {}, [0], 1, None, 0.0, 0)
+    lines = []
+    results = sweep.run_sweep(tmp_path / "s", plan, say=lines.append)
+    assert any(line.endswith("1 running, 0 of 1 finished, 0 waiting") for line in lines), lines
+    assert results["trials"][0]["status"] == "finished"

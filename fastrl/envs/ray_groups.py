@@ -1,10 +1,10 @@
 """The ray backend: env groups as Ray actors, on any node of a cluster, acted for
 centrally. Ray places the actors (one CPU each, spread over the nodes), starts them,
 and says why one died; the steps themselves go over a TCP connection from each actor to
-the trainer, as raw bytes, the way the local grouped workers use their pipes. (A Ray
-actor call costs about a millisecond of Ray's own machinery: more than a group of
-small envs takes to step. Ray's docs call this pattern out-of-band communication;
-`benchmarks/ray_overhead.py` measures both.)
+the trainer, as raw bytes, the way the local grouped workers use their pipes: a Ray
+actor call costs more of Ray's own machinery than a group of small envs takes to step
+(`benchmarks/ray_overhead.py` measures both). Ray's docs call this pattern out-of-band
+communication.
 
 Each actor steps its group with the same `EnvGroup` as a local worker (NEXT_STEP
 autoreset, truncation, final observations, infos; autoresets run right after the
