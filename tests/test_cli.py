@@ -251,7 +251,7 @@ BAD = [
     (["--collection", "eager"], "collection='eager'"),
     (["--collection", "ready-first", "--backend", "sync"], "backend='sync'"),
     (["--collection", "ready-first", "--env", "CartPole-v1", "--algo", "reinforce"], "algo=reinforce"),
-    (["--collection", "ready-first", "--num-workers", "8"], "num_workers=num_envs=8"),
+    (["--collection", "ready-first", "--num-envs", "8", "--num-workers", "8"], "num_workers=num_envs=8"),
     (["--buffer-size", "1e12"], "buffer_size=1000000000000: a ring of 1,000,000,000,000 transitions"),  # 47 TB
     (["--algo", "reinforce", "--num-envs", "100000000"], "num_envs=100000000: a ring of 100000000 envs x 1,130"),
 ]
@@ -329,7 +329,7 @@ def test_the_python_api_given_the_wrong_kind_of_argument_says_what_it_wants():
 
 
 def test_ready_first_where_workers_would_step_one_env_each_is_one_line_exit_2(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr("fastrl.system.cpu_cores", lambda: 16)  # 8 envs: 8 workers by default
+    monkeypatch.setattr("fastrl.system.cpu_cores", lambda: 17)  # the preset's 16 envs: 16 workers by default
     code = call_main(["train", "--collection", "ready-first", "--run-dir", str(tmp_path / "never")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
