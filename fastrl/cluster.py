@@ -50,12 +50,11 @@ def connect(address: str = "", num_cpus: int | None = None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS", "")
     check_reachable(address)
-    quiet = dict(include_dashboard=False, logging_level=logging.ERROR, configure_logging=True)
     try:
         if address:
             ray.init(address=address, logging_level=logging.ERROR)
         else:
-            ray.init(num_cpus=num_cpus, **quiet)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR)
     except ConnectionError as exc:
         raise ConfigError(f"cannot join the Ray cluster at {address or 'a local instance'}: "
                           f"{str(exc).splitlines()[0]}") from None

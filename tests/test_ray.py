@@ -167,22 +167,27 @@ def test_a_ray_sweep_runs_the_grid_as_tasks_and_tables_it_as_a_local_one(two_nod
     check_results(out, ["lr=5e-4", "lr=1e-3"], [0, 1, 2])
 
 
-def test_a_ray_trial_killed_mid_run_is_retried_from_its_checkpoint(two_nodes, tmp_path):
+def ray_sweep_with_a_kill(cluster, out, seed, kill):
+    """Runs a one-trial sweep as a Ray task, calls `kill(pid of the trial's fastrl train)`
+    once the trial has saved its state, and returns the sweep's stdout and the trial's row."""
     from test_sweep import QUICK, check_results, pid_of_trial, wait_for
 
-    cluster, _ = two_nodes
-    out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "fastrl", "sweep", "--ray", cluster.address, "--seeds", "4", "--out", str(out),
+    cmd = [sys.executable, "-m", "fastrl", "sweep", "--ray", cluster.address, "--seeds", str(seed), "--out", str(out),
            *QUICK, "--total-steps", "8000", "--checkpoint-interval", "1000steps"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run_dir = out / "default" / "seed4"
+    run_dir = out / "default" / f"seed{seed}"
     wait_for(lambda: (run_dir / "state.pt").exists(), 120, "the trial's first saved state")
-    os.kill(wait_for(lambda: pid_of_trial(run_dir), 10, "the trial's process"), 9)
+    kill(wait_for(lambda: pid_of_trial(run_dir), 10, "the trial's process"))
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr + stdout
-    assert "retrying from its last saved state" in stdout
-    row = check_results(out, ["default"], [4])["trials"][0]
+    row = check_results(out, ["default"], [seed])["trials"][0]
     assert row["processes"] == 2 and json.loads((run_dir / "summary.json").read_text())["resumes"] == 1
+    return stdout
+
+
+def test_a_ray_trial_killed_mid_run_is_retried_from_its_checkpoint(two_nodes, tmp_path):
+    stdout = ray_sweep_with_a_kill(two_nodes[0], tmp_path / "sweep", 4, lambda pid: os.kill(pid, 9))
+    assert "retrying from its last saved state" in stdout
 
 
 def test_training_with_env_groups_on_two_nodes_and_a_resume(two_nodes, tmp_path):
@@ -242,23 +247,15 @@ def test_an_env_actor_that_dies_mid_run_stops_the_run_saved_in_one_line(two_node
 def test_a_ray_trial_whose_ray_worker_dies_is_retried_and_its_run_dies_with_it(two_nodes, tmp_path):
     # The Ray worker running a trial's task is killed (as when its node is lost): the
     # task fails, its `fastrl train` dies with it, and the sweep resumes the trial.
-    from test_sweep import QUICK, check_results, pid_of_trial, wait_for
+    from test_sweep import wait_for
 
-    cluster, _ = two_nodes
-    out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "fastrl", "sweep", "--ray", cluster.address, "--seeds", "5", "--out", str(out),
-           *QUICK, "--total-steps", "8000", "--checkpoint-interval", "1000steps"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run_dir = out / "default" / "seed5"
-    wait_for(lambda: (run_dir / "state.pt").exists(), 120, "the trial's first saved state")
-    trainer = wait_for(lambda: pid_of_trial(run_dir), 10, "the trial's process")
-    with open(f"/proc/{trainer}/stat") as f:
-        task_worker = int(f.read().rsplit(")", 1)[1].split()[1])  # its parent: the Ray worker
-    os.kill(task_worker, 9)
-    wait_for(lambda: not os.path.exists(f"/proc/{trainer}") or open(f"/proc/{trainer}/stat").read().split()[2] == "Z",
-             10, "the trial's process to die with its Ray worker")
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr + stdout
+    def kill_its_ray_worker(trainer: int) -> None:
+        with open(f"/proc/{trainer}/stat") as f:
+            task_worker = int(f.read().rsplit(")", 1)[1].split()[1])  # its parent: the Ray worker
+        os.kill(task_worker, 9)
+        wait_for(lambda: not os.path.exists(f"/proc/{trainer}")
+                 or open(f"/proc/{trainer}/stat").read().split()[2] == "Z",
+                 10, "the trial's process to die with its Ray worker")
+
+    stdout = ray_sweep_with_a_kill(two_nodes[0], tmp_path / "sweep", 5, kill_its_ray_worker)
     assert "ended (its Ray task was lost); retrying from its last saved state" in stdout
-    row = check_results(out, ["default"], [5])["trials"][0]
-    assert row["processes"] == 2 and json.loads((run_dir / "summary.json").read_text())["resumes"] == 1

@@ -220,14 +220,9 @@ class RayVectorEnv(GroupedVectorEnv):
         return result
 
     def reset(self, *, seed: int | list | None = None, options: dict | None = None):
-        if any(self._pending):
-            raise gym.error.AlreadyPendingCallError("Calling `reset` while waiting for a pending call to `step`",
-                                                    "step")
-        if seed is None or isinstance(seed, int):
-            seed = [None if seed is None else seed + i for i in range(self.num_envs)]
         G = self.group_size
-        for w, conn in enumerate(self.conns):
-            conn.send(("reset", (seed[w * G:(w + 1) * G], options)))
+        for conn, seeds in zip(self.conns, self._seeds_by_group(seed)):
+            conn.send(("reset", (seeds, options)))
         infos = {}
         for w in range(self.num_workers):
             obs, pairs = self._reply(w, self._replies[w].buffer)

@@ -147,6 +147,17 @@ class GroupedVectorEnv(gym.vector.VectorEnv):
         self._requests = [StepRequest(self.group_size) for _ in range(self.num_workers)]
         self._pending = [False] * self.num_workers  # group w owes a step reply
 
+    def _seeds_by_group(self, seed: int | list | None) -> list[list]:
+        """reset()'s seeds, a list per group: env i gets seed + i (as in every gymnasium
+        vector env). No step may be in flight."""
+        if any(self._pending):
+            raise gym.error.AlreadyPendingCallError("Calling `reset` while waiting for a pending call to `step`",
+                                                    "step")
+        if seed is None or isinstance(seed, int):
+            seed = [None if seed is None else seed + i for i in range(self.num_envs)]
+        G = self.group_size
+        return [seed[w * G:(w + 1) * G] for w in range(self.num_workers)]
+
     def _send_failed(self, w: int, exc: OSError) -> Exception:
         """The error for a step message to group w that could not be sent."""
         return exc
@@ -220,14 +231,7 @@ class GroupedAsyncVectorEnv(GroupedVectorEnv):
                          np.zeros(self.num_envs, np.bool_))
 
     def reset(self, *, seed: int | list | None = None, options: dict | None = None):
-        if any(self._pending):
-            raise gym.error.AlreadyPendingCallError("Calling `reset` while waiting for a pending call to `step`",
-                                                    "step")
-        if seed is None or isinstance(seed, int):
-            seed = [None if seed is None else seed + i for i in range(self.num_envs)]
-        G = self.group_size
-        _, infos = self.workers.reset(seed=[seed[w * G:(w + 1) * G] for w in range(self.num_workers)],
-                                      options=options)
+        _, infos = self.workers.reset(seed=self._seeds_by_group(seed), options=options)
         infos_by_worker = infos.get(_GROUP_INFOS, [None] * self.num_workers)
         return self._obs, self._merge_group_infos(enumerate(infos_by_worker), {})
 
