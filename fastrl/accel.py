@@ -10,8 +10,9 @@ import functools
 import os
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -39,13 +40,23 @@ def kernel_cache_dir() -> str:
 
 def use_kernel_cache() -> None:
     """Points torch's inductor at `kernel_cache_dir()` (torch reads the variable when it
-    compiles). Where that folder cannot be made (no writable home), torch's default stays."""
+    compiles). Where that folder cannot be made (no writable home), torch's default stays.
+
+    Also turns off inductor's precompiled C++ header (unless TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS
+    is set): a process builds it before its first C++ compile even when every kernel it needs
+    is cached, and it lives under /tmp, so after a reboot a cached learner step would pay
+    for it again; without it, each of the step's few kernels parses its headers once, and
+    a cold compile is shorter too (benchmarks/LOG.md, "cold start")."""
     path = kernel_cache_dir()
     try:
         os.makedirs(path, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     except OSError:
-        return
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+        pass
+    if "TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS" not in os.environ:
+        # Imported only now: importing it sets TORCHINDUCTOR_CACHE_DIR to torch's default.
+        from torch._inductor import config as inductor_config
+        inductor_config.cpp_cache_precompile_headers = False
 
 
 def compile_fn(fn: Callable, enabled: bool = True, device: torch.device | None = None) -> Callable:
@@ -88,16 +99,52 @@ def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else ""
 
 
-def learner_fn(fn: Callable, mode: str, device: torch.device | None = None) -> Callable:
+class Switch(Protocol):
+    """When a learner step compiled elsewhere can be had here (see fastrl.precompile)."""
+
+    def ready(self) -> bool:
+        """False while the step is still being compiled elsewhere."""
+
+    def switched(self, eager_updates: int, compile_s: float) -> None:
+        """Told once the compiled step ran here: after how many eager updates, and how long
+        its first call (compiling it here, from the cache) took."""
+
+
+def learner_fn(fn: Callable, mode: str, device: torch.device | None = None, switch: Switch | None = None) -> Callable:
     """The learner update in a mode: eager (fn itself), compile (torch.compile), or
-    cudagraphs (compiled, then recorded once in a CUDA graph and replayed)."""
+    cudagraphs (compiled, then recorded once in a CUDA graph and replayed).
+
+    `switch` (compile only): the update runs eagerly until `switch.ready()`, then compiled."""
     if mode == "eager":
         return fn
     if mode == "compile":
-        return compile_fn(fn, device=device)
+        compiled = compile_fn(fn, device=device)
+        return compiled if switch is None else EagerUntilReady(fn, compiled, switch)
     if mode == "cudagraphs":
         return CudaGraphFn(compile_fn(fn, device=device))
     raise ValueError(f"invalid learner mode {mode!r}: must be eager, compile or cudagraphs")
+
+
+class EagerUntilReady:
+    """Calls `eager` until `switch.ready()`, then `compiled` for good: the same maths, so a
+    run can learn while its compiled step is being built elsewhere."""
+
+    def __init__(self, eager: Callable, compiled: Callable, switch: Switch):
+        self.eager, self.compiled, self.switch = eager, compiled, switch
+        self.eager_calls = 0
+        self.switched = False
+
+    def __call__(self, *args):
+        if self.switched:
+            return self.compiled(*args)
+        if not self.switch.ready():
+            self.eager_calls += 1
+            return self.eager(*args)
+        started = time.perf_counter()
+        out = self.compiled(*args)
+        self.switched = True
+        self.switch.switched(self.eager_calls, time.perf_counter() - started)
+        return out
 
 
 def _tensors(args: tuple) -> list[torch.Tensor]:

@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, TrainConfig, make_config
+from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, TrainConfig, busy_cores, make_config
 from fastrl.errors import ConfigError, Diverged, EnvError, WorkerDied, WriteFailed
 from fastrl.system import thread_limit
 
@@ -272,7 +272,7 @@ def _sweep(args: argparse.Namespace) -> int:
             configs.append(config_from_args(parser.parse_args(words)))
         # Absolute: a trial may run as a Ray task in another working directory, or on another node.
         out = Path(args.out or f"runs/sweep__{time.strftime('%Y%m%d-%H%M%S')}").absolute()
-        widest = max(configs, key=sweep.trial_cpus)
+        widest = max(configs, key=busy_cores)
         plan = sweep.plan_sweep(out, base, widest, grid, seeds, args.parallel, args.ray, args.gpus_per_trial,
                                 args.retries)
     try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastrl.errors import ConfigError
-from fastrl.system import default_workers, thread_limit
+from fastrl.system import cpu_cores, default_workers, thread_limit
 
 ALGOS = ("ddqn", "reinforce")
 BASELINES = ("none", "mean", "value")
@@ -233,6 +233,15 @@ def make_config(**overrides: Any) -> TrainConfig:
     config = dataclasses.replace(base, **values)
     validate(config)
     return config
+
+
+def busy_cores(c: TrainConfig) -> int:
+    """The cores a run keeps busy on this machine: its torch threads and its env worker
+    processes (or EnvPool's threads). The sync backend steps its envs in the trainer, and
+    Ray's env actors ask Ray for CPUs of their own."""
+    workers = {"async": c.num_workers or default_workers(c.num_envs),
+               "envpool": min(c.num_envs, cpu_cores())}.get(c.backend, 0)
+    return c.threads + workers
 
 
 def validate(c: TrainConfig) -> None:

@@ -5,7 +5,7 @@
     fastrl sweep --resume DIR                 go on with a stopped sweep
 
 Each trial is a `fastrl train` process: here, several at once, as many as the cores hold
-without sharing one (`trial_cpus`); with Ray, one task per trial with that many CPUs
+without sharing one (`config.busy_cores`); with Ray, one task per trial with that many CPUs
 (and `--gpus-per-trial`), placed by Ray. A trial whose process dies (killed, its node
 lost, a worker died) is started again from its last saved state (`--resume`), up to
 `--retries` times. The sweep keeps its plan in sweep.json and each trial's outcome in its
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastrl.checkpoint import atomic_write
-from fastrl.config import TrainConfig
+from fastrl.config import TrainConfig, busy_cores
 from fastrl.errors import ConfigError
-from fastrl.system import cpu_capacity, default_workers
+from fastrl.system import cpu_capacity
 
 SWEEP_FILE = "sweep.json"
 STOP_GRACE_S = 60.0  # a stopped sweep waits this long for its trials to save, then ends them
@@ -140,13 +140,6 @@ def make_trials(out: Path, grid: dict[str, list[str]], seeds: list[int]) -> list
             log = out / "logs" / f"{folder}__seed{seed}.log"
             trials.append(Trial(setting, seed, out / folder / f"seed{seed}", log))
     return trials
-
-
-def trial_cpus(config: TrainConfig) -> int:
-    """The cores one trial keeps busy: its torch threads, and its env worker processes (the
-    sync backend steps its envs in the trainer; Ray's env actors ask Ray for their own)."""
-    workers = (config.num_workers or default_workers(config.num_envs)) if config.backend == "async" else 0
-    return config.threads + workers
 
 
 def run_trial(args: list[str], log: str) -> int:
@@ -346,7 +339,7 @@ def _interrupt(*_) -> None:
 def plan_sweep(out: Path, train_args: list[str], config: TrainConfig, grid: dict, seeds: list[int],
                parallel: int, ray: str | None, gpus_per_trial: float, retries: int) -> dict:
     """The sweep's plan, saved as sweep.json in `out` (a new folder)."""
-    cpus = trial_cpus(config)
+    cpus = busy_cores(config)
     parallel = parallel or max(1, int(cpu_capacity() // cpus))
     if (parallel > 1 or ray is not None) and "--pin-workers" not in train_args:
         train_args = [*train_args, "--no-pin-workers"]  # trials share the machine: no core is a worker's own

@@ -173,6 +173,44 @@ def _start_and_train(config: TrainConfig, spec: EnvSpec, device: torch.device, s
         return run.finish()
 
 
+def ddqn_parts(c: TrainConfig, spec: EnvSpec, device: torch.device, groups: int
+               ) -> tuple[ReplayRing, torch.nn.Module, torch.nn.Module, Adam]:
+    """DDQN's replay ring, Q-network, target network and optimizer."""
+    ring = replay_ring(c, spec, device, groups)
+    q = build_network(c, spec.obs_shape, spec.n_actions).to(device)  # a QNetwork
+    q_target = copy.deepcopy(q).requires_grad_(False)
+    return ring, q, q_target, Adam(q, c.lr, c.max_grad_norm)
+
+
+def reinforce_parts(c: TrainConfig, spec: EnvSpec, device: torch.device
+                    ) -> tuple[RolloutBuffer, torch.nn.Module, Adam, torch.Tensor]:
+    """REINFORCE's rollout buffer, policy network, optimizer and running-mean baseline."""
+    policy = build_network(c, spec.obs_shape, spec.n_actions).to(device)  # a PolicyNetwork
+    return rollout_buffer(c, spec, device), policy, Adam(policy, c.lr, c.max_grad_norm), torch.zeros((), device=device)
+
+
+def first_compiled_update(c: TrainConfig, spec: EnvSpec, device: torch.device, groups: int) -> None:
+    """One compiled update of the learner a run of `c` builds, on throwaway storage holding
+    one step of zeros: what fastrl.precompile runs to fill the kernel cache."""
+    obs = torch.zeros((c.num_envs, *spec.obs_shape), device=device)
+    zeros = torch.zeros(c.num_envs, device=device)
+    step = (zeros.long(), zeros, zeros.bool(), zeros.bool(), obs)
+    if c.algo == "ddqn":
+        ring, q, q_target, optimizer = ddqn_parts(c, spec, device, groups)
+        ring.start(obs)
+        width = c.num_envs // groups
+        for g in range(groups):
+            ring.add(*(x[g * width:(g + 1) * width] for x in step), group=g)
+        ddqn.make_learn_step(ring.sampler(c.batch_size), q, q_target, optimizer, c.tau, c.target_update_interval,
+                             "compile")()
+    else:
+        buffer, policy, optimizer, running_mean = reinforce_parts(c, spec, device)
+        buffer.start(obs)
+        buffer.add(*step)
+        reinforce.make_update(policy, optimizer, c.baseline, c.normalize_returns, c.entropy_coef, c.value_coef,
+                              running_mean, "compile")(buffer.episodes(c.gamma))
+
+
 def store_step(collector: Collector, ring: ReplayRing, group: int, actions: torch.Tensor, run: Run) -> torch.Tensor:
     """Collects the step `group`'s envs are taking (waiting for it), writes it into the
     ring, counts it; returns their next observations [G, *obs], a view into `collector.obs`."""
@@ -186,14 +224,13 @@ def store_step(collector: Collector, ring: ReplayRing, group: int, actions: torc
 def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Run) -> None:
     c, device, phases = config, run.device, run.phases
     groups = collector.groups  # one group of all envs in lockstep, else one per env worker
-    ring = replay_ring(c, spec, device, len(groups))
-    q = build_network(c, spec.obs_shape, spec.n_actions).to(device)  # a QNetwork
-    q_target = copy.deepcopy(q).requires_grad_(False)
-    optimizer = Adam(q, c.lr, c.max_grad_norm)
+    ring, q, q_target, optimizer = ddqn_parts(c, spec, device, len(groups))
     # Sampling, the update and the target-network update run as one compiled step (or
-    # CUDA graph); profiling times their stages one by one instead.
+    # CUDA graph); profiling times their stages one by one instead. A first run on this
+    # machine updates eagerly while another process compiles the step (fastrl.precompile).
     learner = (ring.sampler(c.batch_size), q, q_target, optimizer, c.tau, c.target_update_interval, c.learner)
-    learn = profile.timed_learn_step(*learner, phases) if c.profile else ddqn.make_learn_step(*learner)
+    learn = (profile.timed_learn_step(*learner, phases) if c.profile
+             else ddqn.make_learn_step(*learner, switch=run.precompile(len(groups), ring.nbytes)))
     act = ddqn.make_act(q)
     run.watch(q, ring)
     learner_stats = DeviceMeans(("losses/td_loss", "losses/q_mean", "losses/grad_norm"), device)
@@ -253,13 +290,11 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
 
 def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Run) -> None:
     c, device, phases = config, run.device, run.phases
-    buffer = rollout_buffer(c, spec, device)
-    policy = build_network(c, spec.obs_shape, spec.n_actions).to(device)  # a PolicyNetwork
-    optimizer = Adam(policy, c.lr, c.max_grad_norm)
-    running_mean = torch.zeros((), device=device)
+    buffer, policy, optimizer, running_mean = reinforce_parts(c, spec, device)
     learner = (policy, optimizer, c.baseline, c.normalize_returns, c.entropy_coef, c.value_coef, running_mean,
                c.learner)
-    update = profile.timed_update(*learner, phases) if c.profile else reinforce.make_update(*learner)
+    update = (profile.timed_update(*learner, phases) if c.profile
+              else reinforce.make_update(*learner, switch=run.precompile(1, buffer.nbytes)))
     act = reinforce.make_act(policy)
     run.watch(policy, buffer)
     learner_stats = DeviceMeans(("losses/loss", "losses/policy_loss", "losses/value_loss",

@@ -1,6 +1,8 @@
 """compile_fn's fallbacks when compiling fails: with the C++ wrapper, then at all. (That
 the CPU learner's kernels are called from C++: test_optim.py.)"""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -111,3 +113,28 @@ def test_compiled_kernels_are_kept_in_the_users_cache_unless_the_user_chose_a_fo
     accel.compile_fn(lambda x: x + 1, device=torch.device("cpu"))
     # torch's own default (torch.compile sets it), rather than a compile that fails
     assert os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir()
+
+
+def test_inductors_precompiled_header_is_off_unless_the_user_chose(monkeypatch, tmp_path):
+    """A process builds that header before its first C++ compile even when every kernel is
+    cached, and it lives under /tmp: after a reboot a cached learner step paid for it."""
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS", raising=False)
+    monkeypatch.setattr(inductor_config, "cpp_cache_precompile_headers", True)
+    accel.use_kernel_cache()
+    assert inductor_config.cpp_cache_precompile_headers is False
+    monkeypatch.setenv("TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS", "1")
+    monkeypatch.setattr(inductor_config, "cpp_cache_precompile_headers", True)
+    accel.use_kernel_cache()
+    assert inductor_config.cpp_cache_precompile_headers is True  # the user's choice stands
+
+
+def test_a_fresh_process_keeps_its_kernels_in_the_users_cache(tmp_path):
+    """In a new interpreter, where importing inductor's config would set torch's /tmp default."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    code = "import os; from fastrl import accel; accel.use_kernel_cache(); print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(tmp_path / "fastrl" / "torchinductor")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fastrl import sweep
+from fastrl.config import busy_cores
 from fastrl.errors import ConfigError
 
 RAY_MISSING = importlib.util.find_spec("ray") is None
@@ -48,9 +49,11 @@ def test_seeds_and_grids_parse_as_written():
 def test_the_trials_at_once_fit_the_cores():
     from fastrl.config import make_config
 
-    assert sweep.trial_cpus(make_config(env_id="CartPole-v1", backend="sync")) == 1
-    assert sweep.trial_cpus(make_config(env_id="CartPole-v1", num_envs=8, num_workers=4)) == 5
-    assert sweep.trial_cpus(make_config(env_id="CartPole-v1", num_envs=8, num_workers=4, threads=2)) == 6
+    assert busy_cores(make_config(env_id="CartPole-v1", backend="sync")) == 1
+    assert busy_cores(make_config(env_id="CartPole-v1", num_envs=8, num_workers=4)) == 5
+    assert busy_cores(make_config(env_id="CartPole-v1", num_envs=8, num_workers=4, threads=2)) == 6
+    # EnvPool's threads, one per env up to the cores
+    assert busy_cores(make_config(env_id="CartPole-v1", num_envs=1, backend="envpool")) == 2
 
 
 def check_results(out: Path, settings: list[str], seeds: list[int]) -> dict:

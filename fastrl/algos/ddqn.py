@@ -47,13 +47,15 @@ def td_gradients(q: nn.Module, params: Params, batch: Transitions,
 
 
 def make_learn_step(sample: Callable[[], Transitions], q: nn.Module, q_target: nn.Module, optimizer: Adam,
-                    tau: float, target_update_interval: int, learner: str = "eager") -> Callable[[], UpdateStats]:
+                    tau: float, target_update_interval: int, learner: str = "eager",
+                    switch: accel.Switch | None = None) -> Callable[[], UpdateStats]:
     """One gradient step on a fresh batch from `sample` (e.g. `ReplayRing.sampler(B)`):
     Double-DQN targets, Huber TD loss, gradients, clipped Adam step on `q` in place,
     then the target-network update (rate `tau`) on every `target_update_interval`-th step.
 
     Argument-free and fixed-shape, so the whole step compiles into one graph
     (learner="compile") and can be recorded as one CUDA graph (learner="cudagraphs").
+    `switch`: see accel.learner_fn.
     (`fastrl.profile.timed_learn_step` runs the same stages one by one, timed.)
     """
 
@@ -65,7 +67,7 @@ def make_learn_step(sample: Callable[[], Transitions], q: nn.Module, q_target: n
         update_target(q_target, q, target_update_rate(tau, target_update_interval, optimizer.steps))
         return UpdateStats(loss, q_mean, grad_norm)
 
-    return accel.learner_fn(learn_step, learner, optimizer.device)
+    return accel.learner_fn(learn_step, learner, optimizer.device, switch)
 
 
 def target_update_rate(tau: float, interval: int, updates: torch.Tensor) -> float | torch.Tensor:

@@ -27,6 +27,7 @@ from fastrl.errors import ConfigError, Diverged, EnvError, WorkerDied, WriteFail
 from fastrl.evaluation import BackgroundEvaluator, EvalResult
 from fastrl.nets import greedy_policy
 from fastrl.plot import plot
+from fastrl.precompile import Precompile
 from fastrl.profile import ProfileSession
 from fastrl.run.artifacts import RunDir, create_run_dir, describe_failure
 from fastrl.run.evals import Evaluations
@@ -42,7 +43,7 @@ class Run:
                  resumed: dict | None = None):
         """`started`: `time.perf_counter()` when `train()` was called; `resumed`: the saved
         state (state.pt) a resumed run continues from."""
-        self.config, self.device, self.dir = config, device, run_dir
+        self.config, self.spec, self.device, self.dir = config, spec, device, run_dir
         self.resumed = resumed
         saved = resumed or {"env_steps": 0, "updates": 0, "wall_s": 0.0, "resumes": -1}
         # Started first, like the env workers: before any thread, compilation or CUDA state.
@@ -58,8 +59,9 @@ class Run:
             evaluator.close()
             raise
         # Said first, so that TensorBoard can watch the run from its start. The first update
-        # compiles, which stalls the first window's rate: the note says why.
-        compiles = (" (the first update compiles it: a few seconds, longer with a cold compile cache)"
+        # compiles, which stalls the first window's rate: the note says why. (Where this
+        # machine has not compiled the step yet, `precompile` says so.)
+        compiles = (" (the first update compiles it: a few seconds with a warm compile cache)"
                     if config.learner != "eager" else "")
         again = f"resumed at {saved['env_steps']:,} env steps: " if resumed else ""
         self.log.message(f"{again}{config.algo} on {config.env_id}, seed {config.seed}: {config.num_envs} envs "
@@ -84,6 +86,17 @@ class Run:
         self._checkpoint_every = None if config.profile else checkpoint_every(config.checkpoint_interval)
         self._checkpoint_last = {"steps": self.env_steps, "seconds": saved["wall_s"]}
         self.state_saves = {"count": 0, "bytes": 0, "seconds": 0.0}  # what saving state.pt cost
+        self.precompiling: Precompile | None = None
+
+    def precompile(self, groups: int, storage_bytes: int) -> Precompile | None:
+        """Starts compiling the learner step in another process where this machine has not
+        compiled it yet (see fastrl.precompile): the switch for the learner's update, which
+        runs eagerly meanwhile. None where the step compiles in this process."""
+        if Precompile.needed(self.config, self.spec, self.device, groups, storage_bytes):
+            self.precompiling = Precompile(self.config, self.spec, groups, self.log.message)
+            self.log.message("this machine has not compiled this learner step yet: another process compiles it, "
+                             "and updates run eagerly until it is ready")
+        return self.precompiling
 
     def watch(self, model: torch.nn.Module, storage: ReplayRing) -> None:
         """The network to checkpoint and to evaluate greedily (argmax of its outputs), and
@@ -273,6 +286,8 @@ class Run:
         this returns. That is the error to report: a write that fails here as well (the
         disk that filled up is often why) is only printed with the summary."""
         self.log.close()
+        if self.precompiling is not None:  # a run that ended first: the final evaluation gets the CPU
+            self.precompiling.close()
         loop_failed = error is not None
         failures: list[Exception] = []  # raised once the rest is written: the first one
         try:
@@ -367,6 +382,8 @@ class Run:
             "checkpoint_env_steps": ckpt_meta.get("env_steps"),
             "state": self.dir.saved_state(),
             "state_saves": dict(self.state_saves),
+            # Where the learner step was compiled in another process while the run learned eagerly.
+            "background_compile": self.precompiling.summary() if self.precompiling is not None else None,
             "resumes": self.resumes,
             "run_dir": str(self.dir.path),
         }

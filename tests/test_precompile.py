@@ -1,0 +1,133 @@
+"""A first run learns eagerly while another process compiles its learner step (fastrl.precompile)."""
+import json
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+import fastrl
+from fastrl import accel, precompile
+from fastrl.config import make_config
+from fastrl.envs import inspect_env
+
+
+class Ready:
+    """A switch that becomes ready after `after` calls of ready()."""
+
+    def __init__(self, after: int):
+        self.after, self.calls, self.told = after, 0, []
+
+    def ready(self) -> bool:
+        self.calls += 1
+        return self.calls > self.after
+
+    def switched(self, eager_updates: int, compile_s: float) -> None:
+        self.told.append((eager_updates, compile_s))
+
+
+def test_the_update_runs_eagerly_until_the_switch_is_ready_then_compiled_for_good():
+    ran = []
+    switch = Ready(after=3)
+    step = accel.EagerUntilReady(lambda: ran.append("eager"), lambda: ran.append("compiled"), switch)
+    for _ in range(6):
+        step()
+    assert ran == ["eager"] * 3 + ["compiled"] * 3
+    assert switch.calls == 4  # not asked again once compiled
+    assert len(switch.told) == 1 and switch.told[0][0] == 3 and switch.told[0][1] >= 0
+
+
+def test_runs_that_differ_only_outside_the_learner_share_its_compiled_step():
+    spec = inspect_env("CartPole-v1", {})
+    key = precompile.learner_key(make_config(env_id="CartPole-v1"), spec, 1)
+    for same in (dict(seed=7), dict(lr=1e-2), dict(total_steps=5), dict(eps_end=0.5), dict(backend="sync")):
+        assert precompile.learner_key(make_config(env_id="CartPole-v1", **same), spec, 1) == key, same
+    for other in (dict(hidden=(32,)), dict(batch_size=32), dict(n_step=5), dict(num_envs=8), dict(threads=2)):
+        assert precompile.learner_key(make_config(env_id="CartPole-v1", **other), spec, 1) != key, other
+    assert precompile.learner_key(make_config(env_id="CartPole-v1"), spec, 2) != key  # ring write heads
+    assert precompile.learner_key(make_config(env_id="Acrobot-v1"), inspect_env("Acrobot-v1", {}), 1) != key
+
+
+def test_no_background_compile_where_the_step_compiles_here_or_is_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(precompile, "cpu_capacity", lambda: 2.0)
+    spec, cpu = inspect_env("CartPole-v1", {}), torch.device("cpu")
+    config = make_config(env_id="CartPole-v1", learner="compile", backend="sync")
+    assert precompile.Precompile.needed(config, spec, cpu, 1, storage_bytes=1000)
+    # No core left free: the trainer's and an env worker's, of 2
+    assert not precompile.Precompile.needed(make_config(env_id="CartPole-v1", learner="compile", num_envs=4,
+                                                        num_workers=1), spec, cpu, 1, 1000)
+    assert not precompile.Precompile.needed(make_config(env_id="CartPole-v1", learner="eager"), spec, cpu, 1, 1000)
+    assert not precompile.Precompile.needed(config, spec, torch.device("meta"), 1, 1000)  # not the CPU: CUDA
+    assert not precompile.Precompile.needed(config, spec, cpu, 1, storage_bytes=2**62)  # no room for a copy
+    marker = precompile.marker(precompile.learner_key(config, spec, 1))
+    marker.parent.mkdir(parents=True)
+    marker.touch()
+    assert not precompile.Precompile.needed(config, spec, cpu, 1, 1000)
+
+
+def fake_python(tmp_path, body: str) -> str:
+    path = tmp_path / "python"
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_a_background_compile_that_fails_is_said_in_one_line_and_the_step_compiles_here(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "executable", fake_python(tmp_path, "cat >/dev/null; echo warming >&2; "
+                                                                 "echo 'RuntimeError: no C++ compiler' >&2; exit 3"))
+    said = []
+    job = precompile.Precompile(make_config(env_id="CartPole-v1"), inspect_env("CartPole-v1", {}), 1, said.append)
+    deadline = time.monotonic() + 30
+    while not job.ready():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert job.failed == "RuntimeError: no C++ compiler"
+    job.switched(12, 20.0)
+    assert said == ["the learner step is compiled (compiling it in the background failed (RuntimeError: no C++ "
+                    "compiler), so here); 12 updates ran eagerly meanwhile"]
+    assert job.summary() == {"background_s": job.ready_after_s, "failed": "RuntimeError: no C++ compiler",
+                             "eager_updates": 12, "compile_here_s": 20.0}
+
+
+def test_a_run_that_ends_first_ends_the_background_compile_and_its_children(monkeypatch, tmp_path):
+    pids = tmp_path / "pids"
+    monkeypatch.setattr(sys, "executable", fake_python(tmp_path, f"sleep 60 & echo $$ $! > {pids}; wait"))
+    job = precompile.Precompile(make_config(env_id="CartPole-v1"), inspect_env("CartPole-v1", {}), 1, print)
+    deadline = time.monotonic() + 10
+    while not (pids.exists() and len(pids.read_text().split()) == 2):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not job.ready()
+    job.close()
+    for pid in map(int, pids.read_text().split()):
+        deadline = time.monotonic() + 5
+        while os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]:
+            assert time.monotonic() < deadline, f"process {pid} still runs"
+            time.sleep(0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["ddqn", "reinforce"])
+def test_a_first_run_learns_eagerly_while_another_process_compiles_then_loads_it_from_the_cache(
+        algo, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "empty cache"))
+    settings = dict(env_id="CartPole-v1", algo=algo, learner="compile", backend="sync", num_envs=4, hidden=(16,),
+                    eval_interval=0, eval_episodes=2, eval_envs=2, stop_on_solve=False, progress=False)
+    if algo == "reinforce":
+        settings.update(rollout_steps=16)
+    # Long enough for the other process to compile the step (about half of it on 2 cores).
+    first = fastrl.train(make_config(**settings, total_steps=10**7, time_limit_s=60, run_dir=str(tmp_path / "first")))
+    compiled = first["background_compile"]
+    assert compiled is not None and compiled["failed"] is None, compiled
+    assert compiled["eager_updates"] > 0 and first["updates"] > compiled["eager_updates"], (compiled, first["updates"])
+    # Here the step came from the cache the other process filled, not compiled afresh.
+    assert compiled["compile_here_s"] < compiled["background_s"] / 2, compiled
+    out = capsys.readouterr().out
+    assert "another process compiles it, and updates run eagerly until it is ready" in out
+    assert f"{compiled['eager_updates']:,} updates ran eagerly meanwhile" in out
+    # The next run finds the step compiled: no background compile, and its first update is quick.
+    second = fastrl.train(make_config(**settings, seed=1, total_steps=2000, run_dir=str(tmp_path / "second")))
+    assert second["background_compile"] is None
+    assert json.loads((tmp_path / "second" / "summary.json").read_text())["background_compile"] is None
