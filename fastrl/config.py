@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastrl.errors import ConfigError
-from fastrl.system import cpu_cores, default_workers, thread_limit
+from fastrl.system import cpu_capacity, cpu_cores, default_workers, thread_limit
 
 ALGOS = ("ddqn", "reinforce")
 BASELINES = ("none", "mean", "value")
@@ -233,6 +233,32 @@ def make_config(**overrides: Any) -> TrainConfig:
     config = dataclasses.replace(base, **values)
     validate(config)
     return config
+
+
+def choices(c: TrainConfig, device: str, cuda_name: str | None = None) -> dict:
+    """What this run's automatic settings became on this machine, and the rule behind each:
+    written to config.json as "chosen", beside the settings. `c` as given (learner may be
+    auto); `device`: the device it trains on; `cuda_name`: the GPU's name, if any. Every
+    choice is a setting the caller may pass instead."""
+    preset = PRESETS.get((c.algo, c.env_id))
+    kept = sorted(k for k, v in (preset or {}).items() if getattr(c, k) == v)
+    chosen = {
+        "machine": {"cpu_cores": cpu_capacity(), "gpu": cuda_name},
+        "preset": ({"for": f"{c.algo} on {c.env_id}", "settings_kept": kept,
+                    "why": "tuned for this algorithm and env (benchmarks/LOG.md has how)"} if preset else
+                   {"for": None, "why": f"no preset for {c.algo} on {c.env_id}: the defaults"}),
+        "device": {"value": device, "why": "auto: cuda where a CUDA device is available, else cpu"
+                   if c.device == "auto" else "set"},
+        "learner": {"value": c.learner if c.learner != "auto" else ("cudagraphs" if device == "cuda" else "compile"),
+                    "why": "auto: cudagraphs on CUDA (one launch per update), else compile" if c.learner == "auto"
+                    else "set"},
+    }
+    if c.backend in ("async", "ray"):
+        cores = max(1, cpu_cores() - 1)
+        chosen["num_workers"] = {"value": c.num_workers or default_workers(c.num_envs), "why": "set" if c.num_workers
+                                 else f"0: the largest divisor of num_envs ({c.num_envs}) not above the cores left "
+                                      f"once the trainer has one ({cores})"}
+    return chosen
 
 
 def busy_cores(c: TrainConfig) -> int:

@@ -17,7 +17,7 @@ from fastrl.algos import ddqn, reinforce
 from fastrl.buffer import ReplayRing, RolloutBuffer
 from fastrl.checkpoint import make_dir
 from fastrl.collector import Collector
-from fastrl.config import TrainConfig, validate
+from fastrl.config import TrainConfig, choices, validate
 from fastrl.envs import EnvSpec, close_envs, inspect_env, make_vector_env
 from fastrl.errors import ConfigError, WorkerDied
 from fastrl.nets import build_network
@@ -77,6 +77,7 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
     if config.video:
         check_can_record(config.env_id, spec.render_modes)
     device = resolve_device(config.device)
+    chosen = choices(config, device.type, torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     if config.learner == "auto":  # CUDA graphs replay a whole update in one launch (`fastrl bench learn`)
         config = dataclasses.replace(config, learner="cudagraphs" if device.type == "cuda" else "compile")
     if config.learner == "cudagraphs" and device.type != "cuda":
@@ -86,7 +87,7 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        return _start_and_train(config, spec, device, started, state)
+        return _start_and_train(config, spec, device, started, state, chosen)
     finally:
         torch.set_num_threads(threads)  # the calling process (a notebook, a sweep) keeps its own setting
 
@@ -141,12 +142,13 @@ def check_storage_fits(c: TrainConfig, spec: EnvSpec, device: torch.device) -> N
 
 
 def _start_and_train(config: TrainConfig, spec: EnvSpec, device: torch.device, started: float,
-                     state: dict | None) -> dict:
-    """Starts the run's processes, runs the algorithm's loop and ends the run (see train())."""
+                     state: dict | None, chosen: dict) -> dict:
+    """Starts the run's processes, runs the algorithm's loop and ends the run (see train());
+    `chosen`: what its automatic settings became (config.json's "chosen")."""
     torch.manual_seed(config.seed)
     loop = {"ddqn": train_ddqn, "reinforce": train_reinforce}[config.algo]
     path = make_dir(config.run_dir, "run_dir") if state is not None else create_run_dir(config)
-    run_dir = RunDir(path, config, spec)
+    run_dir = RunDir(path, config, spec, chosen)
     # Worker processes are forked before any CUDA state exists.
     envs = make_vector_env(config.env_id, config.num_envs, config.backend, config.env_kwargs, config.num_workers,
                            config.pin_workers, config.ray_address)

@@ -20,7 +20,7 @@ from gymnasium.envs.classic_control.cartpole import CartPoleEnv
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import fastrl
-from fastrl import checkpoint, timing
+from fastrl import checkpoint, system, timing
 from fastrl.cli import build_parser, config_from_args, main
 from fastrl.envs import inspect_env
 from fastrl.errors import ConfigError
@@ -64,11 +64,36 @@ def test_train_writes_summary_checkpoint_and_progress(tiny_run):
     assert os.path.isfile(summary["checkpoint"])
     config = json.loads((run_dir / "config.json").read_text())
     assert config["env_id"] == "CartPole-v1" and config["batch_size"] == 32
+    # What the automatic settings became here, and why, beside the settings.
+    chosen = config["chosen"]
+    assert chosen["device"] == {"value": "cpu" if not torch.cuda.is_available() else "cuda",
+                                "why": "auto: cuda where a CUDA device is available, else cpu"}
+    assert chosen["learner"] == {"value": "eager", "why": "set"}
+    assert chosen["preset"]["for"] == "ddqn on CartPole-v1"
+    assert "batch_size" not in chosen["preset"]["settings_kept"] and "tau" in chosen["preset"]["settings_kept"]
+    assert chosen["machine"]["cpu_cores"] == system.cpu_capacity()
     assert "steps" in proc.stdout and "final eval" in proc.stdout and "run dir" in proc.stdout
     # What runs and where its curves go come first, for TensorBoard to watch from the start.
     first, second = proc.stdout.splitlines()[:2]
     assert first.startswith("ddqn on CartPole-v1, seed 0: 4 envs (async backend), eager learner on ")
     assert second == f"run dir: {run_dir}  (tensorboard --logdir {run_dir.parent})"
+
+
+def test_the_automatic_settings_are_explained():
+    from fastrl.config import choices
+
+    chosen = choices(fastrl.make_config(num_envs=16), "cpu")  # the LunarLander preset, learner auto
+    assert chosen["learner"] == {"value": "compile", "why": "auto: cudagraphs on CUDA (one launch per update), "
+                                                              "else compile"}
+    assert choices(fastrl.make_config(num_envs=16), "cuda", "H100")["learner"]["value"] == "cudagraphs"
+    workers = system.default_workers(16)
+    assert chosen["num_workers"]["value"] == workers and chosen["num_workers"]["why"].startswith("0: the largest")
+    assert choices(fastrl.make_config(num_envs=16, num_workers=4), "cpu")["num_workers"] == {"value": 4,
+                                                                                             "why": "set"}
+    assert "num_workers" not in choices(fastrl.make_config(backend="sync"), "cpu")  # no worker processes
+    kept = choices(fastrl.make_config(lr=1e-3), "cpu")["preset"]["settings_kept"]
+    assert "lr" not in kept and "num_envs" in kept and "hidden" in kept
+    assert choices(fastrl.make_config(env_id="Acrobot-v1"), "cpu")["preset"]["for"] is None
 
 
 @pytest.mark.slow
@@ -329,7 +354,7 @@ def test_the_python_api_given_the_wrong_kind_of_argument_says_what_it_wants():
 
 
 def test_ready_first_where_workers_would_step_one_env_each_is_one_line_exit_2(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr("fastrl.system.cpu_cores", lambda: 17)  # the preset's 16 envs: 16 workers by default
+    monkeypatch.setattr("system.cpu_cores", lambda: 17)  # the preset's 16 envs: 16 workers by default
     code = call_main(["train", "--collection", "ready-first", "--run-dir", str(tmp_path / "never")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err

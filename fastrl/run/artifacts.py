@@ -47,14 +47,15 @@ def describe_failure(exc: Exception) -> str:
 class RunDir:
     """The files of one run in `path` (made by create_run_dir)."""
 
-    def __init__(self, path: Path, config: TrainConfig, spec: EnvSpec):
-        self.path, self.config, self.spec = path, config, spec
+    def __init__(self, path: Path, config: TrainConfig, spec: EnvSpec, chosen: dict | None = None):
+        """`chosen`: what the run's automatic settings became here, and why (config.choices)."""
+        self.path, self.config, self.spec, self.chosen = path, config, spec, chosen
         self.checkpoint = path / "checkpoint.pt"
         self.state = path / "state.pt"
         self._checkpoint_meta: dict | None = None
 
     def write_config(self) -> None:
-        checkpoint.save_json(self.path / "config.json", self.config.to_dict())
+        checkpoint.save_json(self.path / "config.json", {**self.config.to_dict(), "chosen": self.chosen})
 
     def save_checkpoint(self, weights: dict[str, torch.Tensor], env_steps: int, updates: int,
                         evaluation: EvalResult | None) -> str:
