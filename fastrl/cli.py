@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, TrainConfig, busy_cores, make_config
+from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, VARIANTS, TrainConfig, busy_cores, make_config
 from fastrl.errors import ConfigError, Diverged, EnvError, WorkerDied, WriteFailed
 from fastrl.system import thread_limit
 
@@ -121,6 +121,9 @@ def _presets_epilog() -> str:
     for (algo, env_id), values in PRESETS.items():
         shown = ", ".join(f"{k}={v}" for k, v in values.items())
         lines.append(f"  {algo} on {env_id}: {shown}")
+        for keyword, settings in VARIANTS.get((algo, env_id), {}).items():
+            shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+            lines.append(f"    with --env-kwargs {keyword}=true, also: {shown}")
     return "\n".join(lines)
 
 

@@ -192,6 +192,26 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
+# Presets for a variant of an env, named by one of its env_kwargs: laid over the env's
+# preset when that keyword is set (true). benchmarks/LOG.md has how each was found.
+VARIANTS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
+    # Wind and turbulence: the same learner needs about twice the env steps.
+    ("ddqn", "LunarLander-v3"): {"enable_wind": dict(total_steps=1_000_000, eval_interval=50_000)},
+}
+
+
+def preset_for(algo: str, env_id: str, env_kwargs: dict) -> tuple[str | None, dict[str, Any]]:
+    """The preset of (algo, env), with any variant its env_kwargs name: (its name, its
+    settings); (None, {}) where there is none."""
+    if (algo, env_id) not in PRESETS:
+        return None, {}
+    name, values = f"{algo} on {env_id}", dict(PRESETS[(algo, env_id)])
+    for keyword, settings in VARIANTS.get((algo, env_id), {}).items():
+        if env_kwargs.get(keyword):
+            name, values = f"{name}, {keyword}", {**values, **settings}
+    return name, values
+
+
 def checkpoint_every(text: str) -> tuple[str, float] | None:
     """`checkpoint_interval` as ("seconds" or "steps", amount), or None for 0 (only at the
     end); a ConfigError naming the value otherwise."""
@@ -225,7 +245,8 @@ def make_config(**overrides: Any) -> TrainConfig:
     base = TrainConfig()
     algo = overrides.get("algo", base.algo)
     env_id = overrides.get("env_id", base.env_id)
-    values = {**PRESETS.get((algo, env_id), {}), **overrides}
+    env_kwargs = overrides.get("env_kwargs") or {}
+    values = {**preset_for(algo, env_id, env_kwargs if isinstance(env_kwargs, dict) else {})[1], **overrides}
     if values.get("backend") == "ray" and "collection" not in overrides and values.get("algo", base.algo) == "ddqn":
         # Remote groups: act on each as it arrives, so no group waits for the slowest round trip.
         workers = values.get("num_workers") or default_workers(values.get("num_envs", base.num_envs))
@@ -240,12 +261,12 @@ def choices(c: TrainConfig, device: str, cuda_name: str | None = None) -> dict:
     written to config.json as "chosen", beside the settings. `c` as given (learner may be
     auto); `device`: the device it trains on; `cuda_name`: the GPU's name, if any. Every
     choice is a setting the caller may pass instead."""
-    preset = PRESETS.get((c.algo, c.env_id))
-    kept = sorted(k for k, v in (preset or {}).items() if getattr(c, k) == v)
+    name, preset = preset_for(c.algo, c.env_id, c.env_kwargs)
+    kept = sorted(k for k, v in preset.items() if getattr(c, k) == v)
     chosen = {
         "machine": {"cpu_cores": cpu_capacity(), "gpu": cuda_name},
-        "preset": ({"for": f"{c.algo} on {c.env_id}", "settings_kept": kept,
-                    "why": "tuned for this algorithm and env (benchmarks/LOG.md has how)"} if preset else
+        "preset": ({"for": name, "settings_kept": kept,
+                    "why": "tuned for this algorithm and env (benchmarks/LOG.md has how)"} if name else
                    {"for": None, "why": f"no preset for {c.algo} on {c.env_id}: the defaults"}),
         "device": {"value": device, "why": "auto: cuda where a CUDA device is available, else cpu"
                    if c.device == "auto" else "set"},

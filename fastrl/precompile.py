@@ -1,8 +1,9 @@
 """Compiling a run's learner step in a process of its own while the run learns eagerly.
 
 The first `torch.compile` of a learner step on a machine takes tens of seconds on a small
-CPU (tracing, then building its C++ kernels), and until now a first run could only wait.
-Instead, when this machine has not compiled this learner step before, `Precompile` starts
+CPU (tracing, then building its C++ kernels), and a run that compiles at its first update
+waits that long. Instead, when this machine has not compiled this learner step before
+and the run leaves a core free, `Precompile` starts
 `python -m fastrl.precompile`, which builds the same learner on throwaway tensors and
 calls its compiled step once, filling the kernel cache. The run updates with the eager
 step (the same maths) until that process is done, then compiles the step itself, now from
@@ -10,8 +11,8 @@ the cache, in a few seconds (see accel.EagerUntilReady). Where the cache already
 the step, the run compiles at once, as before, and runs repeat exactly; a first run's
 switch from eager to compiled depends on timing.
 
-Only for `--learner compile` on the CPU (the default there), and where the run leaves a
-core free for it; CUDA runs compile in their own process.
+Only for `--learner compile` on the CPU (the default there); CUDA runs compile in their
+own process.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ from fastrl.system import available_memory, cpu_capacity
 
 # What cannot change the learner's graph: a run that differs from a compiled one only in
 # these finds its step in the cache. (A field missing here only costs a needless
-# background compile, which finds everything cached.)
+# background compile, which finds everything cached; one listed wrongly, a compile at the
+# first update, as without this module.)
 NOT_IN_THE_GRAPH = (
     "seed", "device", "learner", "total_steps", "time_limit_s", "run_dir", "backend", "num_workers", "ray_address",
     "collection", "pin_workers", "lr", "lr_end", "learning_starts", "replay_ratio", "eps_start", "eps_end",

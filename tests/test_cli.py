@@ -96,6 +96,21 @@ def test_the_automatic_settings_are_explained():
     assert choices(fastrl.make_config(env_id="Acrobot-v1"), "cpu")["preset"]["for"] is None
 
 
+def test_a_variant_of_an_env_gets_its_presets_variant_and_options_still_win():
+    from fastrl.config import VARIANTS, choices
+
+    calm, windy = fastrl.make_config(), fastrl.make_config(env_kwargs={"enable_wind": True, "wind_power": 15})
+    wind = VARIANTS[("ddqn", "LunarLander-v3")]["enable_wind"]
+    assert all(getattr(windy, k) == v for k, v in wind.items()) and any(getattr(calm, k) != v for k, v in wind.items())
+    assert windy.lr == calm.lr and windy.hidden == calm.hidden  # the rest of the env's preset
+    assert fastrl.make_config(env_kwargs={"enable_wind": False}).to_dict() == {**calm.to_dict(),
+                                                                              "env_kwargs": {"enable_wind": False}}
+    assert fastrl.make_config(env_kwargs={"enable_wind": True}, total_steps=7).total_steps == 7
+    assert choices(windy, "cpu")["preset"]["for"] == "ddqn on LunarLander-v3, enable_wind"
+    out = subprocess.run([sys.executable, "-m", "fastrl", "train", "--help"], capture_output=True, text=True).stdout
+    assert f"with --env-kwargs enable_wind=true, also: total_steps={wind['total_steps']}" in out
+
+
 @pytest.mark.slow
 def test_no_progress_hides_only_the_live_line(tmp_path, capsys):
     assert call_main(["train", *TINY, "--no-progress", "--run-dir", str(tmp_path / "quiet")]) == 0
