@@ -93,7 +93,10 @@ class Run:
         compiled it yet (see fastrl.precompile): the switch for the learner's update, which
         runs eagerly meanwhile. None where the step compiles in this process."""
         if Precompile.needed(self.config, self.spec, self.device, groups, storage_bytes):
-            self.precompiling = Precompile(self.config, self.spec, groups, self.log.message)
+            try:
+                self.precompiling = Precompile(self.config, self.spec, groups, self.log.message)
+            except OSError:  # no process could be started (a process limit): compiled here then
+                return None
             self.log.message("this machine has not compiled this learner step yet: another process compiles it, "
                              "and updates run eagerly until it is ready")
         return self.precompiling
