@@ -73,14 +73,16 @@ class Precompile:
     def __init__(self, config: TrainConfig, spec: EnvSpec, groups: int, announce: Callable[[str], None]):
         self.announce = announce
         self.key = learner_key(config, spec, groups)
-        payload = {"config": config.to_dict(), "spec": dataclasses.asdict(spec), "groups": groups, "key": self.key}
+        payload = {"config": config.to_dict(), "spec": dataclasses.asdict(spec), "groups": groups, "key": self.key,
+                   "trainer": os.getpid()}
         self.started = time.perf_counter()
         self.errors = tempfile.TemporaryFile()  # the compiler's warnings could fill a pipe and stall it
         # Its own session: a Ctrl-C at the terminal is the trainer's to handle, and close()
-        # ends the compiler processes it starts too. It dies with the trainer (init_worker).
+        # ends the compiler processes it starts too. It dies with the trainer (see main();
+        # no preexec_fn, which may deadlock in a process with threads).
         self.process: subprocess.Popen | None = subprocess.Popen(
             [sys.executable, "-m", "fastrl.precompile"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            stderr=self.errors, preexec_fn=init_worker, start_new_session=True)
+            stderr=self.errors, start_new_session=True)
         self.process.stdin.write(json.dumps(payload).encode())
         self.process.stdin.close()
         # What the run's summary reports (`summary()`).
@@ -154,6 +156,9 @@ def compile_once(config: TrainConfig, spec: EnvSpec, groups: int) -> None:
 
 def main() -> None:
     payload = json.load(sys.stdin)
+    init_worker()  # dies with its parent from now on
+    if os.getppid() != payload["trainer"]:  # the trainer died before that
+        return
     config = TrainConfig.from_dict(payload["config"])
     spec_fields = payload["spec"]
     spec = EnvSpec(**{**spec_fields, "obs_shape": tuple(spec_fields["obs_shape"]),

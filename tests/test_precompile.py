@@ -1,6 +1,7 @@
 """A first run learns eagerly while another process compiles its learner step (fastrl.precompile)."""
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -131,3 +132,23 @@ def test_a_first_run_learns_eagerly_while_another_process_compiles_then_loads_it
     second = fastrl.train(make_config(**settings, seed=1, total_steps=2000, run_dir=str(tmp_path / "second")))
     assert second["background_compile"] is None
     assert json.loads((tmp_path / "second" / "summary.json").read_text())["background_compile"] is None
+
+
+def test_the_background_compile_dies_with_its_trainer(tmp_path):
+    """A trainer killed outright (kill -9, the OOM killer) leaves no compile running on."""
+    trainer = ("import time\nfrom fastrl import precompile\nfrom fastrl.config import make_config\n"
+               "from fastrl.envs import inspect_env\n"
+               "job = precompile.Precompile(make_config(env_id='CartPole-v1'), inspect_env('CartPole-v1', {}), 1,\n"
+               "                            print)\n"
+               "print(job.process.pid, flush=True)\ntime.sleep(120)\n")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    parent = subprocess.Popen([sys.executable, "-c", trainer], stdout=subprocess.PIPE, text=True, env=env)
+    child = int(parent.stdout.readline())
+    time.sleep(4)  # it has started compiling
+    assert os.path.exists(f"/proc/{child}")
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{child}") and "Z" not in open(f"/proc/{child}/stat").read().split()[2]:
+        assert time.monotonic() < deadline, "the compile outlived its trainer"
+        time.sleep(0.05)
