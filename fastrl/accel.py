@@ -35,7 +35,13 @@ def kernel_cache_dir() -> str:
     if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
         return os.environ["TORCHINDUCTOR_CACHE_DIR"]
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return str(Path(root) / "fastrl" / "torchinductor")
+    path = str(Path(root) / "fastrl" / "torchinductor")
+    if any(c.isspace() for c in path):
+        # Inductor's C++ build commands break on such a path: every compile would fail and
+        # the learner run eagerly. torch's own folder (under /tmp) then.
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        return default_cache_dir()
+    return path
 
 
 def use_kernel_cache() -> None:

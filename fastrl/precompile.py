@@ -11,8 +11,11 @@ the cache, in a few seconds (see accel.EagerUntilReady). Where the cache already
 the step, the run compiles at once, as before, and runs repeat exactly; a first run's
 switch from eager to compiled depends on timing.
 
-Only for `--learner compile` on the CPU (the default there); CUDA runs compile in their
-own process.
+Only for DDQN with `--learner compile` on the CPU (the default there); CUDA runs compile
+in their own process. REINFORCE compiles at its first update, as before: its CartPole
+preset is so sensitive to the rounding of its updates that a first run's eager updates
+took one seed from solving to not (benchmarks/LOG.md, "a first run's compile"), and
+runs that repeat exactly matter more there.
 """
 from __future__ import annotations
 
@@ -98,7 +101,7 @@ class Precompile:
         room in memory for a second copy of the run's storage (the other process builds one).
         Without a free core the compile slows the run about as much as the eager updates
         gain (benchmarks/LOG.md, "cold start")."""
-        if config.learner != "compile" or device.type != "cpu" or config.profile:
+        if config.algo != "ddqn" or config.learner != "compile" or device.type != "cpu" or config.profile:
             return False
         if cpu_capacity() < busy_cores(config) + 1:
             return False

@@ -184,33 +184,19 @@ def ddqn_parts(c: TrainConfig, spec: EnvSpec, device: torch.device, groups: int
     return ring, q, q_target, Adam(q, c.lr, c.max_grad_norm)
 
 
-def reinforce_parts(c: TrainConfig, spec: EnvSpec, device: torch.device
-                    ) -> tuple[RolloutBuffer, torch.nn.Module, Adam, torch.Tensor]:
-    """REINFORCE's rollout buffer, policy network, optimizer and running-mean baseline."""
-    policy = build_network(c, spec.obs_shape, spec.n_actions).to(device)  # a PolicyNetwork
-    return rollout_buffer(c, spec, device), policy, Adam(policy, c.lr, c.max_grad_norm), torch.zeros((), device=device)
-
-
 def first_compiled_update(c: TrainConfig, spec: EnvSpec, device: torch.device, groups: int) -> None:
-    """One compiled update of the learner a run of `c` builds, on throwaway storage holding
-    one step of zeros: what fastrl.precompile runs to fill the kernel cache."""
+    """One compiled DDQN update of the learner a run of `c` builds, on a throwaway ring
+    holding one step of zeros: what fastrl.precompile runs to fill the kernel cache."""
+    ring, q, q_target, optimizer = ddqn_parts(c, spec, device, groups)
     obs = torch.zeros((c.num_envs, *spec.obs_shape), device=device)
     zeros = torch.zeros(c.num_envs, device=device)
-    step = (zeros.long(), zeros, zeros.bool(), zeros.bool(), obs)
-    if c.algo == "ddqn":
-        ring, q, q_target, optimizer = ddqn_parts(c, spec, device, groups)
-        ring.start(obs)
-        width = c.num_envs // groups
-        for g in range(groups):
-            ring.add(*(x[g * width:(g + 1) * width] for x in step), group=g)
-        ddqn.make_learn_step(ring.sampler(c.batch_size), q, q_target, optimizer, c.tau, c.target_update_interval,
-                             "compile")()
-    else:
-        buffer, policy, optimizer, running_mean = reinforce_parts(c, spec, device)
-        buffer.start(obs)
-        buffer.add(*step)
-        reinforce.make_update(policy, optimizer, c.baseline, c.normalize_returns, c.entropy_coef, c.value_coef,
-                              running_mean, "compile")(buffer.episodes(c.gamma))
+    ring.start(obs)
+    width = c.num_envs // groups
+    for g in range(groups):
+        cols = slice(g * width, (g + 1) * width)
+        ring.add(zeros[cols].long(), zeros[cols], zeros[cols].bool(), zeros[cols].bool(), obs[cols], group=g)
+    ddqn.make_learn_step(ring.sampler(c.batch_size), q, q_target, optimizer, c.tau, c.target_update_interval,
+                         "compile")()
 
 
 def store_step(collector: Collector, ring: ReplayRing, group: int, actions: torch.Tensor, run: Run) -> torch.Tensor:
@@ -292,11 +278,13 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
 
 def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Run) -> None:
     c, device, phases = config, run.device, run.phases
-    buffer, policy, optimizer, running_mean = reinforce_parts(c, spec, device)
+    buffer = rollout_buffer(c, spec, device)
+    policy = build_network(c, spec.obs_shape, spec.n_actions).to(device)  # a PolicyNetwork
+    optimizer = Adam(policy, c.lr, c.max_grad_norm)
+    running_mean = torch.zeros((), device=device)
     learner = (policy, optimizer, c.baseline, c.normalize_returns, c.entropy_coef, c.value_coef, running_mean,
                c.learner)
-    update = (profile.timed_update(*learner, phases) if c.profile
-              else reinforce.make_update(*learner, switch=run.precompile(1, buffer.nbytes)))
+    update = profile.timed_update(*learner, phases) if c.profile else reinforce.make_update(*learner)
     act = reinforce.make_act(policy)
     run.watch(policy, buffer)
     learner_stats = DeviceMeans(("losses/loss", "losses/policy_loss", "losses/value_loss",

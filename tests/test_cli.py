@@ -369,7 +369,7 @@ def test_the_python_api_given_the_wrong_kind_of_argument_says_what_it_wants():
 
 
 def test_ready_first_where_workers_would_step_one_env_each_is_one_line_exit_2(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr("system.cpu_cores", lambda: 17)  # the preset's 16 envs: 16 workers by default
+    monkeypatch.setattr("fastrl.system.cpu_cores", lambda: 17)  # the preset's 16 envs: 16 workers by default
     code = call_main(["train", "--collection", "ready-first", "--run-dir", str(tmp_path / "never")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
@@ -720,8 +720,8 @@ def weights_blow_up_at_update(monkeypatch, n: int, after_it: bool = False, then:
     from fastrl.algos import ddqn
     real_make_learn_step = ddqn.make_learn_step
 
-    def make_learn_step(sample, q, *args):
-        learn, updates = real_make_learn_step(sample, q, *args), []
+    def make_learn_step(sample, q, *args, **kwargs):
+        learn, updates = real_make_learn_step(sample, q, *args, **kwargs), []
 
         def learn_and_blow_up():
             updates.append(1)

@@ -70,10 +70,9 @@ def make_gradients(policy: PolicyNetwork, params: Params, baseline: str, normali
 
 def make_update(policy: PolicyNetwork, optimizer: Adam, baseline: str, normalize_returns: bool,
                 entropy_coef: float, value_coef: float, running_mean: torch.Tensor,
-                learner: str = "eager", switch: accel.Switch | None = None) -> Callable[[Episodes], UpdateStats]:
+                learner: str = "eager") -> Callable[[Episodes], UpdateStats]:
     """One gradient step on every masked step of `batch` (fixed shapes: compiles once).
-    `switch`: see accel.learner_fn. (`fastrl.profile.timed_update` runs its two stages
-    apart, timed.)"""
+    (`fastrl.profile.timed_update` runs its two stages apart, timed.)"""
     forward_backward = make_gradients(policy, optimizer.params, baseline, normalize_returns, entropy_coef,
                                       value_coef, running_mean)
 
@@ -81,7 +80,7 @@ def make_update(policy: PolicyNetwork, optimizer: Adam, baseline: str, normalize
         grads, loss, parts = forward_backward(batch)
         return UpdateStats(loss, *parts, optimizer.step(grads))
 
-    return accel.learner_fn(update, learner, optimizer.device, switch)
+    return accel.learner_fn(update, learner, optimizer.device)
 
 
 def make_act(policy: PolicyNetwork) -> Callable[[torch.Tensor], torch.Tensor]:
