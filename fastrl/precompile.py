@@ -96,8 +96,8 @@ class Precompile:
 
     @staticmethod
     def needed(config: TrainConfig, spec: EnvSpec, device: torch.device, groups: int, storage_bytes: int) -> bool:
-        """Whether a run should compile its learner in the background: compiled on the CPU,
-        not profiling, the step not yet in the cache, a core that the run leaves free, and
+        """Whether a run should compile its learner in the background: DDQN compiled on the
+        CPU, not profiling, the step not yet in the cache, a core that the run leaves free, and
         room in memory for a second copy of the run's storage (the other process builds one).
         Without a free core the compile slows the run about as much as the eager updates
         gain (benchmarks/LOG.md, "cold start")."""
