@@ -148,16 +148,9 @@ class Precompile:
         self.process = None
 
 
-def compile_once(config: TrainConfig, spec: EnvSpec, groups: int) -> None:
-    """Builds the run's learner on throwaway tensors (as the training loop does) and calls
-    its compiled step once, so that the kernel cache holds it."""
-    from fastrl import training  # the loops' own construction, so the graph is theirs
-
-    torch.set_num_threads(config.threads)
-    training.first_compiled_update(config, spec, torch.device("cpu"), groups)
-
-
 def main() -> None:
+    """Builds the run's learner on throwaway tensors, as the training loop does, and calls
+    its compiled step once, so that the kernel cache holds it; then leaves the marker."""
     payload = json.load(sys.stdin)
     init_worker()  # dies with its parent from now on
     if os.getppid() != payload["trainer"]:  # the trainer died before that
@@ -166,7 +159,10 @@ def main() -> None:
     spec_fields = payload["spec"]
     spec = EnvSpec(**{**spec_fields, "obs_shape": tuple(spec_fields["obs_shape"]),
                       "render_modes": tuple(spec_fields["render_modes"])})
-    compile_once(config, spec, payload["groups"])
+    from fastrl import training  # the loop's own construction, so that the graph is the run's
+
+    torch.set_num_threads(config.threads)
+    training.first_compiled_update(config, spec, torch.device("cpu"), payload["groups"])
     path = marker(payload["key"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch()
