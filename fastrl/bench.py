@@ -36,6 +36,7 @@ from fastrl.collector import Collector
 from fastrl.config import TrainConfig, make_config
 from fastrl.envs import AUTORESET, EnvSpec, inspect_env, make_vector_env
 from fastrl.errors import ConfigError
+from fastrl.interrupts import import_held
 from fastrl.nets import build_network
 from fastrl.optim import Adam
 from fastrl.run.logs import DeviceMeans
@@ -202,7 +203,7 @@ def collect_cases(num_envs: list[int], envpool: bool) -> list[CollectCase]:
 def bench_collect(env_id: str, num_envs: list[int], seconds: float, rounds: int, device: torch.device,
                   seed: int = 0) -> dict:
     try:
-        import envpool
+        envpool = import_held("envpool")
         has_envpool = env_id in envpool.list_all_envs()
     except ImportError:
         has_envpool = False

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import itertools
 import json
 import math
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 from fastrl.config import DEVICES, LEARNER_MODES, PRESETS, VARIANTS, TrainConfig, busy_cores, make_config
 from fastrl.errors import ConfigError, Diverged, EnvError, WorkerDied, WriteFailed
+from fastrl.interrupts import import_held
 from fastrl.system import thread_limit
 
 
@@ -397,27 +395,10 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _import_holding_ctrl_c(module: str) -> None:
-    """Imports `module` (torch, gymnasium and the rest, seconds of imports) with Ctrl-C held
-    until it is done, then honoured: an interrupt inside a library's import can leave the
-    library half imported, and some libraries catch it there and go on broken."""
-    if threading.current_thread() is not threading.main_thread():
-        importlib.import_module(module)
-        return
-    heard = []
-    previous = signal.signal(signal.SIGINT, lambda *_: heard.append(True))
-    try:
-        importlib.import_module(module)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if heard:
-        raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        _import_holding_ctrl_c("fastrl.training")
+        import_held("fastrl.training")  # torch, gymnasium and the rest
         commands = {"train": _train, "profile": _profile, "eval": _eval, "plot": _plot, "export": _export,
                     "bench": _bench, "sweep": _sweep}
         return commands[args.command](args)

@@ -11,6 +11,7 @@ import socket
 from types import ModuleType
 
 from fastrl.errors import ConfigError
+from fastrl.interrupts import import_held
 
 INSTALL = "pip install 'fastrl[ray]'"
 
@@ -18,7 +19,7 @@ INSTALL = "pip install 'fastrl[ray]'"
 def import_ray() -> ModuleType:
     """The ray module; a ConfigError saying how to install it if it is missing."""
     try:
-        import ray
+        ray = import_held("ray")
     except ImportError:
         raise ConfigError(f"Ray is not installed: {INSTALL}") from None
     return ray

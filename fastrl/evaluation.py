@@ -19,6 +19,7 @@ from fastrl.config import SEED_LIMIT, TrainConfig, check, plain_value
 from fastrl.envs import EnvSpec, close_envs, inspect_env, make_vector_env
 from fastrl.envs.process import end_processes, init_worker, worker_died
 from fastrl.errors import ConfigError, EnvError, WorkerDied
+from fastrl.interrupts import ctrl_c_held
 from fastrl.nets import build_network, greedy_policy
 from fastrl.progress import Progress
 
@@ -119,7 +120,8 @@ class BackgroundEvaluator:
         self._conn, child = context.Pipe()
         self._process = context.Process(target=_evaluation_worker, args=(child, config, spec), daemon=True,
                                         name="fastrl-eval")
-        self._process.start()
+        with ctrl_c_held():  # a fork: see ctrl_c_held
+            self._process.start()
         child.close()
         self.in_flight = False
 

@@ -12,6 +12,7 @@ from gymnasium.vector.utils import batch_space
 
 from fastrl.envs.group import AUTORESET
 from fastrl.errors import ConfigError, EnvError
+from fastrl.interrupts import import_held
 from fastrl.system import cpu_cores
 
 
@@ -31,7 +32,7 @@ class EnvPoolVectorEnv(gym.vector.VectorEnv):
 
     def __init__(self, env_id: str, num_envs: int, env_kwargs: dict):
         try:
-            import envpool
+            envpool = import_held("envpool")
         except ImportError:
             raise ConfigError("backend='envpool' needs EnvPool: pip install envpool "
                               "(or the extra: pip install -e '.[envpool]')") from None

@@ -18,6 +18,7 @@ from gymnasium.vector.async_vector_env import AsyncState
 
 from fastrl.envs.process import end_processes, report_not_closed, start_worker
 from fastrl.errors import EnvCloseError
+from fastrl.interrupts import ctrl_c_held
 
 
 def plain_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, autoreset_mode, semaphore):
@@ -43,7 +44,8 @@ class QuietAsyncVectorEnv(gym.vector.AsyncVectorEnv):
     def __init__(self, *args, **kwargs):
         self._not_closed: list[tuple] = []  # error reports of envs whose close() raised
         try:
-            super().__init__(*args, **kwargs)
+            with ctrl_c_held():  # forks: see ctrl_c_held
+                super().__init__(*args, **kwargs)
         except BaseException:
             if hasattr(self, "processes"):
                 self._state = AsyncState.DEFAULT  # nothing to wait for: end them

@@ -91,7 +91,10 @@ def _group_worker(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, 
     group.rewards, group.terminated, group.truncated = reply.rewards, reply.terminated, reply.truncated
     try:
         while True:
-            message = receive(pipe, request.buffer)
+            try:
+                message = receive(pipe, request.buffer)
+            except EOFError:  # the trainer closed its end: it is ending the workers (terminate), or gone
+                break
             if message is None:  # a step
                 infos = group.step(request.actions)
                 write_to_shared_memory(space, index, group.obs, shared_memory)
