@@ -237,8 +237,18 @@ def field_docs() -> dict[str, str]:
     return {f.name: f.metadata["doc"] for f in dataclasses.fields(TrainConfig)}
 
 
+def replay_ratio_for(num_envs: int, preset: dict[str, Any]) -> float:
+    """The replay ratio of a DDQN preset (tuned at its own num_envs) at `num_envs` envs.
+    N envs act N env steps on each policy between learning phases, so the data go stale
+    faster as N grows: more envs get more updates per env step, the preset's ratio times
+    (num_envs / the preset's num_envs) ** (1/3), and never fewer (benchmarks/LOG.md, "env
+    steps to solve against the number of envs")."""
+    return preset["replay_ratio"] * max(1.0, num_envs / preset["num_envs"]) ** (1 / 3)
+
+
 def make_config(**overrides: Any) -> TrainConfig:
-    """Dataclass defaults, then the (algo, env) preset, then `overrides`; validated."""
+    """Dataclass defaults, then the (algo, env) preset, then `overrides`; validated. A
+    DDQN preset's replay ratio follows a num_envs the caller sets (`replay_ratio_for`)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
@@ -247,7 +257,12 @@ def make_config(**overrides: Any) -> TrainConfig:
     algo = overrides.get("algo", base.algo)
     env_id = overrides.get("env_id", base.env_id)
     env_kwargs = overrides.get("env_kwargs") or {}
-    values = {**preset_for(algo, env_id, env_kwargs if isinstance(env_kwargs, dict) else {})[1], **overrides}
+    preset = preset_for(algo, env_id, env_kwargs if isinstance(env_kwargs, dict) else {})[1]
+    values = {**preset, **overrides}
+    num_envs = overrides.get("num_envs")  # checked by validate(): here only a usable one counts
+    if "replay_ratio" in preset and "replay_ratio" not in overrides and isinstance(num_envs, numbers.Integral) \
+            and num_envs >= 1:
+        values["replay_ratio"] = replay_ratio_for(int(num_envs), preset)
     if values.get("backend") == "ray" and "collection" not in overrides and values.get("algo", base.algo) == "ddqn":
         # Remote groups: act on each as it arrives, so no group waits for the slowest round trip.
         workers = values.get("num_workers") or default_workers(values.get("num_envs", base.num_envs))
@@ -275,6 +290,12 @@ def choices(c: TrainConfig, device: str, cuda_name: str | None = None) -> dict:
                     "why": "auto: cudagraphs on CUDA (one launch per update), else compile" if c.learner == "auto"
                     else "set"},
     }
+    if "replay_ratio" in preset:
+        ratio, envs = preset["replay_ratio"], preset["num_envs"]
+        chosen["replay_ratio"] = {"value": c.replay_ratio, "why": (
+            f"the preset's {ratio} (tuned at {envs} envs) times (num_envs / {envs}) ** (1/3): more envs, "
+            f"more updates per env step" if c.num_envs > envs and c.replay_ratio == replay_ratio_for(c.num_envs, preset)
+            else "the preset's" if c.replay_ratio == ratio else "set")}
     if c.backend in ("async", "ray"):
         cores = max(1, cpu_cores() - 1)
         chosen["num_workers"] = {"value": c.num_workers or default_workers(c.num_envs), "why": "set" if c.num_workers

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
 from gymnasium.envs.classic_control.cartpole import CartPoleEnv
@@ -94,6 +95,25 @@ def test_the_automatic_settings_are_explained():
     kept = choices(fastrl.make_config(lr=1e-3), "cpu")["preset"]["settings_kept"]
     assert "lr" not in kept and "num_envs" in kept and "hidden" in kept
     assert choices(fastrl.make_config(env_id="Acrobot-v1"), "cpu")["preset"]["for"] is None
+
+
+def test_a_presets_replay_ratio_grows_with_the_envs_the_caller_sets_and_a_set_ratio_stays():
+    from fastrl.config import PRESETS, choices
+
+    preset = PRESETS[("ddqn", "LunarLander-v3")]
+    ratio, envs = preset["replay_ratio"], preset["num_envs"]
+    assert fastrl.make_config().replay_ratio == ratio
+    assert fastrl.make_config(num_envs=envs * 8).replay_ratio == pytest.approx(2 * ratio)  # 8 ** (1/3)
+    assert fastrl.make_config(num_envs=np.int64(envs * 8)).replay_ratio == pytest.approx(2 * ratio)
+    assert fastrl.make_config(num_envs=envs // 2).replay_ratio == ratio  # never fewer updates per env step
+    assert fastrl.make_config(num_envs=envs * 8, replay_ratio=0.5).replay_ratio == 0.5
+    assert choices(fastrl.make_config(num_envs=envs * 8), "cpu")["replay_ratio"]["why"].startswith(
+        f"the preset's {ratio} (tuned at {envs} envs) times (num_envs / {envs}) ** (1/3)")
+    assert choices(fastrl.make_config(), "cpu")["replay_ratio"] == {"value": ratio, "why": "the preset's"}
+    assert choices(fastrl.make_config(replay_ratio=0.5), "cpu")["replay_ratio"] == {"value": 0.5, "why": "set"}
+    assert "replay_ratio" not in choices(fastrl.make_config(env_id="Acrobot-v1"), "cpu")  # no preset: the default
+    with pytest.raises(ConfigError, match="num_envs=0"):
+        fastrl.make_config(num_envs=0)
 
 
 def test_a_variant_of_an_env_gets_its_presets_variant_and_options_still_win():
@@ -794,7 +814,6 @@ def test_an_env_giving_an_infinite_reward_in_an_evaluation_is_one_line(tmp_path,
 
 
 def test_python_api_values_become_plain_types_and_a_wrong_kind_is_a_one_line_error(tmp_path):
-    import numpy as np
 
     # A sweep's numpy scalars, total_steps=1e6, a pathlib run_dir: plain Python values, so
     # config.json can be written.
