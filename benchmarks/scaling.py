@@ -3,7 +3,9 @@
 For each env count, one `fastrl train` process per seed (one after another, see
 solve.py) on the current device; prints a table of median env steps to solve, median
 wall time to solve (from process start) and end-to-end env steps/s (all env steps over
-the run's wall time), and writes JSON and a PNG of the curves.
+the run's wall time), and writes JSON and a PNG of the curves. A preset's replay ratio
+follows the env count (`fastrl.config.replay_ratio_for`) unless `-- --replay-ratio R`
+fixes it.
 
     python benchmarks/scaling.py --num-envs 8 32 128 --seeds 0 1 2 [-- extra fastrl train options]
 """

@@ -5,12 +5,14 @@ options on top of the preset, each under a wall-clock budget. Its cost is the me
 to solve from process start; a seed that does not solve within the budget ends the trial
 (the other seeds are not run) at a cost above the budget that falls as its final greedy
 evaluation rises, so the search can tell near misses from failures. The first trial is
-the preset itself. The study lives in a SQLite file, so a search can
-be stopped and resumed. Tune on some seeds, then report the best configuration on
-others with `python benchmarks/solve_lunarlander.py --seeds ... -- <its options>`.
+the env's preset itself; options after `--` go to every run (an env variant, say). The
+study lives in a SQLite file, so a search can be stopped and resumed. Tune on some
+seeds, then report the best configuration on others with
+`python benchmarks/solve_lunarlander.py --seeds ... -- <its options>`.
 
     pip install -e ".[tune]"
     python benchmarks/tune.py --trials 40 --seeds 100 101 --budget-s 90
+    python benchmarks/tune.py --seeds 100 101 --budget-s 300 -- --env-kwargs enable_wind=true wind_power=15
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import json
 from pathlib import Path
 
 from solve import machine, run_seeds, write_json
+
+from fastrl.config import PRESETS
 
 
 def sample_options(trial) -> dict:
@@ -34,9 +38,19 @@ def sample_options(trial) -> dict:
         "eps_decay_steps": trial.suggest_int("eps_decay_steps", 10_000, 60_000, step=5_000),
         "eps_end": trial.suggest_float("eps_end", 0.01, 0.1, log=True),
         "learning_starts": trial.suggest_int("learning_starts", 1_000, 10_000, step=1_000),
-        "num_envs": trial.suggest_categorical("num_envs", [4, 8, 16]),
+        "num_envs": trial.suggest_categorical("num_envs", [4, 8, 16, 32]),
         "eval_interval": trial.suggest_categorical("eval_interval", [10_000, 20_000]),
     }
+
+
+def preset_params(env: str) -> dict | None:
+    """The env's DDQN preset as a point of the search space (None if it has no preset)."""
+    preset = PRESETS.get(("ddqn", env))
+    if preset is None:
+        return None
+    names = ("batch_size", "replay_ratio", "lr", "n_step", "tau", "eps_decay_steps", "eps_end", "learning_starts",
+             "num_envs", "eval_interval")
+    return {"width": preset["hidden"][0], **{name: preset[name] for name in names}}
 
 
 def unsolved_cost(budget_s: float, final_eval_mean: float | None) -> float:
@@ -64,22 +78,22 @@ def main() -> None:
     parser.add_argument("--study", default="benchmarks/results/tune.db", help="SQLite file holding the study")
     parser.add_argument("--out", default="benchmarks/results/tune.json")
     parser.add_argument("--runs-dir", default="runs/bench_tune")
+    parser.add_argument("train_args", nargs="*", help="fastrl train options for every run (after --)")
     args = parser.parse_args()
     Path(args.study).parent.mkdir(parents=True, exist_ok=True)
-    name = f"ddqn-{args.env}-seeds-{'-'.join(map(str, args.seeds))}"
+    name = f"ddqn-{args.env}-seeds-{'-'.join(map(str, args.seeds))}" + "".join(f" {a}" for a in args.train_args)
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{args.study}", load_if_exists=True,
                                 direction="minimize", sampler=optuna.samplers.TPESampler(seed=0))
     print(f"{name} on {machine()}: {len(study.trials)} trials so far", flush=True)
-    if not study.trials:  # the preset first: the search starts from what fastrl does today
-        study.enqueue_trial({"width": 128, "batch_size": 256, "replay_ratio": 0.125, "lr": 6.3e-4, "n_step": 3,
-                             "tau": 0.005, "eps_decay_steps": 30_000, "eps_end": 0.1, "learning_starts": 5_000,
-                             "num_envs": 8, "eval_interval": 20_000})
+    if not study.trials and preset_params(args.env):  # the preset first: the search starts from what fastrl does
+        study.enqueue_trial(preset_params(args.env))
 
     def objective(trial) -> float:
         options = sample_options(trial)
         cost = 0.0
         for seed in args.seeds:
-            (row,) = run_seeds(args.env, "ddqn", [seed], train_args(options, args.budget_s), args.runs_dir)
+            (row,) = run_seeds(args.env, "ddqn", [seed], train_args(options, args.budget_s) + args.train_args,
+                               args.runs_dir)
             trial.set_user_attr(f"seed_{seed}", {k: row[k] for k in ("solved", "solve_wall_s", "solve_env_steps",
                                                                     "final_eval_mean")})
             if not row["solved"]:
@@ -93,7 +107,8 @@ def main() -> None:
     best = study.best_trial
     options = " ".join(train_args(sample_options(best), 0)[2:])
     print(f"best: trial {best.number}, {best.value:.1f} s: fastrl train {options}")
-    write_json(args.out, {"env": args.env, "seeds": args.seeds, "budget_s": args.budget_s, "machine": machine(),
+    write_json(args.out, {"env": args.env, "train_args": args.train_args, "seeds": args.seeds,
+                          "budget_s": args.budget_s, "machine": machine(),
                           "best": {"number": best.number, "value": best.value, "params": best.params},
                           "trials": [{"number": t.number, "value": t.value, "params": t.params, **t.user_attrs}
                                      for t in study.trials if t.value is not None]})
