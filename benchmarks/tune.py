@@ -85,8 +85,9 @@ def main() -> None:
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{args.study}", load_if_exists=True,
                                 direction="minimize", sampler=optuna.samplers.TPESampler(seed=0))
     print(f"{name} on {machine()}: {len(study.trials)} trials so far", flush=True)
-    if not study.trials and preset_params(args.env):  # the preset first: the search starts from what fastrl does
-        study.enqueue_trial(preset_params(args.env))
+    preset = preset_params(args.env)
+    if not study.trials and preset:  # the preset first: the search starts from what fastrl does today
+        study.enqueue_trial(preset)
 
     def objective(trial) -> float:
         options = sample_options(trial)

@@ -259,15 +259,13 @@ def make_config(**overrides: Any) -> TrainConfig:
     env_kwargs = overrides.get("env_kwargs") or {}
     preset = preset_for(algo, env_id, env_kwargs if isinstance(env_kwargs, dict) else {})[1]
     values = {**preset, **overrides}
-    num_envs = overrides.get("num_envs")  # checked by validate(): here only a usable one counts
-    if "replay_ratio" in preset and "replay_ratio" not in overrides and isinstance(num_envs, numbers.Integral) \
-            and num_envs >= 1:
-        values["replay_ratio"] = replay_ratio_for(int(num_envs), preset)
     if values.get("backend") == "ray" and "collection" not in overrides and values.get("algo", base.algo) == "ddqn":
         # Remote groups: act on each as it arrives, so no group waits for the slowest round trip.
         workers = values.get("num_workers") or default_workers(values.get("num_envs", base.num_envs))
         values["collection"] = "ready-first" if workers > 1 else "lockstep"
-    config = dataclasses.replace(base, **values)
+    config = dataclasses.replace(base, **values)  # num_envs a plain int from here on
+    if "replay_ratio" in preset and "num_envs" in overrides and "replay_ratio" not in overrides:
+        config = dataclasses.replace(config, replay_ratio=replay_ratio_for(config.num_envs, preset))
     validate(config)
     return config
 
