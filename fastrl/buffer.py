@@ -229,31 +229,45 @@ class ReplayRing:
 
 
 class Episodes(NamedTuple):
-    """Every row of a RolloutBuffer in time order, flattened to [M = rows * N, ...]."""
+    """A fixed-size batch of a RolloutBuffer's steps: the oldest ready to learn from first."""
 
-    obs: torch.Tensor       # [M, *obs_shape]
-    actions: torch.Tensor   # [M]
-    returns: torch.Tensor   # [M] full Monte-Carlo returns where `mask` is set
-    mask: torch.Tensor      # [M] bool: a real step of an ended episode, not learned from before
-    rows: torch.Tensor      # [R] the ring rows in time order (for mark_learned)
-    complete: torch.Tensor  # [R, N] bool: the step's episode has ended
+    obs: torch.Tensor       # [B, *obs_shape]
+    actions: torch.Tensor   # [B]
+    returns: torch.Tensor   # [B] full Monte-Carlo returns where `mask` is set
+    mask: torch.Tensor      # [B] bool: a real step of an ended episode, not learned from before
+    log_probs: torch.Tensor  # [B] the log-probability of the action under the policy that acted
+    slots: torch.Tensor     # [B] each step's place in the ring, row * num_envs + env (for mark_learned)
 
 
 class RolloutBuffer(ReplayRing):
-    """The same device ring, used on-policy: each step is learned from exactly once,
-    at the first update after its episode ended. Steps of an episode that is still
-    running wait in the ring (carried over into the next rollout), so returns are
-    never cut at a rollout boundary. `rows` must exceed the longest episode plus the
-    steps written between two updates, or unfinished episodes would be overwritten.
+    """The same device ring, used on-policy: each step is learned from once, at an
+    update after its episode ended. Steps of an episode that is still running wait in
+    the ring (carried over into the next rollout), so returns are never cut at a rollout
+    boundary. `rows` must exceed the longest episode plus the steps written between two
+    updates, or unfinished episodes would be overwritten.
+
+    An update learns from a fixed-size batch (`batch_size` steps, so it compiles once and
+    costs what the new steps cost, not what the whole ring holds): the oldest ready steps
+    first, padding masked out. Ready steps beyond it wait for the next update; one still
+    waiting when its row is written over is lost, so `batch_size` should be well above
+    the steps a rollout writes.
     """
 
-    def __init__(self, rows: int, num_envs: int, obs_shape: tuple, device: torch.device):
+    def __init__(self, rows: int, num_envs: int, obs_shape: tuple, device: torch.device,
+                 batch_size: int | None = None):
         super().__init__((rows - 1) * num_envs, num_envs, obs_shape, device)
         self.learned = torch.ones((self.rows, num_envs), dtype=torch.bool, device=device)
+        self.log_probs = torch.zeros((self.rows, num_envs), device=device)
+        slots = (self.rows - 1) * num_envs  # every row but the head's
+        self.batch_size = slots if batch_size is None else min(batch_size, slots)
 
     @property
     def nbytes(self) -> int:
-        return super().nbytes + self.learned.nbytes
+        return super().nbytes + self.learned.nbytes + self.log_probs.nbytes
+
+    def act(self, log_probs: torch.Tensor) -> None:
+        """Records the acting policy's log-probabilities of the actions the next add() writes."""
+        self.log_probs[self.head].copy_(log_probs)
 
     def add(self, actions, rewards, terminated, truncated, next_obs, group: int = 0) -> None:
         row = self.head  # one group: on-policy rollouts step in lockstep
@@ -264,25 +278,37 @@ class RolloutBuffer(ReplayRing):
         """As ReplayRing.cut, but the episodes in progress are dropped, not truncated: their
         returns are unknown, so their steps are never learned from."""
         if self.written[0] > 0:
-            pending = self.episodes(1.0)
-            self.learned[pending.rows] |= ~pending.complete
+            rows = self._rows_in_time_order()
+            _, complete = discounted_returns(self.storage.rewards[rows], self.storage.dones[rows], 1.0)
+            self.learned[rows] |= ~complete
         super().cut(obs)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "learned": self.learned.cpu()}
+        return {**super().state_dict(), "learned": self.learned.cpu(), "log_probs": self.log_probs.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.learned.copy_(state["learned"])
+        if "log_probs" in state:  # absent from older saves: read as 0, which only lowers those steps' weights
+            self.log_probs.copy_(state["log_probs"])
+
+    def _rows_in_time_order(self) -> torch.Tensor:
+        """Every row but the head's, oldest first."""
+        return torch.remainder(self.head + 1 + torch.arange(self.rows - 1, device=self.learned.device), self.rows)
 
     def episodes(self, gamma: float) -> Episodes:
-        """Returns and learning mask for every stored row (fixed shapes: all rows but the head)."""
-        rows = torch.remainder(self.head + 1 + torch.arange(self.rows - 1, device=self.learned.device), self.rows)
+        """The next batch to learn from: returns over the whole ring, then the oldest
+        `batch_size` ready steps (fixed shapes; the mask marks the real ones)."""
+        rows = self._rows_in_time_order()
         s = self.storage
         returns, complete = discounted_returns(s.rewards[rows], s.dones[rows], gamma)
-        mask = complete & s.valid[rows] & ~self.learned[rows]
-        return Episodes(s.obs[rows].flatten(0, 1), s.actions[rows].flatten(), returns.flatten(),
-                        mask.flatten(), rows, complete)
+        ready = (complete & s.valid[rows] & ~self.learned[rows]).flatten()
+        # A stable sort puts the ready steps first and keeps them in time order.
+        take = torch.argsort((~ready).to(torch.int8), stable=True)[:self.batch_size]
+        row, env = rows[take // self.num_envs], take % self.num_envs
+        return Episodes(s.obs[row, env], s.actions[row, env], returns.flatten()[take], ready[take],
+                        self.log_probs[row, env], row * self.num_envs + env)
 
     def mark_learned(self, batch: Episodes) -> None:
-        self.learned[batch.rows] |= batch.complete
+        flat = self.learned.view(-1)  # the slots of one batch are distinct
+        flat.index_copy_(0, batch.slots, flat[batch.slots] | batch.mask)

@@ -94,6 +94,7 @@ class TrainConfig:
     baseline: str = _f("value", "[reinforce] baseline: none | mean (running mean) | value (learned head)")
     entropy_coef: float = _f(0.01, "[reinforce] entropy bonus coefficient")
     value_coef: float = _f(0.5, "[reinforce] value-head loss coefficient (baseline=value)")
+    importance_clip: float = _f(0.0, "[reinforce] weigh steps an older policy acted by min(pi/mu, this); 0: no weights")
 
     # --- evaluation and logging ----------------------------------------------------------
     eval_interval: int = _f(25_000, "env steps between greedy evaluations (0 = only at the end)")
@@ -180,9 +181,12 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         num_envs=8, backend="sync", hidden=(64, 64), lr=1e-2, rollout_steps=64, baseline="value",
         normalize_returns=True, entropy_coef=0.0, total_steps=300_000, eval_interval=10_000,
     ),
+    # Many envs, short rollouts (many updates), importance weights for the long episodes an
+    # older policy acted, an lr that decays (benchmarks/LOG.md, "REINFORCE with many envs").
     ("reinforce", "LunarLander-v3"): dict(
-        num_envs=16, backend="sync", hidden=(128, 128), lr=2e-3, rollout_steps=128, baseline="value",
-        normalize_returns=True, entropy_coef=0.01, total_steps=3_000_000, eval_interval=100_000,
+        num_envs=64, backend="sync", hidden=(128, 128), lr=2e-3, lr_end=1e-4, rollout_steps=8, baseline="value",
+        normalize_returns=True, entropy_coef=0.01, importance_clip=1.0, total_steps=4_000_000,
+        eval_interval=100_000,
     ),
     ("ddqn", "CartPole-v1"): dict(
         num_envs=4, hidden=(128, 128), lr=1e-3, batch_size=64, buffer_size=20_000, n_step=3,
@@ -370,6 +374,7 @@ def validate(c: TrainConfig) -> None:
     need(c.baseline in BASELINES, "baseline", " or ".join(BASELINES))
     need(0 <= c.entropy_coef < math.inf, "entropy_coef", "a number >= 0")
     need(0 <= c.value_coef < math.inf, "value_coef", "a number >= 0")
+    need(0 <= c.importance_clip < math.inf, "importance_clip", "a number >= 0 (0: no importance weights)")
     need(c.eval_interval >= 0, "eval_interval", ">= 0")
     need(c.eval_episodes >= 1, "eval_episodes", "a positive integer")
     need(c.eval_envs >= 1, "eval_envs", "a positive integer")

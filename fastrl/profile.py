@@ -109,11 +109,11 @@ def timed_learn_step(sample: Callable[[], Transitions], q: nn.Module, q_target: 
 
 
 def timed_update(policy: PolicyNetwork, optimizer: Adam, baseline: str, normalize_returns: bool,
-                 entropy_coef: float, value_coef: float, running_mean: torch.Tensor, learner: str,
-                 phases: Phases) -> Callable[[Episodes], reinforce.UpdateStats]:
+                 entropy_coef: float, value_coef: float, running_mean: torch.Tensor, importance_clip: float,
+                 learner: str, phases: Phases) -> Callable[[Episodes], reinforce.UpdateStats]:
     """`reinforce.make_update`'s stages, forward_backward (eager) and optimizer_step, each timed."""
     forward_backward = reinforce.make_gradients(policy, optimizer.params, baseline, normalize_returns,
-                                                entropy_coef, value_coef, running_mean)
+                                                entropy_coef, value_coef, running_mean, importance_clip)
     optimizer_step = accel.compile_fn(optimizer.step, learner != "eager", optimizer.device)
 
     def update(batch: Episodes) -> reinforce.UpdateStats:

@@ -99,8 +99,11 @@ def replay_ring(c: TrainConfig, spec: EnvSpec, device: torch.device, groups: int
 
 def rollout_buffer(c: TrainConfig, spec: EnvSpec, device: torch.device) -> RolloutBuffer:
     """REINFORCE's storage: room for the longest episode plus one rollout, since
-    unfinished episodes wait in the ring."""
-    return RolloutBuffer(c.rollout_steps + spec.max_episode_steps + 2, c.num_envs, spec.obs_shape, device)
+    unfinished episodes wait in the ring. Each update learns from at most two rollouts'
+    worth of steps: a rollout writes that many on average, and the margin absorbs the
+    bursts of long episodes ending together."""
+    return RolloutBuffer(c.rollout_steps + spec.max_episode_steps + 2, c.num_envs, spec.obs_shape, device,
+                         batch_size=2 * c.rollout_steps * c.num_envs)
 
 
 # Copies of the network's parameters a run keeps in memory: DDQN's weights, target, two
@@ -283,7 +286,7 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
     optimizer = Adam(policy, c.lr, c.max_grad_norm)
     running_mean = torch.zeros((), device=device)
     learner = (policy, optimizer, c.baseline, c.normalize_returns, c.entropy_coef, c.value_coef, running_mean,
-               c.learner)
+               c.importance_clip, c.learner)
     update = profile.timed_update(*learner, phases) if c.profile else reinforce.make_update(*learner)
     act = reinforce.make_act(policy)
     run.watch(policy, buffer)
@@ -312,8 +315,9 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
             if run.stop.requested:  # a long rollout ends early
                 break
             with phases("act"):
-                actions = act(obs)
+                actions, log_probs = act(obs)
             collector.step_async(actions)
+            buffer.act(log_probs)
             obs = store_step(collector, buffer, 0, actions, run)
 
         # Learn once from every episode that ended since the last update (host-side count);

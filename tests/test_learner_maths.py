@@ -90,7 +90,8 @@ def test_the_dueling_head_splits_q_into_a_state_value_and_zero_mean_advantages()
 
 # --- REINFORCE ----------------------------------------------------------------------------
 
-def naive_reinforce_loss(policy, batch, baseline, normalize, entropy_coef, value_coef, running_mean):
+def naive_reinforce_loss(policy, batch, baseline, normalize, entropy_coef, value_coef, running_mean,
+                         importance_clip=0.0):
     """The REINFORCE loss over the masked steps, one step at a time."""
     logits, values = policy(batch.obs, with_value=True)
     logits, values = logits.detach().double(), values.detach().double()
@@ -105,7 +106,10 @@ def naive_reinforce_loss(policy, batch, baseline, normalize, entropy_coef, value
     for i in steps:
         log_probs = torch.log_softmax(logits[i], dim=0)
         base = {"value": float(values[i]), "mean": running_mean, "none": 0.0}[baseline]
-        policy_loss -= float(log_probs[batch.actions[i]]) * (returns[i] - base)
+        weight = 1.0
+        if importance_clip > 0:
+            weight = min(math.exp(float(log_probs[batch.actions[i]]) - float(batch.log_probs[i])), importance_clip)
+        policy_loss -= weight * float(log_probs[batch.actions[i]]) * (returns[i] - base)
         entropy -= float((log_probs.exp() * log_probs).sum())
         if baseline == "value":
             value_loss += (float(values[i]) - returns[i]) ** 2
@@ -120,27 +124,29 @@ def random_episodes(seed: int) -> Episodes:
     mask = torch.rand(12, generator=gen) < 0.6
     mask[0], mask[1] = True, False  # both kinds, whatever the draw
     return Episodes(obs=torch.randn(12, 4, generator=gen), actions=torch.randint(0, 3, (12,), generator=gen),
-                    returns=3 * torch.randn(12, generator=gen) + 1, mask=mask, rows=torch.arange(3),
-                    complete=torch.ones(3, 4, dtype=torch.bool))
+                    returns=3 * torch.randn(12, generator=gen) + 1, mask=mask,
+                    log_probs=-2 * torch.rand(12, generator=gen), slots=torch.arange(12))
 
 
 @pytest.mark.parametrize("baseline", ["none", "mean", "value"])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
-def test_reinforce_loss_matches_the_per_step_loop(baseline, normalize, entropy_coef):
+@pytest.mark.parametrize("importance_clip", [0.0, 0.8])
+def test_reinforce_loss_matches_the_per_step_loop(baseline, normalize, entropy_coef, importance_clip):
     """Catches: a loss over unmasked steps, a flipped entropy sign, a baseline left out or
-    the running mean moved before its use, normalisation over unmasked steps."""
+    the running mean moved before its use, normalisation over unmasked steps, importance
+    weights inverted or not truncated (the batch's ratios lie on both sides of 0.8)."""
     torch.manual_seed(0)
     policy = PolicyNetwork((4,), 3, (16,), value_head=baseline == "value")
     running_mean = torch.tensor(0.7)
     value_coef = 0.5
     grads_fn = reinforce.make_gradients(policy, dict(policy.named_parameters()), baseline, normalize,
-                                        entropy_coef, value_coef, running_mean)
+                                        entropy_coef, value_coef, running_mean, importance_clip)
     for seed in (1, 2):  # the mean baseline carries over from one batch to the next
         batch = random_episodes(seed)
         before = float(running_mean)
         loss, policy_loss, value_loss, entropy, batch_mean = naive_reinforce_loss(
-            policy, batch, baseline, normalize, entropy_coef, value_coef, before)
+            policy, batch, baseline, normalize, entropy_coef, value_coef, before, importance_clip)
         _, got_loss, (got_policy, got_value, got_entropy) = grads_fn(batch)
         assert got_loss.item() == pytest.approx(loss, rel=1e-5, abs=1e-6)
         assert got_policy.item() == pytest.approx(policy_loss, rel=1e-5, abs=1e-6)
@@ -164,6 +170,36 @@ def test_the_value_baseline_gets_no_gradient_from_the_policy_loss():
                                                torch.zeros(()))(batch)
         value_grad = torch.cat([grads["value.weight"].flatten(), grads["value.bias"]])
         assert (value_grad.abs().sum() == 0) == (value_coef == 0.0)
+
+
+def test_importance_weights_scale_each_steps_gradient_and_carry_none_themselves():
+    """The gradient is sum_i w_i * grad log pi(a_i|s_i) * G_i / count, w_i = min(pi/mu, clip)
+    held constant: catches a weight the gradient flows through (grad of pi/mu * G)."""
+    torch.manual_seed(0)
+    policy = PolicyNetwork((4,), 3, (16,))
+    params = dict(policy.named_parameters())
+    batch = random_episodes(5)
+    grads, _, _ = reinforce.make_gradients(policy, params, "none", False, 0.0, 0.0, torch.zeros(()), 0.8)(batch)
+    log_probs = torch.log_softmax(policy(batch.obs), dim=1)
+    steps = [i for i in range(len(batch.mask)) if batch.mask[i]]
+    loss = 0.0
+    for i in steps:
+        log_prob = log_probs[i, batch.actions[i]]
+        weight = min(math.exp(log_prob.item() - batch.log_probs[i].item()), 0.8)
+        loss = loss - weight * log_prob * batch.returns[i].item()
+    expected = torch.autograd.grad(loss / len(steps), list(params.values()))
+    for name, want in zip(params, expected):
+        torch.testing.assert_close(grads[name], want, rtol=1e-4, atol=1e-6)
+
+
+def test_acting_returns_the_log_probability_of_the_sampled_action():
+    torch.manual_seed(0)
+    policy = PolicyNetwork((4,), 3, (16,))
+    obs = torch.randn(500, 4)
+    actions, log_probs = reinforce.make_act(policy)(obs)
+    expected = torch.log_softmax(policy(obs), dim=1).gather(1, actions.unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(log_probs, expected.detach())
+    assert len(set(actions.tolist())) == 3  # sampled, not the argmax of one state's logits
 
 
 def test_reinforce_update_descends_the_loss_of_its_batch():

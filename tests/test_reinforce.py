@@ -75,14 +75,60 @@ def test_episode_spanning_rollouts_is_carried_over_and_completed():
         assert abs(g - expected) < 1e-4  # the full return to the episode's end, never cut
 
 
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(3, 12), N=st.integers(1, 3), batch_size=st.integers(1, 20), p_done=st.sampled_from([0.1, 0.4]),
+       writes=st.lists(st.integers(0, 6), min_size=1, max_size=6), seed=st.integers(0, 10_000))
+def test_each_batch_is_the_oldest_ready_steps_and_each_step_is_learned_once(rows, N, batch_size, p_done, writes,
+                                                                            seed):
+    """A plain loop over the ring, oldest row first, picks what the next batch must hold:
+    the first `batch_size` steps of ended episodes not learned before, with their full
+    returns. Catches a batch out of time order, a step learned twice or skipped while
+    its row is still there, and a mark_learned that touches steps outside the batch."""
+    gamma = 0.9
+    rng = np.random.default_rng(seed)
+    buffer = RolloutBuffer(rows, N, (2,), CPU, batch_size=batch_size)
+    buffer.start(torch.zeros(N, 2))
+    step = 0
+    for n_writes in writes:
+        for _ in range(n_writes):  # obs carry the step's count, so each step is recognisable
+            step += 1
+            done = torch.from_numpy(rng.random(N) < p_done)
+            buffer.act(torch.full((N,), -float(step)))
+            buffer.add(torch.from_numpy(rng.integers(0, 3, N)), torch.from_numpy(rng.normal(size=N)).float(),
+                       done & (torch.rand(N) < 0.5), done, torch.full((N, 2), float(step)))
+        time_order = [(buffer.head + 1 + k) % buffer.rows for k in range(buffer.rows - 1)]
+        s = buffer.storage
+        rewards = s.rewards[time_order].double().numpy()
+        G = naive_episode_returns(rewards, s.dones[time_order].numpy(), gamma)
+        valid, learned = s.valid[time_order].numpy(), buffer.learned[time_order].numpy().copy()
+        ready = [(t, e) for t in range(len(time_order)) for e in range(N)
+                 if not np.isnan(G[t, e]) and valid[t, e] and not learned[t, e]]
+        expected = ready[:batch_size]
+
+        batch = buffer.episodes(gamma)
+        got = batch.slots[batch.mask].tolist()
+        assert got == [time_order[t] * N + e for t, e in expected]
+        want_returns = [G[t, e] for t, e in expected]
+        np.testing.assert_allclose(batch.returns[batch.mask].numpy(), want_returns, rtol=1e-5, atol=1e-5)
+        assert batch.obs[batch.mask].shape == (len(expected), 2) and batch.mask.shape == (buffer.batch_size,)
+        for (t, e), obs, action, log_prob in zip(expected, batch.obs[batch.mask], batch.actions[batch.mask],
+                                                 batch.log_probs[batch.mask]):
+            assert torch.equal(obs, s.obs[time_order[t], e]) and action == s.actions[time_order[t], e]
+            assert log_prob == -(obs[0] + 1)  # recorded as step k was acted from obs k - 1
+
+        before = buffer.learned.clone()
+        buffer.mark_learned(batch)
+        changed = (buffer.learned != before).flatten().nonzero().flatten().tolist()
+        assert sorted(changed) == sorted(got)  # exactly the batch's steps, each newly learned
+
+
 def test_policy_gradient_raises_probability_of_rewarded_action():
     torch.manual_seed(0)
     policy = PolicyNetwork((1,), 2, (8,))
     update = reinforce.make_update(policy, Adam(policy, lr=0.05), "none", False, 0.0, 0.0, torch.zeros(()))
     obs = torch.ones(4, 1)
     batch_fields = dict(obs=obs, actions=torch.tensor([0, 1, 0, 1]), returns=torch.tensor([1.0, -1.0, 1.0, -1.0]),
-                        mask=torch.tensor([True, True, True, False]), rows=torch.zeros(1, dtype=torch.long),
-                        complete=torch.ones(1, 4, dtype=torch.bool))
+                        mask=torch.tensor([True, True, True, False]), log_probs=torch.zeros(4), slots=torch.arange(4))
     from fastrl.buffer import Episodes
     p0 = torch.softmax(policy(obs[:1]), 1)[0, 0].item()
     for _ in range(5):
@@ -113,7 +159,7 @@ def _reinforce_after_updates(mode, device, updates=8):
     for _ in range(updates):
         batch = Episodes(obs=torch.randn(64, 4, generator=gen), actions=torch.randint(0, 3, (64,), generator=gen),
                          returns=torch.randn(64, generator=gen), mask=torch.rand(64, generator=gen) < 0.7,
-                         rows=torch.arange(8), complete=torch.rand(8, 8, generator=gen) < 0.7)
+                         log_probs=-torch.rand(64, generator=gen), slots=torch.arange(64))
         losses.append(update(Episodes(*(t.to(device) for t in batch))).loss.item())
     return [p.detach().cpu() for p in policy.parameters()], losses
 
