@@ -265,7 +265,7 @@ class RolloutBuffer(ReplayRing):
     def nbytes(self) -> int:
         return super().nbytes + self.learned.nbytes + self.log_probs.nbytes
 
-    def act(self, log_probs: torch.Tensor) -> None:
+    def record_log_probs(self, log_probs: torch.Tensor) -> None:
         """Records the acting policy's log-probabilities of the actions the next add() writes."""
         self.log_probs[self.head].copy_(log_probs)
 

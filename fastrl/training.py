@@ -317,7 +317,7 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
             with phases("act"):
                 actions, log_probs = act(obs)
             collector.step_async(actions)
-            buffer.act(log_probs)
+            buffer.record_log_probs(log_probs)
             obs = store_step(collector, buffer, 0, actions, run)
 
         # Learn once from every episode that ended since the last update (host-side count);

@@ -93,7 +93,7 @@ def test_each_batch_is_the_oldest_ready_steps_and_each_step_is_learned_once(rows
         for _ in range(n_writes):  # obs carry the step's count, so each step is recognisable
             step += 1
             done = torch.from_numpy(rng.random(N) < p_done)
-            buffer.act(torch.full((N,), -float(step)))
+            buffer.record_log_probs(torch.full((N,), -float(step)))
             buffer.add(torch.from_numpy(rng.integers(0, 3, N)), torch.from_numpy(rng.normal(size=N)).float(),
                        done & (torch.rand(N) < 0.5), done, torch.full((N, 2), float(step)))
         time_order = [(buffer.head + 1 + k) % buffer.rows for k in range(buffer.rows - 1)]
