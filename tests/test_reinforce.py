@@ -95,7 +95,7 @@ def test_each_batch_is_the_oldest_ready_steps_and_each_step_is_learned_once(rows
             done = torch.from_numpy(rng.random(N) < p_done)
             buffer.record_log_probs(torch.full((N,), -float(step)))
             buffer.add(torch.from_numpy(rng.integers(0, 3, N)), torch.from_numpy(rng.normal(size=N)).float(),
-                       done & (torch.rand(N) < 0.5), done, torch.full((N, 2), float(step)))
+                       done & torch.from_numpy(rng.random(N) < 0.5), done, torch.full((N, 2), float(step)))
         time_order = [(buffer.head + 1 + k) % buffer.rows for k in range(buffer.rows - 1)]
         s = buffer.storage
         rewards = s.rewards[time_order].double().numpy()
