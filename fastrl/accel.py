@@ -44,25 +44,35 @@ def kernel_cache_dir() -> str:
     return path
 
 
-def use_kernel_cache() -> None:
-    """Points torch's inductor at `kernel_cache_dir()` (torch reads the variable when it
-    compiles). Where that folder cannot be made (no writable home), torch's default stays.
+def configure_inductor() -> None:
+    """Sets up torch's inductor for fastrl's compiles, leaving alone what the user set:
 
-    Also turns off inductor's precompiled C++ header (unless TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS
-    is set): a process builds it before its first C++ compile even when every kernel it needs
-    is cached, and it lives under /tmp, so after a reboot a cached learner step would pay
-    for it again; without it, each of the step's few kernels parses its headers once, and
-    a cold compile is shorter too (benchmarks/LOG.md, "cold start")."""
+    - Kernels go to `kernel_cache_dir()` (torch reads the variable when it compiles).
+      Where that folder cannot be made (no writable home), torch's default stays.
+    - No precompiled C++ header (TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS): a process
+      builds it before its first C++ compile even when every kernel it needs is cached,
+      and it lives under /tmp, so after a reboot a cached learner step would pay for it
+      again; without it a cold compile is shorter too.
+    - The CPU's own flags say which of AVX2 and AVX-512 the kernels use
+      (TORCHINDUCTOR_VEC_ISA_OK): inductor otherwise builds and loads a test library
+      for each (the bulk of a first compile; the loading, a Python process per
+      candidate, in every process, cached or not). Those tests only ever showed whether
+      the compiler knows the flags, which every compiler inductor can use does; the
+      newer extensions (VNNI, AMX, bf16) are still tested.
+
+    (benchmarks/LOG.md, "cold start", measures each.)"""
     path = kernel_cache_dir()
     try:
         os.makedirs(path, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     except OSError:
         pass
+    # Imported only now: importing it sets TORCHINDUCTOR_CACHE_DIR to torch's default.
+    from torch._inductor import config as inductor_config
     if "TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS" not in os.environ:
-        # Imported only now: importing it sets TORCHINDUCTOR_CACHE_DIR to torch's default.
-        from torch._inductor import config as inductor_config
         inductor_config.cpp_cache_precompile_headers = False
+    if "TORCHINDUCTOR_VEC_ISA_OK" not in os.environ:
+        inductor_config.cpp.vec_isa_ok = True
 
 
 def compile_fn(fn: Callable, enabled: bool = True, device: torch.device | None = None) -> Callable:
@@ -74,7 +84,7 @@ def compile_fn(fn: Callable, enabled: bool = True, device: torch.device | None =
     straight to eager: the stop's signal may have killed the compiler."""
     if not enabled:
         return fn
-    use_kernel_cache()
+    configure_inductor()
     # Best first: (what is tried, how `fn` runs when the way before it failed, the callable)
     ways = [("torch.compile", "compiled without the C++ wrapper", torch.compile(fn, dynamic=False)),
             (None, "eagerly", fn)]

@@ -108,7 +108,7 @@ class Precompile:
         memory = available_memory()
         if memory is not None and storage_bytes > 0.25 * memory:
             return False
-        accel.use_kernel_cache()
+        accel.configure_inductor()
         return not marker(learner_key(config, spec, groups)).exists()
 
     def ready(self) -> bool:

@@ -123,11 +123,11 @@ def test_inductors_precompiled_header_is_off_unless_the_user_chose(monkeypatch, 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS", raising=False)
     monkeypatch.setattr(inductor_config, "cpp_cache_precompile_headers", True)
-    accel.use_kernel_cache()
+    accel.configure_inductor()
     assert inductor_config.cpp_cache_precompile_headers is False
     monkeypatch.setenv("TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS", "1")
     monkeypatch.setattr(inductor_config, "cpp_cache_precompile_headers", True)
-    accel.use_kernel_cache()
+    accel.configure_inductor()
     assert inductor_config.cpp_cache_precompile_headers is True  # the user's choice stands
 
 
@@ -135,7 +135,7 @@ def test_a_fresh_process_keeps_its_kernels_in_the_users_cache(tmp_path):
     """In a new interpreter, where importing inductor's config would set torch's /tmp default."""
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     env["XDG_CACHE_HOME"] = str(tmp_path)
-    code = "import os; from fastrl import accel; accel.use_kernel_cache(); print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+    code = "import os; from fastrl import accel; accel.configure_inductor(); print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(tmp_path / "fastrl" / "torchinductor")
 
@@ -145,6 +145,36 @@ def test_a_home_whose_path_has_a_space_keeps_torchs_cache_folder(tmp_path):
     learner ran eagerly."""
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     env["XDG_CACHE_HOME"] = str(tmp_path / "my cache")
-    code = "import os; from fastrl import accel; accel.use_kernel_cache(); print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+    code = "import os; from fastrl import accel; accel.configure_inductor(); print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == default_cache_dir() and " " not in out.strip()
+
+
+def test_vector_instructions_come_from_the_cpus_flags_unless_the_user_chose(monkeypatch, tmp_path):
+    """Inductor's own check builds and loads a test library per candidate: most of a first
+    compile, and a Python process per candidate in every process."""
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_VEC_ISA_OK", raising=False)
+    monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", None)
+    accel.configure_inductor()
+    assert inductor_config.cpp.vec_isa_ok is True
+    monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", None)
+    monkeypatch.setenv("TORCHINDUCTOR_VEC_ISA_OK", "0")
+    accel.configure_inductor()
+    assert inductor_config.cpp.vec_isa_ok is None  # the user's choice stands (torch reads it at import)
+
+
+
+@pytest.mark.slow
+def test_the_cpus_flags_pick_the_vector_instructions_that_inductors_checks_pick(tmp_path):
+    """What the skipped checks would have chosen on this machine, so the kernels are the same."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_VEC_ISA_OK"}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path)
+    pick = "from torch._inductor.cpu_vec_isa import pick_vec_isa; print(pick_vec_isa())"
+    trusted, checked = (
+        subprocess.run([sys.executable, "-c", setup + pick], env=env, capture_output=True, text=True, check=True,
+                       timeout=300).stdout.strip()
+        for setup in ("from fastrl import accel; accel.configure_inductor(); ", ""))
+    assert trusted == checked and trusted, (trusted, checked)
