@@ -1,9 +1,9 @@
 """REINFORCE benchmarks.
 
 CartPole-v1: wall time and env steps until a greedy 100-episode mean >= 475, over
-several seeds. LunarLander-v3: the best 100-episode greedy mean reached within a
-wall-clock budget (every evaluation is a full 100 episodes), and the time to solve
-(mean >= 200) if it does.
+several seeds. LunarLander-v3: the preset as `fastrl train` runs it (its step budget
+and learning-rate decay, stopping once solved), cut at a wall-clock budget: the time
+and env steps to solve (greedy 100-episode mean >= 200), or the best evaluation.
 
     python benchmarks/solve_reinforce.py [--seeds 0 1 2 3 4] [--lunar-seeds 0] [--lunar-budget-s 600]
 """
@@ -28,7 +28,8 @@ def main() -> None:
     result = {"machine": machine(), "cartpole": {"runs": cartpole, **summarize(cartpole)}}
     if args.lunar_seeds:
         print(f"LunarLander-v3 within {args.lunar_budget_s:.0f} s (solved = 100-episode mean >= 200):")
-        budget = ["--time-limit-s", str(args.lunar_budget_s), "--total-steps", str(10**9), "--no-stop-on-solve"]
+        # Only the time limit: a larger step budget would stretch the preset's lr decay over it.
+        budget = ["--time-limit-s", str(args.lunar_budget_s)]
         lunar = run_seeds("LunarLander-v3", "reinforce", args.lunar_seeds, budget, args.runs_dir)
         result["lunarlander"] = {"budget_s": args.lunar_budget_s, "runs": lunar, **summarize(lunar)}
     write_json(args.out, result)
