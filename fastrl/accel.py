@@ -55,7 +55,7 @@ def configure_inductor() -> None:
       again; without it a cold compile is shorter too.
     - The CPU's own flags say which of AVX2 and AVX-512 the kernels use
       (TORCHINDUCTOR_VEC_ISA_OK): inductor otherwise builds and loads a test library
-      for each (the bulk of a first compile; the loading, a Python process per
+      for each (about a third of a first compile; the loading, a Python process per
       candidate, in every process, cached or not). Those tests only ever showed whether
       the compiler knows the flags, which every compiler inductor can use does; the
       newer extensions (VNNI, AMX, bf16) are still tested.

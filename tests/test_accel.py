@@ -135,7 +135,8 @@ def test_a_fresh_process_keeps_its_kernels_in_the_users_cache(tmp_path):
     """In a new interpreter, where importing inductor's config would set torch's /tmp default."""
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     env["XDG_CACHE_HOME"] = str(tmp_path)
-    code = "import os; from fastrl import accel; accel.configure_inductor(); print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+    code = ("import os; from fastrl import accel; accel.configure_inductor(); "
+            "print(os.environ['TORCHINDUCTOR_CACHE_DIR'])")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(tmp_path / "fastrl" / "torchinductor")
 
@@ -145,7 +146,8 @@ def test_a_home_whose_path_has_a_space_keeps_torchs_cache_folder(tmp_path):
     learner ran eagerly."""
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     env["XDG_CACHE_HOME"] = str(tmp_path / "my cache")
-    code = "import os; from fastrl import accel; accel.configure_inductor(); print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+    code = ("import os; from fastrl import accel; accel.configure_inductor(); "
+            "print(os.environ['TORCHINDUCTOR_CACHE_DIR'])")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == default_cache_dir() and " " not in out.strip()
 
