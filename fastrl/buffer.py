@@ -258,6 +258,9 @@ class RolloutBuffer(ReplayRing):
         super().__init__((rows - 1) * num_envs, num_envs, obs_shape, device)
         self.learned = torch.ones((self.rows, num_envs), dtype=torch.bool, device=device)
         self.log_probs = torch.zeros((self.rows, num_envs), device=device)
+        # Per env, real steps written over before they were learned from (see take_lost).
+        self._lost = torch.zeros(num_envs, dtype=torch.int64, device=device)
+        self._lost_now = torch.zeros(num_envs, dtype=torch.bool, device=device)
         slots = (self.rows - 1) * num_envs  # every row but the head's
         self.batch_size = slots if batch_size is None else min(batch_size, slots)
 
@@ -271,8 +274,20 @@ class RolloutBuffer(ReplayRing):
 
     def add(self, actions, rewards, terminated, truncated, next_obs, group: int = 0) -> None:
         row = self.head  # one group: on-policy rollouts step in lockstep
+        # next_obs takes the oldest row: a real step there not yet learned from is lost.
+        oldest = (row + 1) % self.rows
+        torch.gt(self.storage.valid[oldest], self.learned[oldest], out=self._lost_now)
+        self._lost.add_(self._lost_now)
         super().add(actions, rewards, terminated, truncated, next_obs, group)
         self.learned[row].fill_(False)
+
+    def take_lost(self) -> torch.Tensor:
+        """The real steps written over before they were learned from since the last call
+        (0-d, on the device): none, unless episodes outlast the ring or ready steps pile
+        up beyond what the batches take."""
+        lost = self._lost.sum()
+        self._lost.zero_()
+        return lost
 
     def cut(self, obs: torch.Tensor) -> None:
         """As ReplayRing.cut, but the episodes in progress are dropped, not truncated: their

@@ -291,7 +291,7 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
     act = reinforce.make_act(policy)
     run.watch(policy, buffer)
     learner_stats = DeviceMeans(("losses/loss", "losses/policy_loss", "losses/value_loss",
-                                 "losses/entropy", "losses/grad_norm"), device)
+                                 "losses/entropy", "losses/grad_norm", "charts/steps_lost_per_update"), device)
     episodes_learned = 0
 
     def state() -> dict:  # what a resumed run goes on from (with the run's own, see Run.save_state)
@@ -329,7 +329,7 @@ def train_reinforce(config: TrainConfig, spec: EnvSpec, collector: Collector, ru
                 if run.stop.requested:
                     break
                 with phases("update"):
-                    learner_stats.add(update(batch))
+                    learner_stats.add((*update(batch), buffer.take_lost()))
                 run.updates += 1
             with phases("ring_write"):
                 buffer.mark_learned(batch)

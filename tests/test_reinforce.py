@@ -83,16 +83,25 @@ def test_each_batch_is_the_oldest_ready_steps_and_each_step_is_learned_once(rows
     """A plain loop over the ring, oldest row first, picks what the next batch must hold:
     the first `batch_size` steps of ended episodes not learned before, with their full
     returns. Catches a batch out of time order, a step learned twice or skipped while
-    its row is still there, and a mark_learned that touches steps outside the batch."""
+    its row is still there, and a mark_learned that touches steps outside the batch. Steps
+    written over before they were learned are counted (take_lost) as a ledger of step
+    numbers finds them: pending from when they are written (unless they follow a done,
+    the reset's pseudo-step), learned when a batch holds them, lost when still pending
+    `rows - 1` steps later."""
     gamma = 0.9
     rng = np.random.default_rng(seed)
     buffer = RolloutBuffer(rows, N, (2,), CPU, batch_size=batch_size)
     buffer.start(torch.zeros(N, 2))
     step = 0
+    pending, lost, was_done = set(), 0, np.zeros(N, dtype=bool)  # the ledger: (step, env)
     for n_writes in writes:
         for _ in range(n_writes):  # obs carry the step's count, so each step is recognisable
             step += 1
+            lost += sum((step - buffer.rows + 1, e) in pending for e in range(N))
+            pending -= {(step - buffer.rows + 1, e) for e in range(N)}
             done = torch.from_numpy(rng.random(N) < p_done)
+            pending |= {(step, e) for e in range(N) if not was_done[e]}
+            was_done = done.numpy()
             buffer.record_log_probs(torch.full((N,), -float(step)))
             buffer.add(torch.from_numpy(rng.integers(0, 3, N)), torch.from_numpy(rng.normal(size=N)).float(),
                        done & torch.from_numpy(rng.random(N) < 0.5), done, torch.full((N, 2), float(step)))
@@ -120,6 +129,9 @@ def test_each_batch_is_the_oldest_ready_steps_and_each_step_is_learned_once(rows
         buffer.mark_learned(batch)
         changed = (buffer.learned != before).flatten().nonzero().flatten().tolist()
         assert sorted(changed) == sorted(got)  # exactly the batch's steps, each newly learned
+        pending -= {(int(obs[0]) + 1, slot % N) for obs, slot in zip(batch.obs[batch.mask], got)}
+        assert buffer.take_lost().item() == lost
+        lost = 0
 
 
 def test_policy_gradient_raises_probability_of_rewarded_action():
