@@ -153,8 +153,8 @@ def test_a_home_whose_path_has_a_space_keeps_torchs_cache_folder(tmp_path):
 
 
 def test_vector_instructions_come_from_the_cpus_flags_unless_the_user_chose(monkeypatch, tmp_path):
-    """Inductor's own check builds and loads a test library per candidate: most of a first
-    compile, and a Python process per candidate in every process."""
+    """Inductor's own check builds and loads a test library per candidate: a third of a
+    first compile, and a Python process per candidate in every process."""
     from torch._inductor import config as inductor_config
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
@@ -166,7 +166,6 @@ def test_vector_instructions_come_from_the_cpus_flags_unless_the_user_chose(monk
     monkeypatch.setenv("TORCHINDUCTOR_VEC_ISA_OK", "0")
     accel.configure_inductor()
     assert inductor_config.cpp.vec_isa_ok is None  # the user's choice stands (torch reads it at import)
-
 
 
 @pytest.mark.slow
