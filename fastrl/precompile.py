@@ -55,11 +55,12 @@ NOT_IN_THE_GRAPH = (
 
 def learner_key(config: TrainConfig, spec: EnvSpec, groups: int) -> str:
     """A name for the compiled learner step of this config, env shape and group count,
-    with this torch and Python."""
+    with this torch, Python and the inductor settings that change its cache key."""
+    from torch._inductor import config as inductor_config
     relevant = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_THE_GRAPH}
     what = {"config": relevant, "obs_shape": spec.obs_shape, "n_actions": spec.n_actions,
             "max_episode_steps": spec.max_episode_steps, "groups": groups, "torch": torch.__version__,
-            "python": sys.version}
+            "python": sys.version, "vec_isa_ok": inductor_config.cpp.vec_isa_ok}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

@@ -49,6 +49,17 @@ def test_runs_that_differ_only_outside_the_learner_share_its_compiled_step():
     assert precompile.learner_key(make_config(env_id="Acrobot-v1"), inspect_env("Acrobot-v1", {}), 1) != key
 
 
+def test_a_step_compiled_with_other_inductor_settings_is_not_taken_for_cached(monkeypatch):
+    """How the vector instructions are chosen is part of inductor's cache key."""
+    from torch._inductor import config as inductor_config
+
+    spec = inspect_env("CartPole-v1", {})
+    monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", None)
+    before = precompile.learner_key(make_config(env_id="CartPole-v1"), spec, 1)
+    monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", True)
+    assert precompile.learner_key(make_config(env_id="CartPole-v1"), spec, 1) != before
+
+
 def test_no_background_compile_where_the_step_compiles_here_or_is_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(precompile, "cpu_capacity", lambda: 2.0)
