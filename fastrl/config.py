@@ -200,9 +200,9 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
 # preset when that keyword is set (true). benchmarks/LOG.md has how each was found.
 VARIANTS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
     # Wind and turbulence: twice the calm preset's updates per env step, a target network
-    # that follows at under half the calm rate, a longer budget, and
-    # evaluations as often as calm, since the greedy policy swings about the threshold
-    # (benchmarks/LOG.md, "windy LunarLander").
+    # that follows at under half the calm rate, a longer budget, and evaluations as often
+    # as calm, since the greedy policy swings about the threshold (benchmarks/LOG.md,
+    # "windy LunarLander").
     ("ddqn", "LunarLander-v3"): {"enable_wind": dict(replay_ratio=0.1938, tau=0.003, total_steps=1_000_000,
                                                      eval_interval=20_000)},
 }
