@@ -118,17 +118,20 @@ def plot(run_dirs: list[str | os.PathLike], out: str | os.PathLike, x: str = "st
         def xs(run: Curves, steps: np.ndarray) -> np.ndarray:
             return steps.astype(float) if x == "steps" else run.wall(steps)
 
-        if len(group) == 1:
-            run = group[0]
-            ax.plot(xs(run, run.episode_steps), run.episode_returns, ".", color=colour, alpha=0.15, markersize=3)
-            ax.plot(xs(run, run.episode_steps), moving_average(run.episode_returns, window), color=colour,
-                    label=f"{label}: return, moving average of {window}")
-            if len(run.eval_steps):
-                ax.errorbar(xs(run, run.eval_steps), run.eval_means, yerr=run.eval_stds, fmt="o", color=colour,
-                            ecolor=colour, capsize=3, markersize=4, label=f"{label}: greedy evaluation, mean ± std")
+        grid, (low, median, high) = median_band([xs(run, run.episode_steps) for run in group],
+                                                [moving_average(run.episode_returns, window) for run in group])
+        if not len(grid):  # one run, or runs that share no x (wall clocks that never overlap): each its own
+            label = label.replace("median, IQR", "each drawn apart, no x shared")
+            for j, run in enumerate(group):
+                line, bars = ((f"{label}: return, moving average of {window}",
+                               f"{label}: greedy evaluation, mean ± std") if j == 0 else ("_nolegend_",) * 2)
+                ax.plot(xs(run, run.episode_steps), run.episode_returns, ".", color=colour, alpha=0.15, markersize=3)
+                ax.plot(xs(run, run.episode_steps), moving_average(run.episode_returns, window), color=colour,
+                        label=line)
+                if len(run.eval_steps):
+                    ax.errorbar(xs(run, run.eval_steps), run.eval_means, yerr=run.eval_stds, fmt="o", color=colour,
+                                ecolor=colour, capsize=3, markersize=4, label=bars)
         else:
-            grid, (low, median, high) = median_band([xs(run, run.episode_steps) for run in group],
-                                                    [moving_average(run.episode_returns, window) for run in group])
             ax.plot(grid, median, color=colour, label=f"{label}: return, moving average of {window}")
             ax.fill_between(grid, low, high, color=colour, alpha=0.2)
             evals = [run for run in group if len(run.eval_steps)]
@@ -159,10 +162,12 @@ def median_band(xs: list[np.ndarray], ys: list[np.ndarray], points: int = 200
     """The 25th, 50th and 75th percentiles across runs of curves (xs[i], ys[i]), each
     interpolated on a common grid of x; at each x, over the runs whose curve reaches it,
     where at least two do (runs end, or start, at different x: a resumed run's wall
-    clock may start late)."""
+    clock may start late). Empty where no x is reached by two runs."""
     grid = np.linspace(min(x[0] for x in xs), max(x[-1] for x in xs), points)
     curves = np.stack([np.interp(grid, x, y, left=np.nan, right=np.nan) for x, y in zip(xs, ys)])
     covered = np.sum(~np.isnan(curves), axis=0) >= 2
+    if not covered.any():  # one run, or no x that two runs reach: empty, not a percentile of nothing
+        return grid[covered], (grid[covered],) * 3
     return grid[covered], tuple(np.nanpercentile(curves[:, covered], [25, 50, 75], axis=0))
 
 

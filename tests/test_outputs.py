@@ -12,11 +12,14 @@ import torch
 
 import fastrl
 from fastrl.cli import main
-from fastrl.plot import median_band, moving_average, read_curves
+from fastrl.plot import median_band, moving_average, plot, read_curves
 from fastrl.run.logs import Writer
 
+# A log window longer than the runs: each run logs where its first window opens and where it
+# ends, whatever the machine's speed, so the plots below do not depend on it.
 RUN = dict(env_id="CartPole-v1", hidden=(32,), learner="eager", num_envs=4, total_steps=4000, eval_interval=2000,
-           eval_episodes=10, eval_envs=5, stop_on_solve=False, progress=False, learning_starts=500)
+           eval_episodes=10, eval_envs=5, stop_on_solve=False, progress=False, learning_starts=500,
+           log_interval=600.0)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +61,10 @@ def test_the_median_band_is_the_plain_loop_over_the_runs_that_reach_each_x():
         reaching = [np.interp(x, xi, yi) for xi, yi in zip(xs, ys) if xi[0] <= x <= xi[-1]]
         assert len(reaching) >= 2
         assert np.allclose([low[i], median[i], high[i]], np.percentile(reaching, [25, 50, 75]))
+    # Runs that share no x, and one run alone: no band, and no error.
+    for apart in ([np.array([0.0, 1.0]), np.array([2.0, 3.0])], [np.array([0.0, 1.0])]):
+        grid, band = median_band(apart, [np.ones(2)] * len(apart), points=50)
+        assert len(grid) == 0 and [len(b) for b in band] == [0, 0, 0]
 
 
 @pytest.mark.slow
@@ -79,6 +86,8 @@ def test_a_finished_run_draws_its_curves_from_what_it_logged(runs):
     assert list(curves.eval_steps) == [2000, 4000]
     assert curves.eval_means[-1] == pytest.approx(summary["final_eval_mean"], rel=1e-6)  # float32 in the events
     assert np.all(np.diff(curves.log_wall_s) > 0) and curves.log_wall_s[-1] <= summary["wall_s"]
+    # Shorter than one log window, it still maps steps to time: from its first step to its end.
+    assert list(curves.log_steps) == [RUN["num_envs"], summary["env_steps"]]
 
 
 @pytest.mark.slow
@@ -90,6 +99,18 @@ def test_fastrl_plot_draws_seeds_as_a_median_and_refuses_bad_input_in_one_line(r
     assert code == 0 and printed == f"wrote {out}\n"
     image = __import__("matplotlib.image").image.imread(out)
     assert image.shape[0] > 300
+    # Two seeds whose wall clocks never overlap (one started late) are drawn apart, not as a band.
+    late = []
+    for name, start in (("early", 1.0), ("late", 50.0)):
+        late.append(tmp_path / "apart" / name)
+        writer = Writer(str(late[-1]))
+        writer.scalars({"time/wall_s": start}, 4)
+        writer.series("episodes/return", [10.0, 20.0, 30.0], [100, 200, 300])
+        writer.scalars({"time/wall_s": start + 2.0}, 300)
+        writer.close()
+    apart = tmp_path / "apart.png"
+    written = plot(late, apart, x="wall", labels={str(d): "one setting" for d in late})
+    assert written == apart and __import__("matplotlib.image").image.imread(apart).shape[0] > 300
     (tmp_path / "empty").mkdir()
     no_episodes = tmp_path / "no_episodes"
     writer = Writer(str(no_episodes))
@@ -104,7 +125,8 @@ def test_fastrl_plot_draws_seeds_as_a_median_and_refuses_bad_input_in_one_line(r
     ]:
         code, _, err = cli(capsys, *argv)
         one_line_error(code, err, text)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "no_episodes", "seeds.png"]  # nothing half-written
+    written = ["apart", "apart.png", "empty", "no_episodes", "seeds.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == written  # nothing half-written
 
 
 def mp4_frames(path: Path) -> tuple[int, float, float]:

@@ -201,7 +201,7 @@ class Run:
                 self.log.progress.total = self.profiler.planned_steps()
 
     def log_due(self) -> bool:
-        return self.log.due(self.env_steps, self.updates)
+        return self.log.due(self.env_steps, self.updates, self.wall_s)
 
     def write_log(self, collector: Collector, learner_stats: DeviceMeans, scalars: dict[str, float]) -> None:
         """Writes the log window (see TrainingLog.write) with the learner's means: the one

@@ -122,10 +122,13 @@ class TrainingLog:
     def message(self, text: str) -> None:
         self.progress.message(text)
 
-    def due(self, env_steps: int, updates: int) -> bool:
+    def due(self, env_steps: int, updates: int, wall_s: float) -> bool:
         now = time.perf_counter()
         if self._last is None:  # the first window opens at the first step, after start-up
             self._last = (now, env_steps, updates)
+            # Where the window opens is the first point that maps the run's steps to its
+            # wall clock: a run shorter than one window has two points, not one.
+            self.writer.scalars({"time/wall_s": wall_s}, env_steps)
         return now - self._last[0] >= self.config.log_interval
 
     def write(self, env_steps: int, updates: int, wall_s: float, episodes: tuple[list, list, list, int],
