@@ -46,6 +46,8 @@ class Evaluator:
 
     Every env plays a fixed quota of episodes (quotas differ by at most one), so
     short episodes are not over-represented the way "first N to finish" would be.
+    An env that has played its quota is not stepped again: an evaluation costs the
+    steps of its episodes, not those of its longest env's.
     """
 
     def __init__(self, env_id: str, env_kwargs: dict, num_envs: int, seed: int, device: torch.device):
@@ -68,31 +70,35 @@ class Evaluator:
         env_steps = 0
         quota = np.full(E, episodes // E) + (np.arange(E) < episodes % E)
         returns: list[list[float]] = [[] for _ in range(E)]
+        played = np.zeros(E, dtype=np.int64)  # episodes each env has played
         obs, _ = self.envs.reset(seed=seed if seed is not None else self._next_seed)  # an env's error: EnvError
         self._next_seed = None  # later evaluations continue the seeded RNG streams
         ep_return = np.zeros(E)
-        prev_done = np.zeros(E, dtype=bool)
+        prev_done = np.zeros(E, dtype=bool)  # per env: its next step is the autoreset's
         screening = not math.isnan(screen_below) and episodes > E
-        while any(len(r) < q for r, q in zip(returns, quota)):
+        # While screening, an env waits after its first episode: if the screen fails, the
+        # steps of its second are not paid for.
+        active = played < (1 if screening else quota)
+        while active.any():
             obs_t = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.device)
-            actions = policy(obs_t).cpu().numpy()
-            obs, reward, terminated, truncated, _ = self.envs.step(actions)
-            ep_return += reward * ~prev_done
-            done = terminated | truncated
+            actions = policy(obs_t).cpu().numpy()  # every row: a batch of one shape, whoever steps
+            obs, reward, terminated, truncated, _ = self.envs.step(actions, active)
+            ep_return += reward * (active & ~prev_done)
+            done = (terminated | truncated) & active
             for i in np.flatnonzero(done):
-                if len(returns[i]) < quota[i]:
-                    returns[i].append(float(ep_return[i]))
+                returns[i].append(float(ep_return[i]))
                 ep_return[i] = 0.0
-            prev_done = done
-            env_steps += E
+            played += done
+            prev_done = np.where(active, done, prev_done)
+            env_steps += int(active.sum())
             if on_episodes is not None and done.any():
-                on_episodes(sum(map(len, returns)), env_steps)
-            if screening and all(len(r) >= 1 for r in returns):
+                on_episodes(int(played.sum()), env_steps)
+            if screening and played.min() >= 1:
                 screening = False
                 first = [r[0] for r in returns]  # one episode per env: an unbiased sample
                 if np.mean(first) < screen_below:
-                    returns = [[x] for x in first]
                     break
+            active = played < (1 if screening else quota)
         flat = [x for r in returns for x in r]
         bad = [x for x in flat if not math.isfinite(x)]
         if bad:  # a mean of them would mean nothing (and an inf one would "solve")

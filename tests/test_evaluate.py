@@ -1,6 +1,7 @@
 import math
 import signal
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,6 +30,57 @@ def test_evaluator_runs_exact_episode_counts_and_screens():
         assert screened.episodes == 3  # one episode per env, then stop
         passed = ev.run(zeros, episodes=30, screen_below=1.0)
         assert passed.episodes == 30
+    finally:
+        ev.close()
+
+
+def heuristic_policy(obs: torch.Tensor) -> torch.Tensor:
+    """gymnasium's LunarLander heuristic, row by row: an action that depends on its own
+    row alone, whatever the batch."""
+    from gymnasium.envs.box2d.lunar_lander import heuristic
+    discrete = SimpleNamespace(unwrapped=SimpleNamespace(continuous=False))
+    return torch.tensor([heuristic(discrete, row) for row in obs.numpy()], dtype=torch.long)
+
+
+def plain_episodes(seed: int, count: int) -> tuple[list[float], list[int]]:
+    """`count` episodes of one LunarLander env seeded `seed`, one after another: (returns,
+    the steps each took, the autoreset's step before it included)."""
+    import gymnasium as gym
+    env = gym.make("LunarLander-v3")
+    obs, _ = env.reset(seed=seed)
+    returns, steps = [], []
+    for k in range(count):
+        if k:
+            obs, _ = env.reset()
+        total, done, n = 0.0, False, int(k > 0)
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(int(heuristic_policy(torch.as_tensor(obs[None]))[0]))
+            total, done, n = total + reward, terminated or truncated, n + 1
+        returns.append(total)
+        steps.append(n)
+    env.close()
+    return returns, steps
+
+
+def test_an_evaluation_is_each_envs_own_episodes_and_steps_no_env_past_its_quota():
+    """The batched evaluation against a plain loop over its envs, one at a time: env i
+    plays its quota of episodes from seed + i, and the evaluation takes exactly their
+    steps (an env done with its quota, or waiting for the screen, is not stepped)."""
+    envs, episodes, seed = 4, 10, 7
+    plain = [plain_episodes(seed + i, 3 if i < 2 else 2) for i in range(envs)]  # quotas 3, 3, 2, 2
+    ev = Evaluator("LunarLander-v3", {}, num_envs=envs, seed=0, device=torch.device("cpu"))
+    try:
+        def run(screen_below: float) -> tuple[list[float], int]:
+            """(returns, env steps taken) of an evaluation."""
+            steps = []
+            result = ev.run(heuristic_policy, episodes, screen_below, seed=seed,
+                            on_episodes=lambda n, s: steps.append(s))
+            return result.returns, steps[-1]
+
+        every = ([r for returns, _ in plain for r in returns], sum(sum(s) for _, s in plain))
+        assert run(math.nan) == every
+        assert run(-1e9) == every  # a screen that passes
+        assert run(1e9) == ([returns[0] for returns, _ in plain], sum(s[0] for _, s in plain))  # one that fails
     finally:
         ev.close()
 

@@ -90,14 +90,18 @@ class EnvGroup:
             (_, rng_state), self._early[j] = self._early[j], None
             self.envs[j].np_random.bit_generator.state = rng_state
 
-    def step(self, actions: np.ndarray) -> list[tuple[int, dict]]:
+    def step(self, actions: np.ndarray, active: np.ndarray | None = None) -> list[tuple[int, dict]]:
         """Steps env j with actions[j] (or resets it, if its episode ended last step);
-        returns the non-empty infos as (j, info) pairs."""
+        returns the non-empty infos as (j, info) pairs. With `active` [n] bool, the envs
+        not active are left as they are: their rows keep their last step, and a pending
+        autoreset waits for their next step."""
         obs, rewards, terminated, truncated, autoreset = (
             self.obs, self.rewards, self.terminated, self.truncated, self._autoreset)
         infos = []
         try:
             for j, (env, action) in enumerate(zip(self.envs, actions.tolist())):  # Python ints: cheaper checks
+                if active is not None and not active[j]:
+                    continue
                 if autoreset[j]:
                     out = env.reset() if self._early[j] is None else self._take_early(j)
                     obs[j], info = self._checked_reset(j, out)
@@ -170,9 +174,10 @@ class InProcessVectorEnv(gym.vector.VectorEnv):
             seed = [None if seed is None else seed + i for i in range(self.num_envs)]
         return self.group.obs, merge_infos(self, self.group.reset(seed, options), {})
 
-    def step(self, actions):
+    def step(self, actions, active: np.ndarray | None = None):
+        """gymnasium's step; `active` [N] bool steps only those envs (see EnvGroup.step)."""
         g = self.group
-        infos = g.step(np.asarray(actions))
+        infos = g.step(np.asarray(actions), active)
         return g.obs, g.rewards.copy(), g.terminated.copy(), g.truncated.copy(), merge_infos(self, infos, {})
 
     def close_extras(self, **kwargs: Any) -> None:
