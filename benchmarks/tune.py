@@ -22,7 +22,7 @@ from pathlib import Path
 
 from solve import machine, run_seeds, write_json
 
-from fastrl.config import PRESETS
+from fastrl.config import PRESETS, TrainConfig
 
 
 def sample_options(trial) -> dict:
@@ -40,6 +40,7 @@ def sample_options(trial) -> dict:
         "learning_starts": trial.suggest_int("learning_starts", 1_000, 10_000, step=1_000),
         "num_envs": trial.suggest_categorical("num_envs", [4, 8, 16, 32]),
         "eval_interval": trial.suggest_categorical("eval_interval", [10_000, 20_000]),
+        "per_alpha": trial.suggest_categorical("per_alpha", [0.0, 0.4, 0.6]),
     }
 
 
@@ -49,8 +50,9 @@ def preset_params(env: str) -> dict | None:
     if preset is None:
         return None
     names = ("batch_size", "replay_ratio", "lr", "n_step", "tau", "eps_decay_steps", "eps_end", "learning_starts",
-             "num_envs", "eval_interval")
-    return {"width": preset["hidden"][0], **{name: preset[name] for name in names}}
+             "num_envs", "eval_interval", "per_alpha")
+    defaults = TrainConfig()  # what the preset leaves as it is
+    return {"width": preset["hidden"][0], **{name: preset.get(name, getattr(defaults, name)) for name in names}}
 
 
 def unsolved_cost(budget_s: float, final_eval_mean: float | None) -> float:

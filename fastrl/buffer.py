@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from fastrl.errors import ConfigError
+from fastrl.priorities import Priorities
 from fastrl.returns import discounted_returns, nstep_targets
 
 
@@ -38,7 +39,7 @@ class Transitions(NamedTuple):
     returns: torch.Tensor    # sum_{k<m} gamma^k r_{t+k}
     next_obs: torch.Tensor   # s_{t+m}, the bootstrap state
     discount: torch.Tensor   # gamma^m, 0 if the episode terminated inside the window
-    weight: torch.Tensor     # 1.0, or 0.0 for reset pseudo-transitions
+    weight: torch.Tensor     # 1.0 (by priority: its importance-sampling weight), 0.0 for reset pseudo-transitions
 
 
 def transitions_at(storage: RingStorage, start: torch.Tensor, env: torch.Tensor, age: torch.Tensor,
@@ -92,10 +93,14 @@ class ReplayRing:
     With `groups` > 1 the envs form that many equal groups (env order) that step
     independently, each with its own write head: a collector acting on each worker's
     group as soon as it is ready (see `Collector`) writes group rows with `add(..., group)`.
+
+    With `per_alpha` > 0 it samples by priority (`priorities`, see fastrl.priorities),
+    starting with importance-sampling exponent `per_beta`; else uniformly.
     """
 
     def __init__(self, capacity: int, num_envs: int, obs_shape: tuple, device: torch.device,
-                 n_step: int = 1, gamma: float = 0.99, groups: int = 1):
+                 n_step: int = 1, gamma: float = 0.99, groups: int = 1, per_alpha: float = 0.0,
+                 per_beta: float = 0.4):
         # One row must stay free: the newest next-observation occupies row `head`.
         self.rows = max(2, math.ceil(capacity / num_envs) + 1)
         self.num_envs, self.n_step, self.gamma = num_envs, n_step, gamma
@@ -117,6 +122,7 @@ class ReplayRing:
         self._group_views = [(RingStorage(*(x[:, g * G:(g + 1) * G] for x in self.storage)),
                               self._prev_done[g * G:(g + 1) * G], self._head_t[g], self._size_t[g])
                              for g in range(groups)]
+        self.priorities = Priorities(T, N, device, per_alpha, per_beta) if per_alpha > 0 else None
 
     @property
     def nbytes(self) -> int:
@@ -175,6 +181,9 @@ class ReplayRing:
         s.obs[head].copy_(next_obs)
         head_t.fill_(head)
         size_t.fill_(min(written, self.rows - 1))
+        if self.priorities is not None:
+            G = self.num_envs // len(self.written)
+            self.priorities.written(t, head, s.valid[t], slice(group * G, (group + 1) * G))
 
     def cut(self, obs: torch.Tensor) -> None:
         """Where a resumed run starts again ([N, *obs_shape], the envs' new first observations):
@@ -194,8 +203,11 @@ class ReplayRing:
 
     def state_dict(self) -> dict:
         """The storage and its write heads, for a resumed run (CPU tensors)."""
-        return {"storage": {name: x.cpu() for name, x in zip(RingStorage._fields, self.storage)},
-                "prev_done": self._prev_done.cpu(), "written": list(self.written)}
+        state = {"storage": {name: x.cpu() for name, x in zip(RingStorage._fields, self.storage)},
+                 "prev_done": self._prev_done.cpu(), "written": list(self.written)}
+        if self.priorities is not None:
+            state["priorities"] = self.priorities.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restores what state_dict() saved, in place (compiled steps keep their tensors)."""
@@ -207,6 +219,8 @@ class ReplayRing:
             x.copy_(state["storage"][name])
         self._prev_done.copy_(state["prev_done"])
         self.written[:] = state["written"]
+        if self.priorities is not None:
+            self.priorities.load_state_dict(state["priorities"])
         for g, written in enumerate(self.written):
             self._head_t[g].fill_(written % self.rows)
             self._size_t[g].fill_(min(written, self.rows - 1))
@@ -221,11 +235,22 @@ class ReplayRing:
         (head and size included), so a learner step can compile it in, or record it in a
         CUDA graph. The caller makes sure a step was added first."""
         storage, head, size, n_step, gamma = self.storage, self._head_t, self._size_t, self.n_step, self.gamma
+        priorities = self.priorities
+        if priorities is None:
+            def sample() -> Transitions:
+                return sample_transitions(storage, head, size, batch_size, n_step, gamma)
 
-        def sample() -> Transitions:
-            return sample_transitions(storage, head, size, batch_size, n_step, gamma)
+            return sample
+        priorities.reserve(batch_size)
+        T, G = self.rows, self.num_envs // len(self.written)
 
-        return sample
+        def sample_by_priority() -> Transitions:
+            row, env, weight = priorities.draw(batch_size)
+            age = torch.remainder(head[torch.div(env, G, rounding_mode="floor")] - row, T)
+            batch = transitions_at(storage, row, env, age, n_step, gamma)
+            return batch._replace(weight=batch.weight * weight)
+
+        return sample_by_priority
 
 
 class Episodes(NamedTuple):

@@ -86,6 +86,10 @@ class TrainConfig:
     eps_end: float = _f(0.05, "[ddqn] final exploration epsilon")
     eps_decay_steps: int = _f(100_000, "[ddqn] env steps of the linear epsilon decay")
     dueling: bool = _f(False, "[ddqn] dueling Q-network head")
+    per_alpha: float = _f(0.0, "[ddqn] prioritised replay: sample in proportion to |TD error| ** this "
+                               "(0 = uniform; 0.6 is the paper's)")
+    per_beta: float = _f(0.4, "[ddqn] prioritised replay's importance-sampling exponent at the start, "
+                              "annealed linearly to 1 at total_steps")
 
     # --- REINFORCE -----------------------------------------------------------------------
     rollout_steps: int = _f(128, "[reinforce] vector steps between updates (running episodes carry over)")
@@ -372,6 +376,8 @@ def validate(c: TrainConfig) -> None:
     need(0 <= c.eps_end <= 1, "eps_end", "in [0, 1]")
     need(0 <= c.eps_start <= 1, "eps_start", "in [0, 1]")
     need(c.eps_decay_steps >= 1, "eps_decay_steps", "a positive integer")
+    need(0 <= c.per_alpha < math.inf, "per_alpha", "a number >= 0 (0: uniform replay)")
+    need(0 <= c.per_beta <= 1, "per_beta", "in [0, 1]")
     need(c.rollout_steps >= 1, "rollout_steps", "a positive integer")
     need(c.grad_steps >= 1, "grad_steps", "a positive integer")
     need(c.baseline in BASELINES, "baseline", " or ".join(BASELINES))

@@ -47,7 +47,7 @@ from fastrl.system import available_memory, cpu_capacity
 NOT_IN_THE_GRAPH = (
     "seed", "device", "learner", "total_steps", "time_limit_s", "run_dir", "backend", "num_workers", "ray_address",
     "collection", "pin_workers", "lr", "lr_end", "learning_starts", "replay_ratio", "eps_start", "eps_end",
-    "eps_decay_steps", "eval_interval", "eval_episodes", "eval_envs", "stop_on_solve", "solve_threshold",
+    "eps_decay_steps", "per_beta", "eval_interval", "eval_episodes", "eval_envs", "stop_on_solve", "solve_threshold",
     "checkpoint_interval", "video", "log_interval", "progress", "timers", "profile_steps", "trace_cycles",
     "env_id", "env_kwargs",  # the spec's shapes stand for the env
 )

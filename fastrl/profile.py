@@ -27,6 +27,7 @@ from fastrl.checkpoint import writing
 from fastrl.config import TrainConfig
 from fastrl.nets import PolicyNetwork
 from fastrl.optim import Adam
+from fastrl.priorities import Priorities
 from fastrl.timing import Phases
 
 WARMUP_UPDATES = 3  # the first update compiles; time only the steady state
@@ -78,8 +79,8 @@ def native_stderr_muted():
 
 
 def timed_learn_step(sample: Callable[[], Transitions], q: nn.Module, q_target: nn.Module, optimizer: Adam,
-                     tau: float, target_update_interval: int, learner: str,
-                     phases: Phases) -> Callable[[], ddqn.UpdateStats]:
+                     tau: float, target_update_interval: int, learner: str, phases: Phases,
+                     priorities: Priorities | None = None) -> Callable[[], ddqn.UpdateStats]:
     """`ddqn.make_learn_step`'s stages (sample, targets, forward_backward, optimizer_step,
     target_update) one by one, each timed: compiled one by one, forward_backward eager,
     slower in all than the one graph. (Compiled on its own, forward_backward, with
@@ -89,6 +90,7 @@ def timed_learn_step(sample: Callable[[], Transitions], q: nn.Module, q_target: 
 
     sample, optimizer_step = compiled(sample), compiled(optimizer.step)
     targets = compiled(lambda batch: ddqn.double_dqn_targets(q, q_target, batch))
+    priority_update = compiled(priorities.learned) if priorities is not None else None
     target_update = compiled(lambda: ddqn.update_target(
         q_target, q, ddqn.target_update_rate(tau, target_update_interval, optimizer.steps)))
 
@@ -98,12 +100,15 @@ def timed_learn_step(sample: Callable[[], Transitions], q: nn.Module, q_target: 
         with phases("targets"):
             y = targets(batch)
         with phases("forward_backward"):
-            grads, loss, q_mean = ddqn.td_gradients(q, optimizer.params, batch, y)
+            grads, loss, q_sa = ddqn.td_gradients(q, optimizer.params, batch, y)
+        if priorities is not None:
+            with phases("priorities"):
+                priority_update(y - q_sa, batch.weight > 0)
         with phases("optimizer_step"):
             grad_norm = optimizer_step(grads)
         with phases("target_update"):
             target_update()
-        return ddqn.UpdateStats(loss, q_mean, grad_norm)
+        return ddqn.UpdateStats(loss, q_sa.mean(), grad_norm)
 
     return learn_step
 

@@ -94,7 +94,8 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
 
 def replay_ring(c: TrainConfig, spec: EnvSpec, device: torch.device, groups: int = 1) -> ReplayRing:
     """DDQN's replay storage (one write head per group of envs)."""
-    return ReplayRing(c.buffer_size, c.num_envs, spec.obs_shape, device, c.n_step, c.gamma, groups)
+    return ReplayRing(c.buffer_size, c.num_envs, spec.obs_shape, device, c.n_step, c.gamma, groups, c.per_alpha,
+                      c.per_beta)
 
 
 def rollout_buffer(c: TrainConfig, spec: EnvSpec, device: torch.device) -> RolloutBuffer:
@@ -199,7 +200,7 @@ def first_compiled_update(c: TrainConfig, spec: EnvSpec, device: torch.device, g
         cols = slice(g * width, (g + 1) * width)
         ring.add(zeros[cols].long(), zeros[cols], zeros[cols].bool(), zeros[cols].bool(), obs[cols], group=g)
     ddqn.make_learn_step(ring.sampler(c.batch_size), q, q_target, optimizer, c.tau, c.target_update_interval,
-                         "compile")()
+                         "compile", priorities=ring.priorities)()
 
 
 def store_step(collector: Collector, ring: ReplayRing, group: int, actions: torch.Tensor, run: Run) -> torch.Tensor:
@@ -220,8 +221,9 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
     # CUDA graph); profiling times their stages one by one instead. A first run on this
     # machine updates eagerly while another process compiles the step (fastrl.precompile).
     learner = (ring.sampler(c.batch_size), q, q_target, optimizer, c.tau, c.target_update_interval, c.learner)
-    learn = (profile.timed_learn_step(*learner, phases) if c.profile
-             else ddqn.make_learn_step(*learner, switch=run.precompile(len(groups), ring.nbytes)))
+    learn = (profile.timed_learn_step(*learner, phases, ring.priorities) if c.profile
+             else ddqn.make_learn_step(*learner, switch=run.precompile(len(groups), ring.nbytes),
+                                       priorities=ring.priorities))
     act = ddqn.make_act(q)
     run.watch(q, ring)
     learner_stats = DeviceMeans(("losses/td_loss", "losses/q_mean", "losses/grad_norm"), device)
@@ -273,6 +275,8 @@ def train_ddqn(config: TrainConfig, spec: EnvSpec, collector: Collector, run: Ru
         eps.fill_(eps_now)
         lr_now = learning_rate(c, run.env_steps)
         optimizer.lr.fill_(lr_now)
+        if ring.priorities is not None:
+            ring.priorities.beta.fill_(linear_schedule(run.env_steps, c.per_beta, 1.0, c.total_steps))
 
         if run.end_cycle(collector, learner_stats, {"charts/epsilon": eps_now, "charts/lr": lr_now}, state):
             break  # solved

@@ -67,10 +67,10 @@ def test_a_ddqn_learn_step_matches_the_hand_computed_loss_update_and_target_upda
 def test_td_loss_weighs_each_sample_and_normalises_by_the_weights():
     q, batch = Table(ONLINE), hand_batch()
     y = torch.tensor([2.0, 3.0, 1.5])  # |Q(s, a) - y| <= 2: Huber is quadratic below 1, linear above
-    loss, q_mean = ddqn.td_loss(q, batch, y)
+    loss, q_sa = ddqn.td_loss(q, batch, y)
     per_sample = [abs(1 - 2.0) - 0.5, abs(1 - 3.0) - 0.5, 0.5 * (1 - 1.5) ** 2]
     assert loss.item() == pytest.approx((per_sample[0] + per_sample[2]) / 2)
-    assert q_mean.item() == pytest.approx(1.0)
+    assert q_sa.tolist() == pytest.approx([1.0, 1.0, 1.0])  # Q(s, a) of each sample
 
 
 def test_the_dueling_head_splits_q_into_a_state_value_and_zero_mean_advantages():

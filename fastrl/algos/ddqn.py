@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from fastrl import accel
 from fastrl.buffer import Transitions
 from fastrl.optim import Adam, Params, gradients
+from fastrl.priorities import Priorities
 
 
 class UpdateStats(NamedTuple):
@@ -29,17 +30,18 @@ def double_dqn_targets(q: nn.Module, q_target: nn.Module, batch: Transitions) ->
 
 def td_loss(q: Callable[[torch.Tensor], torch.Tensor], batch: Transitions,
             y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Huber loss of Q(s, a) against y, averaged over samples with weight 1 (reset
-    pseudo-steps weigh 0). Returns (loss, mean Q(s, a))."""
+    """Huber loss of Q(s, a) against y, the samples' mean weighted by `batch.weight`
+    (reset pseudo-steps weigh 0; by priority, the importance-sampling weights).
+    Returns (loss, Q(s, a) [B] detached)."""
     q_sa = q(batch.obs).gather(1, batch.actions.unsqueeze(1)).squeeze(1)
     per_sample = F.smooth_l1_loss(q_sa, y, reduction="none")
     loss = (per_sample * batch.weight).sum() / batch.weight.sum().clamp_min(1.0)
-    return loss, q_sa.detach().mean()
+    return loss, q_sa.detach()
 
 
 def td_gradients(q: nn.Module, params: Params, batch: Transitions,
                  y: torch.Tensor) -> tuple[Params, torch.Tensor, torch.Tensor]:
-    """Gradients of `td_loss` with respect to `params` (q's own): (grads, loss, mean Q(s, a))."""
+    """Gradients of `td_loss` with respect to `params` (q's own): (grads, loss, Q(s, a) [B])."""
     def loss_fn(p: Params) -> tuple[torch.Tensor, torch.Tensor]:
         return td_loss(lambda obs: functional_call(q, p, (obs,)), batch, y)
 
@@ -48,10 +50,13 @@ def td_gradients(q: nn.Module, params: Params, batch: Transitions,
 
 def make_learn_step(sample: Callable[[], Transitions], q: nn.Module, q_target: nn.Module, optimizer: Adam,
                     tau: float, target_update_interval: int, learner: str = "eager",
-                    switch: accel.Switch | None = None) -> Callable[[], UpdateStats]:
+                    switch: accel.Switch | None = None,
+                    priorities: Priorities | None = None) -> Callable[[], UpdateStats]:
     """One gradient step on a fresh batch from `sample` (e.g. `ReplayRing.sampler(B)`):
     Double-DQN targets, Huber TD loss, gradients, clipped Adam step on `q` in place,
     then the target-network update (rate `tau`) on every `target_update_interval`-th step.
+    With `priorities` (the ring's, when it samples by priority), the TD errors of the
+    batch become its slots' new priorities.
 
     Argument-free and fixed-shape, so the whole step compiles into one graph
     (learner="compile") and can be recorded as one CUDA graph (learner="cudagraphs").
@@ -61,11 +66,14 @@ def make_learn_step(sample: Callable[[], Transitions], q: nn.Module, q_target: n
 
     def learn_step() -> UpdateStats:
         batch = sample()
-        grads, loss, q_mean = td_gradients(q, optimizer.params, batch, double_dqn_targets(q, q_target, batch))
+        y = double_dqn_targets(q, q_target, batch)
+        grads, loss, q_sa = td_gradients(q, optimizer.params, batch, y)
+        if priorities is not None:
+            priorities.learned(y - q_sa, batch.weight > 0)
         grad_norm = optimizer.step(grads)
         # Counted by the optimizer's device-side step count: no host branch in the step.
         update_target(q_target, q, target_update_rate(tau, target_update_interval, optimizer.steps))
-        return UpdateStats(loss, q_mean, grad_norm)
+        return UpdateStats(loss, q_sa.mean(), grad_norm)
 
     return accel.learner_fn(learn_step, learner, optimizer.device, switch)
 
