@@ -119,9 +119,9 @@ class ReplayRing:
         self._size_t = torch.zeros(groups, dtype=torch.int64, device=device)
         # Per group, views of its envs' columns, made once: add() indexes only the row.
         G = N // groups
-        self._group_views = [(RingStorage(*(x[:, g * G:(g + 1) * G] for x in self.storage)),
-                              self._prev_done[g * G:(g + 1) * G], self._head_t[g], self._size_t[g])
-                             for g in range(groups)]
+        self._group_cols = [slice(g * G, (g + 1) * G) for g in range(groups)]
+        self._group_views = [(RingStorage(*(x[:, cols] for x in self.storage)), self._prev_done[cols],
+                              self._head_t[g], self._size_t[g]) for g, cols in enumerate(self._group_cols)]
         self.priorities = Priorities(T, N, device, per_alpha, per_beta) if per_alpha > 0 else None
 
     @property
@@ -182,8 +182,7 @@ class ReplayRing:
         head_t.fill_(head)
         size_t.fill_(min(written, self.rows - 1))
         if self.priorities is not None:
-            G = self.num_envs // len(self.written)
-            self.priorities.written(t, head, s.valid[t], slice(group * G, (group + 1) * G))
+            self.priorities.written(t, head, s.valid[t], self._group_cols[group])
 
     def cut(self, obs: torch.Tensor) -> None:
         """Where a resumed run starts again ([N, *obs_shape], the envs' new first observations):
