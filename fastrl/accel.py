@@ -6,6 +6,7 @@ speed, never maths.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -73,6 +74,24 @@ def configure_inductor() -> None:
         inductor_config.cpp_cache_precompile_headers = False
     if "TORCHINDUCTOR_VEC_ISA_OK" not in os.environ:
         inductor_config.cpp.vec_isa_ok = True
+
+
+@contextlib.contextmanager
+def denormals_flushed():
+    """Meanwhile, float32 numbers below 1.2e-38 (denormals) are read and written as zero by
+    this thread's CPU arithmetic (torch.set_flush_denormal). Adam's first moment of a
+    weight whose gradient stays zero (a dead ReLU unit) decays through that range, and
+    each operation on a denormal takes the CPU a hundred cycles or so: the learner's fused
+    optimizer kernel ran several times slower for it (benchmarks/LOG.md, "denormal
+    numbers"). Numbers that small change no update. Only the calling thread flushes; with
+    more torch threads, their intra-op threads do not. Afterwards flushing is off, torch's
+    default: torch cannot tell whether the caller had turned it on."""
+    flushing = torch.set_flush_denormal(True)  # False where the CPU cannot
+    try:
+        yield
+    finally:
+        if flushing:
+            torch.set_flush_denormal(False)
 
 
 def compile_fn(fn: Callable, enabled: bool = True, device: torch.device | None = None) -> Callable:

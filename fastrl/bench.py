@@ -29,7 +29,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from fastrl import checkpoint
+from fastrl import accel, checkpoint
 from fastrl.algos import ddqn
 from fastrl.buffer import ReplayRing
 from fastrl.collector import Collector
@@ -399,7 +399,8 @@ def run_bench(what: str, env_id: str, num_envs: list[int], batch_sizes: list[int
         checkpoint.save_json(out / "bench.json", result)  # at once: Ctrl-C during `learn` keeps it
     if what in ("learn", "all"):
         print(f"fastrl bench learn: modes {modes}, batch sizes {batch_sizes}", flush=True)
-        result["learn"] = bench_learn(env_id, modes, batch_sizes, seconds, rounds, device)
+        with accel.denormals_flushed():  # as training runs it
+            result["learn"] = bench_learn(env_id, modes, batch_sizes, seconds, rounds, device)
         print(format_learn(result["learn"]))
         checkpoint.save_json(out / "bench.json", result)
     print(f"\nmachine: {result['machine']}\nwrote {out / 'bench.json'}"

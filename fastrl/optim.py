@@ -45,9 +45,13 @@ class Adam:
         self.lr = torch.tensor(lr, dtype=torch.float32, device=device)
         self.max_grad_norm = max_grad_norm
         self.beta1, self.beta2 = betas
+        self._betas = torch.tensor(betas, dtype=torch.float64, device=device)
         self.eps = eps
         # float64: in float32, 1 - 0.999 ** step loses 4 digits in the first steps.
         self.steps = torch.zeros((), dtype=torch.float64, device=device)
+        # beta1 ** steps and beta2 ** steps, kept by one multiplication a step: a power
+        # computed inside the step would be inlined by inductor into every element's loop.
+        self.beta_powers = torch.ones(2, dtype=torch.float64, device=device)
         self.exp_avg = {k: torch.zeros_like(p) for k, p in self.params.items()}
         self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in self.params.items()}
 
@@ -59,8 +63,9 @@ class Adam:
         scale = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0) if self.max_grad_norm > 0 else None
         b1, b2 = self.beta1, self.beta2
         self.steps += 1
-        step_size = (self.lr / (1 - b1 ** self.steps)).float()
-        bias_correction2_sqrt = (1 - b2 ** self.steps).sqrt().float()
+        self.beta_powers.mul_(self._betas)
+        step_size = (self.lr / (1 - self.beta_powers[0])).float()
+        bias_correction2_sqrt = (1 - self.beta_powers[1]).sqrt().float()
         for name, param in self.params.items():
             grad = grads[name] if scale is None else grads[name] * scale
             exp_avg, exp_avg_sq = self.exp_avg[name], self.exp_avg_sq[name]
@@ -72,14 +77,16 @@ class Adam:
         return norm
 
     def state_dict(self) -> dict:
-        """The moments, the step count and the learning rate (CPU tensors)."""
-        return {"steps": self.steps.cpu(), "lr": self.lr.cpu(),
+        """The moments, the step count, the betas' powers and the learning rate (CPU tensors)."""
+        return {"steps": self.steps.cpu(), "beta_powers": self.beta_powers.cpu(), "lr": self.lr.cpu(),
                 "exp_avg": {k: v.cpu() for k, v in self.exp_avg.items()},
                 "exp_avg_sq": {k: v.cpu() for k, v in self.exp_avg_sq.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores what state_dict() saved, in place (compiled steps keep their tensors)."""
         self.steps.copy_(state["steps"])
+        # A state saved before the powers were kept has the step count alone.
+        self.beta_powers.copy_(state["beta_powers"] if "beta_powers" in state else self._betas ** self.steps)
         self.lr.copy_(state["lr"])
         for name in self.params:
             self.exp_avg[name].copy_(state["exp_avg"][name])

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from fastrl import cluster, profile
+from fastrl import accel, cluster, profile
 from fastrl.algos import ddqn, reinforce
 from fastrl.buffer import ReplayRing, RolloutBuffer
 from fastrl.checkpoint import make_dir
@@ -87,7 +87,8 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        return _start_and_train(config, spec, device, started, state, chosen)
+        with accel.denormals_flushed():
+            return _start_and_train(config, spec, device, started, state, chosen)
     finally:
         torch.set_num_threads(threads)  # the calling process (a notebook, a sweep) keeps its own setting
 

@@ -179,3 +179,42 @@ def test_the_cpus_flags_pick_the_vector_instructions_that_inductors_checks_pick(
                        timeout=300).stdout.strip()
         for setup in ("from fastrl import accel; accel.configure_inductor(); ", ""))
     assert trusted == checked and trusted, (trusted, checked)
+
+
+def flushes_denormals() -> bool:
+    """Whether this thread's float32 arithmetic now reads and writes denormals as zero."""
+    tiny = torch.tensor([1000], dtype=torch.int32).view(torch.float32)  # 1.4e-42, by its bits
+    return (tiny * 2).view(torch.int32).item() == 0  # else 2000: the bits of 2.8e-42
+
+
+def test_denormals_are_flushed_to_zero_inside_and_not_after():
+    assert not flushes_denormals()
+    with accel.denormals_flushed():
+        assert flushes_denormals()
+    assert not flushes_denormals()
+    with pytest.raises(KeyboardInterrupt), accel.denormals_flushed():
+        raise KeyboardInterrupt
+    assert not flushes_denormals()
+
+
+@pytest.mark.parametrize("algo", ["ddqn", "reinforce"])
+def test_a_training_run_learns_with_denormals_flushed_and_leaves_them_unflushed(tmp_path, monkeypatch, algo):
+    from fastrl import make_config, train
+    from fastrl.algos import ddqn, reinforce
+    module, name = (ddqn, "make_learn_step") if algo == "ddqn" else (reinforce, "make_update")
+    real, seen = getattr(module, name), []
+
+    def recording(*args, **kwargs):
+        learn = real(*args, **kwargs)
+
+        def learn_and_record(*a):
+            seen.append(flushes_denormals())
+            return learn(*a)
+        return learn_and_record
+
+    monkeypatch.setattr(module, name, recording)
+    train(make_config(env_id="CartPole-v1", algo=algo, total_steps=800, learning_starts=200, num_envs=4,
+                      eval_interval=0, eval_episodes=2, eval_envs=2, learner="eager", run_dir=str(tmp_path),
+                      progress=False))
+    assert seen and all(seen)
+    assert not flushes_denormals()

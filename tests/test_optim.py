@@ -87,3 +87,20 @@ def test_the_compiled_cpu_learner_calls_its_kernels_from_cpp():
     # Python's wrapper is `def call(args)`, calling kernel after kernel; C++'s is this entry point.
     assert "inductor_entry_impl" in code and "def call(" not in code
     assert torch.isfinite(stats.loss) and stats.loss > 0
+
+
+def test_the_bias_corrections_powers_stay_those_of_the_step_count_over_a_long_run_and_a_resume():
+    net = nn.Linear(2, 1)
+    opt = Adam(net, lr=1e-3)
+    grads = {n: torch.ones_like(p) for n, p in net.named_parameters()}
+    for _ in range(5_000):
+        opt.step(grads)
+    expected = torch.tensor([0.9, 0.999], dtype=torch.float64) ** 5_000
+    assert opt.steps.item() == 5_000
+    assert torch.allclose(opt.beta_powers, expected, rtol=1e-12, atol=0)
+    resumed = Adam(nn.Linear(2, 1), lr=1e-3)
+    resumed.load_state_dict(opt.state_dict())
+    assert torch.equal(resumed.beta_powers, opt.beta_powers)
+    old_state = {k: v for k, v in opt.state_dict().items() if k != "beta_powers"}  # saved before they were kept
+    resumed.load_state_dict(old_state)
+    assert torch.allclose(resumed.beta_powers, expected, rtol=1e-12, atol=0)
