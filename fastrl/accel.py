@@ -104,12 +104,17 @@ def compile_fn(fn: Callable, enabled: bool = True, device: torch.device | None =
     if not enabled:
         return fn
     configure_inductor()
+    # Random numbers from torch's own generator, as eagerly: a compiled step draws what the
+    # eager one would (the same batches), and inductor's in-kernel generator, recomputed in
+    # each kernel that reads a draw, cost more per update (benchmarks/LOG.md, "torch's own
+    # random numbers in the compiled step").
+    options = {"fallback_random": True}
     # Best first: (what is tried, how `fn` runs when the way before it failed, the callable)
-    ways = [("torch.compile", "compiled without the C++ wrapper", torch.compile(fn, dynamic=False)),
+    ways = [("torch.compile", "compiled without the C++ wrapper", torch.compile(fn, dynamic=False, options=options)),
             (None, "eagerly", fn)]
     if device is not None and device.type == "cpu":
         ways.insert(0, ("torch.compile with the C++ wrapper", None,
-                        torch.compile(fn, dynamic=False, options={"cpp_wrapper": True})))
+                        torch.compile(fn, dynamic=False, options={**options, "cpp_wrapper": True})))
 
     @functools.wraps(fn)
     def call(*args, **kwargs):

@@ -158,6 +158,30 @@ def test_learner_modes_change_speed_not_maths():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_the_compiled_step_draws_the_same_batches_from_the_ring_as_the_eager_one():
+    gen = torch.Generator().manual_seed(3)
+    ring = ReplayRing(400, 4, (4,), torch.device("cpu"), n_step=3)
+    ring.start(torch.randn(4, 4, generator=gen))
+    for _ in range(150):
+        ring.add(torch.randint(0, 3, (4,), generator=gen), torch.randn(4, generator=gen),
+                 torch.rand(4, generator=gen) < 0.05, torch.rand(4, generator=gen) < 0.02,
+                 torch.randn(4, 4, generator=gen))
+    runs = {}
+    for mode in ("eager", "compile"):
+        torch.manual_seed(0)
+        q = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 3))
+        q_t = copy.deepcopy(q).requires_grad_(False)
+        learn = ddqn.make_learn_step(ring.sampler(16), q, q_t, Adam(q, 1e-2, max_grad_norm=1.0), 0.05, 1, mode)
+        torch.manual_seed(1)  # the draws: 16 of 600 transitions per update, n-step windows
+        runs[mode] = [learn().q_mean.item() for _ in range(12)], [p.detach().clone() for p in q.parameters()]
+    (eager_q, eager_params), (compiled_q, compiled_params) = runs["eager"], runs["compile"]
+    assert len(set(eager_q)) == 12  # each update learned from a batch of its own
+    assert np.allclose(eager_q, compiled_q, rtol=1e-4, atol=1e-6)
+    for a, b in zip(eager_params, compiled_params):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_learner_replays_the_same_updates_without_host_syncs():
     cuda = torch.device("cuda")
