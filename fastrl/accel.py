@@ -82,8 +82,8 @@ def denormals_flushed():
     this thread's CPU arithmetic (torch.set_flush_denormal). Adam's first moment of a
     weight whose gradient stays zero (a dead ReLU unit) decays through that range, and
     each operation on a denormal takes the CPU a hundred cycles or so: the learner's fused
-    optimizer kernel ran several times slower for it (benchmarks/LOG.md, "denormal
-    numbers"). Numbers that small change no update. Only the calling thread flushes; with
+    optimizer kernel ran several times slower for it (benchmarks/LOG.md, 2026-12-08,
+    "denormals flushed"). Numbers that small change no update. Only the calling thread flushes; with
     more torch threads, their intra-op threads do not. Afterwards flushing is off, torch's
     default: torch cannot tell whether the caller had turned it on."""
     flushing = torch.set_flush_denormal(True)  # False where the CPU cannot
@@ -106,8 +106,8 @@ def compile_fn(fn: Callable, enabled: bool = True, device: torch.device | None =
     configure_inductor()
     # Random numbers from torch's own generator, as eagerly: a compiled step draws what the
     # eager one would (the same batches), and inductor's in-kernel generator, recomputed in
-    # each kernel that reads a draw, cost more per update (benchmarks/LOG.md, "torch's own
-    # random numbers in the compiled step").
+    # each kernel that reads a draw, cost more per update (benchmarks/LOG.md, 2026-12-08,
+    # "torch's own random numbers").
     options = {"fallback_random": True}
     # Best first: (what is tried, how `fn` runs when the way before it failed, the callable)
     ways = [("torch.compile", "compiled without the C++ wrapper", torch.compile(fn, dynamic=False, options=options)),
