@@ -24,6 +24,7 @@ from fastrl import accel, checkpoint
 from fastrl.algos import ddqn
 from fastrl.bench import machine
 from fastrl.envs import inspect_env
+from fastrl.errors import ConfigError
 from fastrl.nets import build_network
 from fastrl.optim import Adam
 from fastrl.run.resume import saved_config
@@ -41,8 +42,15 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=20, help="pairs of blocks")
     parser.add_argument("--updates", type=int, default=200, help="updates per block")
     args = parser.parse_args()
-    config = saved_config(args.run_dir)
-    state = checkpoint.load_payload(Path(args.run_dir) / "state.pt", checkpoint.STATE_FORMAT, "state")
+    if args.blocks < 2 or args.updates < 1:
+        parser.error(f"--blocks {args.blocks} --updates {args.updates}: at least 2 pairs of blocks of 1 update or more")
+    try:
+        config = saved_config(args.run_dir)
+        state = checkpoint.load_payload(Path(args.run_dir) / "state.pt", checkpoint.STATE_FORMAT, "state")
+    except (ConfigError, OSError, ValueError) as exc:
+        parser.error(f"{args.run_dir}: {exc}")
+    if config.algo != "ddqn":
+        parser.error(f"{args.run_dir} is a run of algo={config.algo!r}; this times the DDQN learner step")
     saved = state["loop"]
     torch.set_num_threads(1)
     device = torch.device("cpu")
