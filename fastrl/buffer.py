@@ -65,6 +65,12 @@ def transitions_at(storage: RingStorage, start: torch.Tensor, env: torch.Tensor,
     )
 
 
+def group_heads(head: torch.Tensor, env: torch.Tensor, num_envs: int) -> torch.Tensor:
+    """The write head of each env's group, [B]: `head` [groups] holds the heads of equal
+    groups of `num_envs` envs in env order, `env` [B] env indices."""
+    return head[torch.div(env, num_envs // head.shape[0], rounding_mode="floor")]
+
+
 def sample_transitions(storage: RingStorage, head: torch.Tensor, size: torch.Tensor,
                        batch_size: int, n_step: int, gamma: float) -> Transitions:
     """Uniformly samples `batch_size` transitions, each an env and one of its newest
@@ -80,10 +86,9 @@ def sample_transitions(storage: RingStorage, head: torch.Tensor, size: torch.Ten
     device = storage.rewards.device
     u = torch.rand(batch_size, device=device)
     env = torch.randint(0, N, (batch_size,), device=device)
-    group = torch.div(env, N // head.shape[0], rounding_mode="floor")
     rows = size.min()
     age = 1 + torch.minimum((u * rows).long(), rows - 1)
-    start = torch.remainder(head[group] - age, T)
+    start = torch.remainder(group_heads(head, env, N) - age, T)
     return transitions_at(storage, start, env, age, n_step, gamma)
 
 
@@ -241,11 +246,11 @@ class ReplayRing:
 
             return sample
         priorities.reserve(batch_size)
-        T, G = self.rows, self.num_envs // len(self.written)
+        T, N = self.rows, self.num_envs
 
         def sample_by_priority() -> Transitions:
             row, env, weight = priorities.draw(batch_size)
-            age = torch.remainder(head[torch.div(env, G, rounding_mode="floor")] - row, T)
+            age = torch.remainder(group_heads(head, env, N) - row, T)
             batch = transitions_at(storage, row, env, age, n_step, gamma)
             return batch._replace(weight=batch.weight * weight)
 
